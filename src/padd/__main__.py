@@ -1,0 +1,5 @@
+import sys
+
+from padd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The `padd` command line: one subcommand per job, each a typed config and a recipe call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from padd.config import ConfigError, DecomposeConfig, DemoConfig, add_config_arguments, load_config
+from padd.corpus import CorpusError
+from padd.stage1.build import TeacherError
+
+
+def _decompose(cfg: DecomposeConfig) -> None:
+    from padd.stage1.decompose import decompose
+
+    decompose(cfg)
+
+
+def _demo(cfg: DemoConfig) -> None:
+    from padd.demo import run_demo
+
+    run_demo(cfg)
+
+
+# name -> (config class, recipe, one-line help)
+COMMANDS: dict[str, tuple[type, Callable, str]] = {
+    "demo": (DemoConfig, _demo, "the end-to-end run on the built-in miniature setting"),
+    "decompose": (DecomposeConfig, _decompose, "Stage I: cluster a dense teacher's FFN neurons into a Glm4Moe student"),
+}
+
+# Errors of the user's input: reported as one line, no traceback.
+USER_ERRORS = (ConfigError, CorpusError, TeacherError, ValueError, FileExistsError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="padd", description="Path-Aligned Decompression Distillation: dense teacher -> MoE student"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, _, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip())
+        add_config_arguments(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cls, recipe, _ = COMMANDS[args.command]
+    ns = vars(args)
+    ns.pop("command")
+    try:
+        recipe(load_config(cls, ns))
+    except USER_ERRORS as err:
+        print(f"padd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Typed configs, one dataclass per command, mirrored by CLI flags and loadable from YAML.
+
+Every field carries a one-line help in its metadata. `add_config_arguments` turns a dataclass into
+argparse flags (`top_k` -> `--top-k`); `load_config` merges, in rising priority, the dataclass
+defaults, a YAML file (`--config`) and the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REQUIRED: Any = dataclasses.MISSING
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """A config field with its CLI help (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def req(help: str) -> Any:
+    """A field the user must give, on the command line or in the YAML."""
+    return field(metadata={"help": help, "required": True})
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message names the flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, optional?) of a field annotation such as `int | None`."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of dataclass `cls`, plus `--config FILE.yaml`."""
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML file of defaults for these flags")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, optional = _base_type(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        if f.metadata.get("required"):
+            help_ += " (required)"
+        elif f.default is not None and tp is not bool:
+            help_ += f" (default: {f.default})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": f.name}
+        if tp is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kwargs)
+
+
+def load_config(cls: type, ns: argparse.Namespace | dict) -> Any:
+    """Build `cls` from defaults < YAML (`config` key) < explicit flags; check required and unknown keys."""
+    given = dict(vars(ns) if isinstance(ns, argparse.Namespace) else ns)
+    values: dict[str, Any] = {}
+    yaml_path = given.pop("config", None)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if yaml_path is not None:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of option names to values")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ConfigError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        values.update(loaded)
+    values.update({k: v for k, v in given.items() if k in names})
+    missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required") and f.name not in values]
+    if missing:
+        raise ConfigError("missing " + ", ".join(f"{_flag(m)} (or `{m}:` in --config)" for m in missing))
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in values and values[f.name] not in choices:
+            raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {values[f.name]!r}")
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict:
+    """JSON/YAML-safe dict of a config (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+@dataclass
+class DecomposeConfig:
+    """`padd decompose`: Stage I steps 1-4 and 7 — a dense teacher into a Glm4Moe student."""
+
+    teacher: str = req("local transformers checkpoint of a dense causal LM with a gated MLP")
+    corpus: str = req("text corpus: a .txt/.jsonl/.json/.parquet file or folder, a saved dataset, or a datasets name")
+    out: str = req("output directory for the student checkpoint, tokenizer and padd_stage1.json")
+    experts: int = req("routed experts per MoE layer (E); must divide d_ff minus the shared neurons")
+    top_k: int = req("experts each token is routed to (K <= E)")
+    tokens: int = opt(8192, "tokens sampled from the corpus for the co-activation statistics")
+    seed: int = opt(0, "seed of the token sample, the projection and the clustering")
+    init: str = opt(
+        "cluster",
+        "expert initialisation: co-activation clusters (PADD), random split, or full copies",
+        choices=("cluster", "random", "copy"),
+    )
+    shared_neurons: int = opt(0, "neurons moved to an always-on shared expert (the most universally active ones)")
+    expert_size: int | None = opt(
+        None, "neurons per expert; above (d_ff - shared) / E, clusters grow by their nearest outside neurons"
+    )
+    dense_layers: int = opt(0, "leading layers kept dense (first_k_dense_replace)")
+    device: str = opt("cpu", "device for the activation pass and the clustering", choices=("cpu", "cuda"))
+    dtype: str = opt(
+        "auto", "teacher dtype: auto keeps the checkpoint's", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    text_field: str | None = opt(
+        None, "corpus field(s) holding the text, comma-separated (default: text/content/problem/question)"
+    )
+    split: str = opt("train", "split of a datasets corpus")
+    seq_len: int = opt(256, "tokens per window of the activation pass")
+    batch_size: int = opt(8, "windows per forward of the activation pass")
+    proj_dim: int = opt(512, "random-projection width of the neuron features (0: keep all N tokens)")
+    kmeans_iters: int = opt(50, "Lloyd iterations of the balanced K-Means")
+    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class DemoConfig:
+    """`padd demo`: the end-to-end run on the built-in miniature setting."""
+
+    out: str = opt("runs/demo", "run directory")
+    seed: int = opt(0, "seed of every stage")
+    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
+    progress: bool = opt(True, "show progress bars")

@@ -1,0 +1,196 @@
+"""`padd decompose`: the Stage I recipe — sample a corpus, record co-activations, cluster, build, save."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from padd.config import DecomposeConfig, to_dict
+from padd.corpus import iter_texts, sample_windows
+from padd.flops import forward_flops_per_token, param_counts
+from padd.stage1.activations import collect_layer_stats
+from padd.stage1.build import TeacherError, build_student, validate_teacher
+from padd.stage1.partition import check_sizes, plan_layer
+
+STAGE1_FILE = "padd_stage1.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def _load_teacher_config(path: str):
+    from transformers import AutoConfig
+
+    if not Path(path).is_dir() or not (Path(path) / "config.json").exists():
+        raise TeacherError(f"--teacher {path!r} is not a local checkpoint folder with a config.json")
+    return AutoConfig.from_pretrained(path)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _atomic_save(out: Path, write) -> None:
+    """Write into a sibling temp folder, then swap it in, so a crash never leaves a half checkpoint."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
+    """Run Stage I (SPEC §3 steps 1-4, 7) and write the student; returns the padd_stage1.json record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    console = console or Console()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.overwrite)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+
+    # Everything checkable from the config fails before any weight is read.
+    tcfg = _load_teacher_config(cfg.teacher)
+    with torch.device("meta"):
+        validate_teacher(AutoModelForCausalLM.from_config(tcfg))
+    n_layers, d_ff = tcfg.num_hidden_layers, tcfg.intermediate_size
+    if not 0 <= cfg.dense_layers < n_layers:
+        raise ValueError(
+            f"--dense-layers must be in [0, {n_layers}) for a {n_layers}-layer teacher, got {cfg.dense_layers}"
+        )
+    expert_size = check_sizes(d_ff, cfg.experts, cfg.top_k, cfg.shared_neurons, cfg.expert_size, cfg.init)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    need_stats = cfg.init == "cluster" or cfg.shared_neurons > 0
+    windows = sample_windows(
+        iter_texts(cfg.corpus, cfg.text_field, cfg.split),
+        tokenizer,
+        n_tokens=cfg.tokens,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+    )
+    lap("sample")
+
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=_DTYPES[cfg.dtype]).to(cfg.device)
+    teacher.eval()
+    lap("load")
+
+    moe_layers = list(range(cfg.dense_layers, n_layers))
+    stats = {}
+    if need_stats:
+        stats = collect_layer_stats(
+            teacher,
+            windows,
+            proj_dim=cfg.proj_dim,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            layers=moe_layers,
+            progress=cfg.progress,
+        )
+    lap("activations")
+
+    plans = [None] * cfg.dense_layers
+    for i in tqdm(moe_layers, desc=f"{cfg.init} init", unit="layer", disable=not cfg.progress):
+        st = stats.get(i)
+        plans.append(
+            plan_layer(
+                st.features if st else None,
+                st.active_frac if st else None,
+                d_ff=d_ff,
+                n_experts=cfg.experts,
+                expert_size=expert_size,
+                shared=cfg.shared_neurons,
+                init=cfg.init,
+                seed=cfg.seed + i,
+                kmeans_iters=cfg.kmeans_iters,
+            )
+        )
+    lap("cluster")
+
+    student = build_student(teacher, plans, top_k=cfg.top_k)
+    lap("build")
+
+    record = {
+        "teacher": str(Path(cfg.teacher).resolve()),
+        "experts": cfg.experts,
+        "top_k": cfg.top_k,
+        "expert_size": expert_size,
+        "init": cfg.init,
+        "seed": cfg.seed,
+        "tokens": int(windows.numel()),
+        "dense_layers": cfg.dense_layers,
+        "layers": [
+            {"dense": True, "experts": [], "shared": [], "objective": None} if p is None else p.to_json() for p in plans
+        ],
+        "timings_s": timings,
+        "config": to_dict(cfg),
+    }
+
+    def write(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if getattr(teacher, "generation_config", None) is not None:
+            teacher.generation_config.save_pretrained(tmp)
+        (tmp / STAGE1_FILE).write_text(json.dumps(record, indent=1))
+
+    _atomic_save(out, write)
+    lap("save")
+    record["timings_s"] = timings
+    (out / STAGE1_FILE).write_text(json.dumps(record, indent=1))
+    print_summary(console, tcfg, student.config, record, out)
+    return record
+
+
+def print_summary(console: Console, tcfg, scfg, record: dict, out: Path, context: int = 1024) -> None:
+    """One screen: the expert geometry, params, FLOPs per token at `context` tokens, time per phase."""
+    t_total, _ = param_counts(tcfg)
+    s_total, s_active = param_counts(scfg)
+    t_flops, s_flops = forward_flops_per_token(tcfg, context), forward_flops_per_token(scfg, context)
+    table = Table(title=f"Stage I: {record['init']} init -> {out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    objectives = [layer["objective"] for layer in record["layers"] if layer.get("objective") is not None]
+    table.add_row(
+        "experts",
+        f"E={record['experts']} (top-{record['top_k']}), {record['expert_size']} neurons each, "
+        f"shared={len(record['layers'][-1]['shared'])}, dense layers={record['dense_layers']}",
+    )
+    table.add_row(
+        "params", f"teacher {t_total / 1e6:.2f}M | student {s_total / 1e6:.2f}M total, {s_active / 1e6:.2f}M active"
+    )
+    table.add_row(
+        f"FLOPs/token @{context}",
+        f"teacher {t_flops / 1e6:.2f}M | student {s_flops / 1e6:.2f}M | ratio {s_flops / t_flops:.3f}x",
+    )
+    if objectives:
+        table.add_row(
+            "K-Means objective", f"mean {sum(objectives) / len(objectives):.4g} over {len(objectives)} layers"
+        )
+    table.add_row("tokens", str(record["tokens"]))
+    table.add_row(
+        "time",
+        " | ".join(f"{k} {v:.2f}s" for k, v in record["timings_s"].items())
+        + f" | total {sum(record['timings_s'].values()):.2f}s",
+    )
+    console.print(table)
