@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cls, recipe, _ = COMMANDS[args.command]
-    ns = vars(args)
-    ns.pop("command")
+    options = dict(vars(args))
+    command = options.pop("command")
+    cls, recipe, _ = COMMANDS[command]
     try:
-        recipe(load_config(cls, ns))
+        recipe(load_config(cls, options))
     except USER_ERRORS as err:
-        print(f"padd {args.command}: error: {err}", file=sys.stderr)
+        print(f"padd {command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

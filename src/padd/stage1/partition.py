@@ -12,6 +12,9 @@ from padd.stage1.build import LayerPlan
 from padd.stage1.cluster import balanced_kmeans, kmeans_objective
 
 INITS = ("cluster", "random", "copy")
+# transformers' grouped_mm expert kernel (and vLLM's fused MoE) need each expert's rows 16-byte
+# aligned: a multiple of 8 neurons in bf16.
+ALIGN = 8
 
 
 def check_sizes(d_ff: int, n_experts: int, top_k: int, shared: int, expert_size: int | None, init: str) -> int:
@@ -28,19 +31,34 @@ def check_sizes(d_ff: int, n_experts: int, top_k: int, shared: int, expert_size:
     if init == "copy":
         if expert_size not in (None, routed):
             raise ValueError(f"--init copy makes every expert the whole FFN ({routed} neurons); drop --expert-size")
-        return routed
+        return _aligned(routed, "the routed neurons (d_ff minus --shared-neurons)")
+    good = [e for e in range(2, min(routed, 513)) if routed % e == 0 and (routed // e) % ALIGN == 0]
     if routed % n_experts:
-        divisors = [e for e in range(2, min(routed, 257)) if routed % e == 0]
         raise ValueError(
             f"--experts {n_experts} does not divide the {routed} routed neurons (d_ff={d_ff} minus {shared} shared); "
-            f"choose one of {divisors[:12]} or change --shared-neurons"
+            f"choose one of {good[:12]} or change --shared-neurons"
         )
     base = routed // n_experts
     if expert_size is None:
+        if base % ALIGN:
+            raise ValueError(
+                f"{routed} routed neurons / {n_experts} experts = {base} neurons per expert, not a multiple of "
+                f"{ALIGN}; the grouped expert kernels need 16-byte aligned rows. Choose --experts among {good[:12]}, "
+                f"or change --shared-neurons / --expert-size"
+            )
         return base
     if not base <= expert_size <= routed:
         raise ValueError(f"--expert-size must be between {base} (an equal split) and {routed}, got {expert_size}")
-    return expert_size
+    return _aligned(expert_size, "--expert-size")
+
+
+def _aligned(size: int, what: str) -> int:
+    if size % ALIGN:
+        raise ValueError(
+            f"{what} = {size} is not a multiple of {ALIGN}: the grouped expert kernels need 16-byte "
+            f"aligned rows (bf16); adjust it"
+        )
+    return size
 
 
 def plan_layer(

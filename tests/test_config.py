@@ -1,0 +1,50 @@
+import argparse
+
+import pytest
+
+from padd.config import ConfigError, DecomposeConfig, add_config_arguments, load_config
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, DecomposeConfig)
+    return load_config(DecomposeConfig, parser.parse_args(argv))
+
+
+BASE = ["--teacher", "t", "--corpus", "c", "--out", "o"]
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("experts: 8\ntop-k: 2\ntokens: 100\nexpert_size: 64\n")
+    cfg = parse([*BASE, "--config", str(yaml_file), "--tokens", "200", "--no-progress"])
+    assert (cfg.experts, cfg.top_k, cfg.tokens, cfg.expert_size, cfg.progress) == (8, 2, 200, 64, False)
+    assert cfg.seed == 0 and cfg.init == "cluster"
+
+
+def test_missing_unknown_and_bad_choices(tmp_path):
+    with pytest.raises(ConfigError, match="--experts"):
+        parse(BASE + ["--top-k", "1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts: 4\ntop_k: 1\nnot_an_option: 3\n")
+    with pytest.raises(ConfigError, match="not_an_option"):
+        parse([*BASE, "--config", str(bad)])
+    bad.write_text("experts: 4\ntop_k: 1\ninit: nope\n")
+    with pytest.raises(ConfigError, match="--init must be one of"):
+        parse([*BASE, "--config", str(bad)])
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(DecomposeConfig))
+
+
+def test_shipped_presets_load():
+    from pathlib import Path
+
+    presets = sorted(Path(__file__).parent.parent.joinpath("configs").glob("decompose-*.yaml"))
+    assert presets
+    for preset in presets:
+        cfg = parse([*BASE, "--config", str(preset)])
+        assert cfg.experts >= cfg.top_k >= 1
