@@ -1,0 +1,172 @@
+"""Problem/answer sets: local JSONL/JSON/parquet files, `datasets` datasets, or the miniature world.
+
+The common layouts are recognised without configuration:
+- `problem` + `answer` (MATH-500; `solution` may ride along),
+- `question` + `answer` ending in `#### value` (GSM8K),
+- `question`/`problem` + `gt_answer`/`gt`/`final_answer` (public math evaluation suites),
+- only a `solution`: its last \\boxed{} is the answer.
+Malformed rows are reported (file, line, reason) and skipped, never silently; a source with no
+usable row is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from padd.grade import last_boxed
+
+log = logging.getLogger(__name__)
+
+PROBLEM_FIELDS = ("problem", "question", "query", "prompt", "input")
+ANSWER_FIELDS = ("answer", "gt_answer", "gt", "final_answer", "target", "output")
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class DataError(ValueError):
+    """A data source is unreadable or has no usable row."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verifiable task. `source` names where it came from (file:line, dataset[index], world id)."""
+
+    problem: str
+    answer: str
+    source: str
+    skill: str | None = None
+    solution: str | None = None
+
+
+def _answer_of(row: dict, answer_field: str | None) -> str | None:
+    fields = [answer_field] if answer_field else [f for f in ANSWER_FIELDS if f in row]
+    for f in fields:
+        value = row.get(f)
+        if value is None or str(value).strip() == "":
+            continue
+        text = str(value)
+        if "####" in text:  # GSM8K: the rationale, then "#### 1,234"
+            return text.rsplit("####", 1)[1].strip().replace(",", "")
+        return (last_boxed(text) or text).strip()
+    solution = row.get("solution")
+    return last_boxed(str(solution)) if solution else None
+
+
+def row_to_problem(
+    row: dict, source: str, problem_field: str | None = None, answer_field: str | None = None
+) -> tuple[Problem | None, str | None]:
+    """(Problem, None) for a usable row, (None, reason) otherwise."""
+    if not isinstance(row, dict):
+        return None, f"not an object but {type(row).__name__}"
+    pfield = problem_field or next((f for f in PROBLEM_FIELDS if f in row), None)
+    if pfield is None or pfield not in row:
+        return None, f"no problem field (looked for {problem_field or ', '.join(PROBLEM_FIELDS)})"
+    problem = row[pfield]
+    if not isinstance(problem, str) or not problem.strip():
+        return None, f"empty or non-text {pfield!r}"
+    answer = _answer_of(row, answer_field)
+    if not answer:
+        wanted = answer_field or ", ".join(ANSWER_FIELDS)
+        return None, f"no answer (looked for {wanted}, or a \\boxed{{}} in solution)"
+    skill = row.get("skill") or row.get("type") or row.get("subject")
+    return Problem(problem.strip(), answer, source, skill, row.get("solution")), None
+
+
+def _rows_of_file(path: Path):
+    """(line-or-index label, row or parse error) pairs of one local file."""
+    if path.suffix == ".jsonl":
+        with path.open() as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{i}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{path}:{i}", err
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+        rows = data if isinstance(data, list) else data.get("data") or data.get("rows") or [data]
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[{i}]", row
+    else:
+        raise DataError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
+
+
+def load_problems(
+    spec: str,
+    *,
+    split: str = "test",
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    limit: int | None = None,
+    world_size: int = 200,
+    seed: int = 0,
+) -> list[Problem]:
+    """Load a problem set from a SPEC: `world`, `world:SKILL`, a local file or folder, or a `datasets` name.
+
+    Args:
+        split: the split of a `datasets` dataset or of the world (`train` / `test`).
+        world_size: problems per skill when SPEC is a world name.
+        limit: keep at most this many problems (after skipping malformed rows).
+    """
+    from padd.world.tasks import parse_world_spec, world_rows
+
+    if parse_world_spec(spec) is not None:
+        rows = world_rows(spec, split, world_size, seed)
+        labelled = [(f"world/{r['id']}", r) for r in rows]
+    elif Path(spec).exists():
+        path = Path(spec)
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
+        )
+        if not files:
+            raise DataError(f"no .jsonl/.json/.parquet files under {path}")
+        labelled = [pair for f in files for pair in _rows_of_file(f)]
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(spec, split=split)
+        except Exception as err:
+            raise DataError(
+                f"cannot load {spec!r}: not a world name, a local path or a loadable dataset: {err}"
+            ) from err
+        labelled = [(f"{spec}[{i}]", row) for i, row in enumerate(ds)]
+    problems, skipped = [], 0
+    for where, row in labelled:
+        if isinstance(row, Exception):
+            log.warning("skipping %s: malformed JSON (%s)", where, row)
+            skipped += 1
+            continue
+        prob, reason = row_to_problem(row, where, problem_field, answer_field)
+        if prob is None:
+            log.warning("skipping %s: %s", where, reason)
+            skipped += 1
+            continue
+        problems.append(prob)
+        if limit is not None and len(problems) >= limit:
+            break
+    if not problems:
+        raise DataError(f"{spec}: no usable row ({skipped} skipped); check --problem-field / --answer-field")
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s), kept %d", spec, skipped, len(problems))
+    return problems
+
+
+def build_prompt(tokenizer, problem: str) -> str:
+    """The prompt text: the tokenizer's chat template when it has one, a plain template otherwise."""
+    content = f"{problem}\n{INSTRUCTION}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Problem: {content}\nSolution:"
