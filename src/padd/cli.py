@@ -6,8 +6,17 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from padd.config import ConfigError, DecomposeConfig, DemoConfig, add_config_arguments, load_config
+from padd.config import (
+    ConfigError,
+    DecomposeConfig,
+    DemoConfig,
+    EvalConfig,
+    TeacherConfig,
+    add_config_arguments,
+    load_config,
+)
 from padd.corpus import CorpusError
+from padd.data import DataError
 from padd.stage1.build import TeacherError
 
 
@@ -23,14 +32,28 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _eval(cfg: EvalConfig) -> None:
+    from padd.eval import run_eval
+
+    run_eval(cfg)
+
+
+def _teacher(cfg: TeacherConfig) -> None:
+    from padd.world.teacher import train_teacher
+
+    train_teacher(cfg)
+
+
 # name -> (config class, recipe, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, _demo, "the end-to-end run on the built-in miniature setting"),
     "decompose": (DecomposeConfig, _decompose, "Stage I: cluster a dense teacher's FFN neurons into a Glm4Moe student"),
+    "teacher": (TeacherConfig, _teacher, "train a small dense teacher on the miniature world"),
+    "eval": (EvalConfig, _eval, "Pass@1 / avg@k / pass@k of a model on math benchmarks"),
 }
 
 # Errors of the user's input: reported as one line, no traceback.
-USER_ERRORS = (ConfigError, CorpusError, TeacherError, ValueError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CorpusError, DataError, TeacherError, ValueError, FileExistsError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

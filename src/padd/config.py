@@ -143,3 +143,41 @@ class DemoConfig:
     seed: int = opt(0, "seed of every stage")
     overwrite: bool = opt(False, "replace an existing non-empty --out directory")
     progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class EvalConfig:
+    """`padd eval`: Pass@1 (greedy), avg@k and pass@k of a model on math benchmarks."""
+
+    model: str = req("model directory (a dense teacher or an MoE student)")
+    out: str = req("JSON file for the scores, every completion and every verdict")
+    bench: str | None = opt(
+        None,
+        "comma-separated benchmark SPECs: world, world:SKILL, a file/folder, a dataset (default: every world skill)",
+    )
+    samples: int = opt(1, "sampled completions per problem for avg@k / pass@k (1: greedy only)")
+    temperature: float = opt(0.6, "sampling temperature of the k samples")
+    max_new_tokens: int = opt(256, "generation budget per completion")
+    batch_size: int = opt(32, "sequences per generate call")
+    limit: int | None = opt(None, "at most this many problems per benchmark")
+    world_size: int = opt(200, "problems per skill for world benchmarks")
+    problem_field: str | None = opt(None, "field of the problem text (default: recognised layouts)")
+    answer_field: str | None = opt(None, "field of the reference answer (default: recognised layouts)")
+    device: str = opt("cpu", "device to run on", choices=("cpu", "cuda"))
+    seed: int = opt(0, "seed of the sampling")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class TeacherConfig:
+    """`padd teacher`: train a small dense teacher from scratch on the miniature world."""
+
+    out: str = req("output directory of the teacher checkpoint and tokenizer")
+    preset: str = opt("tiny", "model size and training budget", choices=("tiny", "mini"))
+    steps: int | None = opt(None, "optimizer steps (default: the preset's)")
+    train_per_skill: int | None = opt(None, "training problems per skill (default: the preset's)")
+    eval_per_skill: int = opt(100, "test problems per skill for the final Pass@1")
+    device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
+    seed: int = opt(0, "seed of the data, the initialisation and the batches")
+    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
+    progress: bool = opt(True, "show progress bars")

@@ -1,0 +1,157 @@
+"""`padd eval`: batched generation with a KV cache, graded Pass@1 / avg@k / pass@k, per benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from padd.data import build_prompt, load_problems
+from padd.flops import forward_flops_per_token
+from padd.grade import grade
+
+DEFAULT_BENCHES = ("world:add", "world:sub", "world:mul", "world:expr", "world:word", "world:reverse")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[list[str]]:
+    """`num_samples` completions per prompt (greedy when temperature == 0), left-padded batches, KV cache.
+
+    Returns:
+        completions[i][j]: the j-th completion of prompt i, decoded without special tokens.
+    """
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    flat = [p for p in prompts for _ in range(num_samples)]
+    out: list[str] = []
+    torch.manual_seed(seed)
+    bar = tqdm(total=len(flat), desc="generate", unit="seq", disable=not progress)
+    new_tokens, start = 0, time.perf_counter()
+    for i in range(0, len(flat), batch_size):
+        enc = tokenizer(flat[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **sampling,
+        )
+        completion_ids = gen[:, enc["input_ids"].shape[1] :]
+        new_tokens += int((completion_ids != tokenizer.pad_token_id).sum())
+        out.extend(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
+        bar.update(len(completion_ids))
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+    bar.close()
+    return [out[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
+    """Greedy Pass@1 (and avg@k, pass@k with k samples) on one benchmark SPEC, keeping every completion."""
+    problems = load_problems(
+        spec,
+        split="test",
+        world_size=cfg.world_size,
+        limit=cfg.limit,
+        problem_field=cfg.problem_field,
+        answer_field=cfg.answer_field,
+    )
+    prompts = [build_prompt(tokenizer, p.problem) for p in problems]
+    kw = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "progress": cfg.progress,
+    }
+    greedy = generate(model, tokenizer, prompts, **kw)
+    rows = []
+    for p, g in zip(problems, greedy, strict=True):
+        rows.append(
+            {
+                "source": p.source,
+                "problem": p.problem,
+                "answer": p.answer,
+                "greedy": g[0],
+                "greedy_correct": grade(g[0], p.answer),
+            }
+        )
+    result = {"n": len(rows), "pass@1": sum(r["greedy_correct"] for r in rows) / len(rows)}
+    if cfg.samples > 1:
+        sampled = generate(model, tokenizer, prompts, num_samples=cfg.samples, temperature=cfg.temperature, **kw)
+        for row, p, comps in zip(rows, problems, sampled, strict=True):
+            row["samples"] = comps
+            row["samples_correct"] = [grade(c, p.answer) for c in comps]
+        k = cfg.samples
+        result[f"avg@{k}"] = sum(sum(r["samples_correct"]) / k for r in rows) / len(rows)
+        result[f"pass@{k}"] = sum(pass_at_k(k, sum(r["samples_correct"]), k) for r in rows) / len(rows)
+    result["rows"] = rows
+    return result
+
+
+def run_eval(cfg, console: Console | None = None) -> dict:
+    """Evaluate a model directory on every benchmark of cfg.bench; write cfg.out (JSON) and print a table."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    console = console or Console()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype="auto").to(cfg.device).eval()
+    benches = [b.strip() for b in (cfg.bench or ",".join(DEFAULT_BENCHES)).split(",") if b.strip()]
+    results = {b: evaluate_bench(model, tokenizer, b, cfg) for b in benches}
+    metric_names = [m for m in next(iter(results.values())) if m not in ("rows", "n")]
+    average = {m: sum(r[m] for r in results.values()) / len(results) for m in metric_names}
+    report = {
+        "model": str(cfg.model),
+        "flops_per_token@1024": forward_flops_per_token(model.config, 1024),
+        "average": average,
+        "benchmarks": results,
+        "config": {k: v for k, v in vars(cfg).items()},
+    }
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(report, indent=1))
+    table = Table(title=f"{cfg.model}  ({report['flops_per_token@1024'] / 1e6:.2f} MFLOPs/token @1024)")
+    table.add_column("benchmark")
+    table.add_column("n", justify="right")
+    for m in metric_names:
+        table.add_column(m, justify="right")
+    for b, r in results.items():
+        table.add_row(b, str(r["n"]), *(f"{100 * r[m]:.1f}" for m in metric_names))
+    table.add_row("[bold]average", "", *(f"[bold]{100 * average[m]:.1f}" for m in metric_names))
+    console.print(table)
+    return report

@@ -1,0 +1,89 @@
+"""pass@k, and `padd teacher` followed by `padd eval` end to end (a few training steps)."""
+
+import json
+import math
+
+import pytest
+
+from padd.cli import main
+from padd.eval import pass_at_k
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(10, 3, 1), (10, 3, 5), (8, 0, 4), (8, 8, 2), (5, 2, 5)])
+def test_pass_at_k_closed_form(n, c, k):
+    # 1 - C(n-c, k)/C(n, k) == 1 - prod_{i=n-c+1}^{n} (1 - k/i)  (Chen et al., 2021)
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    assert pass_at_k(n, c, k) == pytest.approx(1.0 - product)
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)
+
+
+def test_pass_at_k_rejects_bad_counts():
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_teacher_then_eval_end_to_end(tmp_path):
+    teacher = tmp_path / "teacher"
+    assert (
+        main(
+            [
+                "teacher",
+                "--preset",
+                "tiny",
+                "--out",
+                str(teacher),
+                "--steps",
+                "3",
+                "--train-per-skill",
+                "50",
+                "--eval-per-skill",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    record = json.loads((teacher / "padd_teacher.json").read_text())
+    assert set(record["pass@1"]) == {"add", "sub", "mul", "expr", "word", "reverse"}
+    out = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(teacher),
+                "--bench",
+                "world:add,world:reverse",
+                "--world-size",
+                "3",
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert set(report["benchmarks"]) == {"world:add", "world:reverse"}
+    add = report["benchmarks"]["world:add"]
+    assert add["n"] == 3 and {"pass@1", "avg@2", "pass@2"} <= set(add)
+    row = add["rows"][0]
+    assert len(row["samples"]) == 2 and len(row["samples_correct"]) == 2 and isinstance(row["greedy_correct"], bool)
+    assert report["flops_per_token@1024"] > 0 and not math.isnan(report["average"]["pass@1"])
+
+
+def test_eval_reports_bad_bench(tmp_path, llama_teacher, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no problem here"}\n')
+    code = main(
+        ["eval", "--model", str(llama_teacher), "--bench", str(bad), "--out", str(tmp_path / "e.json"), "--no-progress"]
+    )
+    assert code == 2 and "no usable row" in capsys.readouterr().err
