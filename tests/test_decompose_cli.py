@@ -15,30 +15,18 @@ def run(*argv):
     return main(["decompose", *map(str, argv), "--no-progress"])
 
 
+def decompose(teacher, corpus, out, **flags):
+    """`padd decompose` with flags given as keywords: top_k=2 -> --top-k 2."""
+    argv = ["--teacher", teacher, "--corpus", corpus, "--out", out]
+    for name, value in flags.items():
+        argv += ["--" + name.replace("_", "-"), value]
+    return run(*argv)
+
+
 @pytest.fixture(scope="module")
 def cluster_student(tmp_path_factory, qwen2_teacher, corpus_file):
     out = tmp_path_factory.mktemp("students") / "cluster"
-    assert (
-        run(
-            "--teacher",
-            qwen2_teacher,
-            "--corpus",
-            corpus_file,
-            "--experts",
-            4,
-            "--top-k",
-            2,
-            "--out",
-            out,
-            "--tokens",
-            2048,
-            "--seq-len",
-            64,
-            "--seed",
-            3,
-        )
-        == 0
-    )
+    assert decompose(qwen2_teacher, corpus_file, out, experts=4, top_k=2, tokens=2048, seq_len=64, seed=3) == 0
     return out
 
 
@@ -70,24 +58,7 @@ def test_json_partition_is_what_the_checkpoint_holds(cluster_student, qwen2_teac
 
 def test_same_seed_same_partition(tmp_path, qwen2_teacher, corpus_file, cluster_student):
     again = tmp_path / "again"
-    run(
-        "--teacher",
-        qwen2_teacher,
-        "--corpus",
-        corpus_file,
-        "--experts",
-        4,
-        "--top-k",
-        2,
-        "--out",
-        again,
-        "--tokens",
-        2048,
-        "--seq-len",
-        64,
-        "--seed",
-        3,
-    )
+    decompose(qwen2_teacher, corpus_file, again, experts=4, top_k=2, tokens=2048, seq_len=64, seed=3)
     layers = [json.loads((d / "padd_stage1.json").read_text())["layers"] for d in (cluster_student, again)]
     assert [la["experts"] for la in layers[0]] == [la["experts"] for la in layers[1]]
 
@@ -95,27 +66,7 @@ def test_same_seed_same_partition(tmp_path, qwen2_teacher, corpus_file, cluster_
 @pytest.mark.parametrize("init", ["random", "copy"])
 def test_baseline_inits_through_the_same_path(tmp_path, llama_teacher, corpus_file, init):
     out = tmp_path / init
-    assert (
-        run(
-            "--teacher",
-            llama_teacher,
-            "--corpus",
-            corpus_file,
-            "--experts",
-            4,
-            "--top-k",
-            1,
-            "--out",
-            out,
-            "--tokens",
-            512,
-            "--init",
-            init,
-            "--shared-neurons",
-            32,
-        )
-        == 0
-    )
+    assert decompose(llama_teacher, corpus_file, out, experts=4, top_k=1, tokens=512, init=init, shared_neurons=32) == 0
     record = json.loads((out / "padd_stage1.json").read_text())
     sizes = {len(e) for layer in record["layers"] for e in layer["experts"]}
     assert sizes == ({96} if init == "copy" else {24})
@@ -126,25 +77,7 @@ def test_baseline_inits_through_the_same_path(tmp_path, llama_teacher, corpus_fi
 def test_dense_layers_and_expert_size(tmp_path, llama_teacher, corpus_file):
     out = tmp_path / "grown"
     assert (
-        run(
-            "--teacher",
-            llama_teacher,
-            "--corpus",
-            corpus_file,
-            "--experts",
-            4,
-            "--top-k",
-            2,
-            "--out",
-            out,
-            "--tokens",
-            512,
-            "--dense-layers",
-            1,
-            "--expert-size",
-            48,
-        )
-        == 0
+        decompose(llama_teacher, corpus_file, out, experts=4, top_k=2, tokens=512, dense_layers=1, expert_size=48) == 0
     )
     record = json.loads((out / "padd_stage1.json").read_text())
     assert record["layers"][0]["dense"] is True
