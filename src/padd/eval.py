@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from padd.config import to_dict
 from padd.data import build_prompt, load_problems
 from padd.flops import forward_flops_per_token
 from padd.grade import grade
@@ -141,7 +142,7 @@ def run_eval(cfg, console: Console | None = None) -> dict:
         "flops_per_token@1024": forward_flops_per_token(model.config, 1024),
         "average": average,
         "benchmarks": results,
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": to_dict(cfg),
     }
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(report, indent=1))

@@ -42,10 +42,6 @@ class LayerPlan:
         return {"experts": self.experts, "shared": self.shared, "objective": self.objective}
 
 
-def _mlp(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.mlp
-
-
 def validate_teacher(model: PreTrainedModel) -> None:
     """Raise TeacherError unless `model` is a dense causal LM with a gated (SwiGLU) MLP in every layer."""
     cfg = model.config
@@ -193,7 +189,7 @@ def build_student(
             raise TeacherError(f"student tensor {name} has no counterpart in the teacher")
 
     for i, (t_layer, s_layer) in enumerate(zip(teacher.model.layers, student.model.layers, strict=True)):
-        t_mlp, s_mlp = _mlp(t_layer), _mlp(s_layer)
+        t_mlp, s_mlp = t_layer.mlp, s_layer.mlp
         plan = plans[i]
         if plan is None:
             for n in ("gate_proj", "up_proj", "down_proj"):

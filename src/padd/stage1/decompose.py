@@ -156,6 +156,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
 
     _atomic_save(out, write)
     lap("save")
+    # The record inside the atomic save lacks only its own save time; add it now (a few bytes).
     record["timings_s"] = timings
     (out / STAGE1_FILE).write_text(json.dumps(record, indent=1))
     print_summary(console, tcfg, student.config, record, out)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from padd.config import EvalConfig
 from padd.data import build_prompt
 from padd.world.tasks import SKILLS, generate
 
@@ -137,20 +138,16 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
-    @dataclass
-    class _EvalArgs:  # the evaluation settings evaluate_bench reads
-        world_size: int = cfg.eval_per_skill
-        limit: int | None = None
-        problem_field: str | None = None
-        answer_field: str | None = None
-        max_new_tokens: int = 160
-        batch_size: int = 64
-        seed: int = cfg.seed
-        progress: bool = cfg.progress
-        samples: int = 1
-        temperature: float = 0.0
-
-    scores = {s: evaluate_bench(model, tokenizer, f"world:{s}", _EvalArgs())["pass@1"] for s in SKILLS}
+    eval_cfg = EvalConfig(
+        model=str(out),
+        out=str(out / "padd_teacher.json"),
+        world_size=cfg.eval_per_skill,
+        max_new_tokens=160,
+        batch_size=64,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    scores = {s: evaluate_bench(model, tokenizer, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
     record = {
         "preset": cfg.preset,
         "steps": steps,
