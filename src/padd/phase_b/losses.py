@@ -1,0 +1,192 @@
+"""Phase B losses and updates (SPEC §4) as pure functions on tensors.
+
+Shapes: B completions, T completion tokens (right-padded, `mask` 1 on real tokens), V vocabulary,
+L MoE layers, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Path advantages A_i = (r_i - mean_group r) / (std_group r + eps).
+
+    Args:
+        rewards: [B] with the G completions of each prompt consecutive (B divisible by G).
+
+    Returns:
+        [B] advantages; 0 for every member of a group whose rewards are all equal. The std is the
+        sample std (correction 1), as TRL's GRPOTrainer computes it.
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B] with B divisible by group_size={group_size}, got {tuple(rewards.shape)}")
+    grouped = rewards.float().view(-1, group_size)
+    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
+
+
+def pr_grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    router_shift: torch.Tensor | None = None,
+    lam: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    level: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PR-GRPO clipped surrogate (SPEC §4 III); lam = 0 is vanilla GRPO, level="sequence" is GSPO.
+
+    ρ = π_θ/π_old per token; on completions with A < 0, ρ' = ρ·exp(-lam·Γ) with the factor detached.
+    Loss = -min(ρ'A, clip(ρ', 1-eps_low, 1+eps_high)A), averaged over all unmasked tokens of the batch.
+
+    Args:
+        logp: [B, T] log π_θ of the sampled tokens (with grad).
+        old_logp: [B, T] log π_old at rollout time.
+        advantages: [B].
+        mask: [B, T] 1 on completion tokens.
+        router_shift: [B, T] per-token Γ (see `routing_shift`); needed when lam != 0.
+        level: "token" (GRPO) or "sequence" (GSPO: the ratio is exp of the masked mean log-ratio).
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    mask = mask.to(logp.dtype)
+    log_ratio = logp - old_logp.detach()
+    adv = advantages.to(logp.dtype)[:, None]
+    if lam:
+        if router_shift is None:
+            raise ValueError("lam != 0 needs router_shift")
+        damp = lam * router_shift.detach().to(logp.dtype) * (adv < 0).to(logp.dtype)
+        log_ratio = log_ratio - damp
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp_min(1.0))[:, None].expand_as(logp)
+    ratio = log_ratio.exp()
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    n_tokens = mask.sum().clamp_min(1.0)
+    loss = (per_token * mask).sum() / n_tokens
+    with torch.no_grad():
+        is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        stats = {
+            "clip_frac": float((is_clipped.to(mask.dtype) * mask).sum() / n_tokens),
+            "ratio_mean": float((ratio * mask).sum() / n_tokens),
+        }
+    return loss, stats
+
+
+def _kd_chunk(student: torch.Tensor, teacher: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)) per row: [N, V], [N, V], [N] -> [N]."""
+    t = temp[:, None]
+    log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
+    log_p_student = F.log_softmax(student.float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return temp**2 * kl
+
+
+def adaptive_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    t_min: float = 0.05,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Adaptive KD (SPEC §4 II): per completion T_i = max(tau·Φ(A_i), t_min); per token
+    T_i²·KL(softmax(z_teacher/T_i) ‖ softmax(z_student/T_i)); mean over unmasked tokens.
+
+    Computed over chunks of `chunk_tokens` tokens with activation checkpointing, so peak memory is
+    a few [chunk, V] tensors even with a 150k vocabulary.
+
+    Args:
+        student_logits, teacher_logits: [B, T, V] (teacher without grad).
+        advantages: [B]; mask: [B, T].
+    """
+    temps = (tau * 0.5 * (1.0 + torch.erf(advantages.float() / math.sqrt(2.0)))).clamp_min(t_min)  # [B]
+    keep = mask.bool()
+    rows_s, rows_t = student_logits[keep], teacher_logits[keep].detach()
+    row_temp = temps[:, None].expand(mask.shape)[keep]
+    if rows_s.shape[0] == 0:
+        zero = student_logits.sum() * 0.0
+        return zero, {"kd_temp_mean": float(temps.mean()), "kd_kl": 0.0}
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for i in range(0, rows_s.shape[0], chunk_tokens):
+        args = (rows_s[i : i + chunk_tokens], rows_t[i : i + chunk_tokens], row_temp[i : i + chunk_tokens])
+        per_row = checkpoint(_kd_chunk, *args, use_reentrant=False) if rows_s.requires_grad else _kd_chunk(*args)
+        total = total + per_row.sum()
+    loss = total / rows_s.shape[0]
+    return loss, {"kd_temp_mean": float(temps.mean()), "kd_kl": float(loss.detach())}
+
+
+def routing_shift(
+    router_logp_now: torch.Tensor,
+    router_logp_old: torch.Tensor,
+    topk_old: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token router shift Γ (RSPO's definition, SPEC §4 III), without gradient.
+
+    For each MoE layer l: the mean over the rollout-time top-K experts e of
+    |log p_now,l(e|h) - log p_old,l(e|h)|, p the normalised router score; then the mean over layers.
+
+    Args:
+        router_logp_now: [L, B, T, E] log normalised router scores from the current forward.
+        router_logp_old: [L, B, T, E] the same at rollout time.
+        topk_old: [L, B, T, K] the experts selected at rollout time.
+        mask: [B, T].
+
+    Returns:
+        [B, T] Γ, zero on masked positions.
+    """
+    with torch.no_grad():
+        delta = (router_logp_now.float() - router_logp_old.float()).abs()
+        per_layer = delta.gather(-1, topk_old.long()).mean(-1)  # [L, B, T]
+        return per_layer.mean(0) * mask.to(per_layer.dtype)
+
+
+def update_routing_bias(
+    bias: torch.Tensor,
+    load: torch.Tensor,
+    adv_ema: torch.Tensor,
+    *,
+    eta: float,
+    gamma: float,
+    clip: float,
+) -> torch.Tensor:
+    """Reward-augmented load balance (SPEC §4 IV): b ← clip(b - η(f - f̄) + γ·m, ±clip).
+
+    Overloaded experts are pushed down, experts on high-advantage paths pulled up.
+
+    Args:
+        bias: [..., E] e_score_correction_bias per layer.
+        load: [..., E] f_e, each expert's share of the routed (token, slot) pairs.
+        adv_ema: [..., E] m_e, EMA of the mean advantage of the tokens routed to e.
+
+    Returns:
+        the new bias (a new tensor, same shape and dtype).
+    """
+    f = load.to(torch.float32)
+    new = bias.float() - eta * (f - f.mean(-1, keepdim=True)) + gamma * adv_ema.float()
+    return new.clamp(-clip, clip).to(bias.dtype)
+
+
+def update_advantage_ema(
+    adv_ema: torch.Tensor, adv_sum: torch.Tensor, counts: torch.Tensor, decay: float = 0.9
+) -> torch.Tensor:
+    """m_e ← decay·m_e + (1-decay)·(mean advantage of the tokens routed to e); experts that received
+    no token this step keep their value.
+
+    Args:
+        adv_ema, adv_sum, counts: [..., E]; adv_sum is the summed advantage over routed (token, slot) pairs.
+    """
+    mean = adv_sum.float() / counts.float().clamp_min(1.0)
+    updated = decay * adv_ema.float() + (1.0 - decay) * mean
+    return torch.where(counts > 0, updated, adv_ema.float()).to(adv_ema.dtype)

@@ -1,0 +1,185 @@
+"""Phase B losses against direct, slow references written here, and their limits."""
+
+import math
+
+import pytest
+import torch
+
+from padd.phase_b.losses import (
+    adaptive_kd_loss,
+    group_advantages,
+    pr_grpo_loss,
+    routing_shift,
+    update_advantage_ema,
+    update_routing_bias,
+)
+
+
+def random_batch(b=6, t=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(b, t, generator=g) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(b, t, generator=g)
+    adv = torch.randn(b, generator=g)
+    mask = (torch.rand(b, t, generator=g) > 0.25).float()
+    mask[:, 0] = 1
+    shift = torch.rand(b, t, generator=g)
+    return logp, old, adv, mask, shift
+
+
+def reference_pr_grpo(logp, old, adv, mask, shift, lam, eps_low, eps_high, level):
+    logp = logp.detach()
+    total, count = 0.0, 0.0
+    for i in range(logp.shape[0]):
+        log_ratios = []
+        for t in range(logp.shape[1]):
+            lr = float(logp[i, t] - old[i, t])
+            if adv[i] < 0:
+                lr -= lam * float(shift[i, t])
+            log_ratios.append(lr)
+        if level == "sequence":
+            seq = sum(lr * float(mask[i, t]) for t, lr in enumerate(log_ratios)) / float(mask[i].sum())
+            log_ratios = [seq] * len(log_ratios)
+        for t, lr in enumerate(log_ratios):
+            if mask[i, t]:
+                r = math.exp(lr)
+                a = float(adv[i])
+                total += -min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_pr_grpo_matches_reference(level, lam):
+    logp, old, adv, mask, shift = random_batch()
+    loss, stats = pr_grpo_loss(
+        logp, old, adv, mask, router_shift=shift, lam=lam, eps_low=0.2, eps_high=0.28, level=level
+    )
+    assert loss.item() == pytest.approx(reference_pr_grpo(logp, old, adv, mask, shift, lam, 0.2, 0.28, level), rel=1e-5)
+    assert 0.0 <= stats["clip_frac"] <= 1.0
+
+
+def test_lam_zero_is_vanilla_grpo_exactly():
+    logp, old, adv, mask, shift = random_batch(seed=3)
+    a, _ = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, lam=0.0)
+    b, _ = pr_grpo_loss(logp, old, adv, mask)
+    ga = torch.autograd.grad(a, logp)[0]
+    gb = torch.autograd.grad(b, logp)[0]
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_damping_touches_only_negative_advantage_paths_and_carries_no_gradient():
+    logp, old, adv, mask, shift = random_batch(seed=4)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    shift = shift.requires_grad_()
+    damped, _ = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, lam=2.0, eps_low=10, eps_high=10)
+    plain, _ = pr_grpo_loss(logp, old, adv, mask, eps_low=10, eps_high=10)
+    g_damped = torch.autograd.grad(damped, logp, retain_graph=True)[0]
+    g_plain = torch.autograd.grad(plain, logp)[0]
+    pos = adv > 0
+    assert torch.allclose(g_damped[pos], g_plain[pos])
+    assert not torch.allclose(g_damped[~pos], g_plain[~pos])
+    assert torch.autograd.grad(damped, shift, allow_unused=True)[0] is None
+
+
+def test_equal_rewards_give_zero_advantage_and_zero_policy_gradient():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    adv = group_advantages(rewards, 3)
+    assert adv[:3].abs().max() == 0
+    logp, old, _, mask, _ = random_batch(b=3)
+    loss, _ = pr_grpo_loss(logp, old, adv[:3], mask)
+    assert torch.autograd.grad(loss, logp)[0].abs().max() == 0
+
+
+def test_group_advantages_reference():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    adv = group_advantages(rewards, 4, eps=1e-6)
+    for g in range(2):
+        r = rewards[4 * g : 4 * g + 4]
+        mean, std = r.mean(), r.std()  # sample std, as TRL
+        assert torch.allclose(adv[4 * g : 4 * g + 4], (r - mean) / (std + 1e-6))
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(5), 2)
+
+
+def reference_kd(student, teacher, adv, mask, tau, t_min):
+    total, count = 0.0, 0
+    for i in range(student.shape[0]):
+        phi = 0.5 * (1 + math.erf(float(adv[i]) / math.sqrt(2)))
+        temp = max(tau * phi, t_min)
+        for t in range(student.shape[1]):
+            if mask[i, t]:
+                p = torch.softmax(teacher[i, t].detach().double() / temp, -1)
+                q = torch.softmax(student[i, t].detach().double() / temp, -1)
+                total += temp**2 * float((p * (p.log() - q.log())).sum())
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_adaptive_kd_matches_reference_for_any_chunking(chunk):
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(4, 5, 11, generator=g, requires_grad=True)
+    teacher = torch.randn(4, 5, 11, generator=g)
+    adv = torch.tensor([-2.0, -0.1, 0.0, 1.5])
+    mask = torch.ones(4, 5)
+    mask[1, 3:] = 0
+    loss, stats = adaptive_kd_loss(student, teacher, adv, mask, tau=1.5, t_min=0.2, chunk_tokens=chunk)
+    assert loss.item() == pytest.approx(reference_kd(student, teacher, adv, mask, 1.5, 0.2), rel=1e-5)
+    loss.backward()
+    assert student.grad[1, 3:].abs().max() == 0 and student.grad[0].abs().max() > 0
+
+
+def test_zero_advantage_means_temperature_tau_over_two():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    _, stats = adaptive_kd_loss(s, t, torch.zeros(2), torch.ones(2, 3), tau=0.8)
+    assert stats["kd_temp_mean"] == pytest.approx(0.4)
+    same, _ = adaptive_kd_loss(t, t, torch.zeros(2), torch.ones(2, 3))
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_routing_shift_reference():
+    g = torch.Generator().manual_seed(5)
+    L, B, T, E, K = 3, 2, 4, 6, 2
+    now = torch.log_softmax(torch.randn(L, B, T, E, generator=g), -1)
+    old = torch.log_softmax(torch.randn(L, B, T, E, generator=g), -1)
+    topk = torch.rand(L, B, T, E, generator=g).topk(K, -1).indices
+    mask = torch.ones(B, T)
+    mask[1, 2:] = 0
+    gamma = routing_shift(now, old, topk, mask)
+    for b in range(B):
+        for t in range(T):
+            expected = (
+                sum(sum(abs(float(now[l, b, t, e] - old[l, b, t, e])) for e in topk[l, b, t]) / K for l in range(L)) / L
+            )
+            assert float(gamma[b, t]) == pytest.approx(expected * float(mask[b, t]), rel=1e-5)
+    assert float(routing_shift(old, old, topk, mask).abs().max()) == 0.0
+
+
+def test_bias_update_pushes_overloaded_expert_down_and_balances_load():
+    bias = torch.zeros(4)
+    load = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    new = update_routing_bias(bias, load, torch.zeros(4), eta=0.1, gamma=0.0, clip=1.0)
+    assert new[0] < 0 and (new[1:] > 0).all() and float(new.sum()) == pytest.approx(0.0, abs=1e-7)
+    rewarded = update_routing_bias(
+        bias, torch.full((4,), 0.25), torch.tensor([0.0, 1.0, 0.0, -1.0]), eta=0.1, gamma=0.5, clip=0.3
+    )
+    assert rewarded.tolist() == pytest.approx([0.0, 0.3, 0.0, -0.3])  # clipped at 0.3
+
+
+def test_bias_loop_balances_a_skewed_router():
+    """Iterating the update on a router whose scores favour one expert evens the top-1 load."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.sigmoid(torch.randn(2000, 4, generator=g) + torch.tensor([1.5, 0.0, 0.0, -0.5]))
+    bias = torch.zeros(4)
+    for _ in range(300):
+        load = torch.bincount((scores + bias).argmax(-1), minlength=4).float() / 2000
+        bias = update_routing_bias(bias, load, torch.zeros(4), eta=0.05, gamma=0.0, clip=2.0)
+    assert load.max() / load.mean() < 1.1
+
+
+def test_advantage_ema_keeps_unrouted_experts():
+    ema = torch.tensor([0.5, -0.5, 0.0])
+    new = update_advantage_ema(ema, torch.tensor([2.0, 0.0, -3.0]), torch.tensor([2, 0, 3]), decay=0.5)
+    assert new.tolist() == pytest.approx([0.75, -0.5, -0.5])
