@@ -150,9 +150,11 @@ def test_routing_shift_reference():
     gamma = routing_shift(now, old, topk, mask)
     for b in range(B):
         for t in range(T):
-            expected = (
-                sum(sum(abs(float(now[l, b, t, e] - old[l, b, t, e])) for e in topk[l, b, t]) / K for l in range(L)) / L
-            )
+            per_layer = [
+                sum(abs(float(now[layer, b, t, e] - old[layer, b, t, e])) for e in topk[layer, b, t]) / K
+                for layer in range(L)
+            ]
+            expected = sum(per_layer) / L
             assert float(gamma[b, t]) == pytest.approx(expected * float(mask[b, t]), rel=1e-5)
     assert float(routing_shift(old, old, topk, mask).abs().max()) == 0.0
 
