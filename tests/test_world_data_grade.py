@@ -107,6 +107,8 @@ def test_malformed_rows_are_reported_and_skipped(tmp_path, caplog):
         ("\\boxed{3}", "4", False),
         ("no final answer", "1", False),
         ("\\boxed{cba}", "abc", False),
+        ("\\boxed{c b a}", "a b c", False),
+        ("\\boxed{abc}", "a b c", True),
         ("\\boxed{abc}", "\\boxed{abc}", True),
     ],
 )

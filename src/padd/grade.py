@@ -56,7 +56,7 @@ def grade(prediction: str, gold: str, *, timeout_s: int = TIMEOUT_S) -> bool:
     gold_answer = last_boxed(gold) or gold.strip()
     if _normalise(answer) == _normalise(gold_answer):
         return True
-    if _WORD.match(gold_answer) or _WORD.match(answer):
+    if _WORD.match(_normalise(gold_answer)) or _WORD.match(_normalise(answer)):
         # Plain words are text, not algebra: math-verify would read "abc" and "cba" as a*b*c == c*b*a.
         return False
     limit = timeout_s if threading.current_thread() is threading.main_thread() else None

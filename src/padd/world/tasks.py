@@ -93,9 +93,10 @@ def word_problem(rng: random.Random) -> tuple[str, str, str]:
 
 
 def reverse_word(rng: random.Random) -> tuple[str, str, str]:
+    # Letters are spaced so each is its own token: the skill is reversing, not spelling BPE merges.
     word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
-    rev = word[::-1]
-    return f"Reverse the letters of {word}.", f"Read {word} from the end: {' '.join(rev)}. The result is {rev}.", rev
+    spaced, rev = " ".join(word), " ".join(reversed(word))
+    return f"Reverse the letters {spaced}.", f"From the end: {rev}.", rev
 
 
 # Rising difficulty; `reverse` is the non-math broad skill.
