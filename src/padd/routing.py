@@ -42,3 +42,76 @@ def uniform_random_routing(model: torch.nn.Module, generator: torch.Generator | 
     finally:
         for h in handles:
             h.remove()
+
+
+class RouterRecorder:
+    """Record every MoE layer's router output during forwards (a context manager).
+
+    After a forward over [B, T] tokens, `logits` holds one [B*T, E] float32 tensor per layer (the raw
+    router logits, before the selection bias) and `topk` one [B*T, K] tensor of selected experts.
+    Recording keeps the autograd graph of the logits only when `keep_grad` is set.
+    """
+
+    def __init__(self, model: torch.nn.Module, keep_grad: bool = False):
+        self.gates = moe_gates(model)
+        self.keep_grad = keep_grad
+        self.logits: list[torch.Tensor] = []
+        self.topk: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def _hook(self, gate, inputs, output):
+        logits, _, indices = output
+        self.logits.append(logits if self.keep_grad else logits.detach())
+        self.topk.append(indices.detach())
+
+    def clear(self) -> None:
+        self.logits.clear()
+        self.topk.clear()
+
+    def __enter__(self) -> RouterRecorder:
+        self.clear()
+        self._handles = [g.register_forward_hook(self._hook) for g in self.gates]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def stacked(self, batch_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log normalised router scores [L, B, T, E], top-K experts [L, B, T, K]) of the last forward."""
+        n_layers = len(self.gates)
+        if len(self.logits) != n_layers:
+            raise RuntimeError(
+                f"recorded {len(self.logits)} router calls, expected {n_layers}: run exactly one forward"
+            )
+        logp = torch.stack([router_log_scores(lg) for lg in self.logits]).view(n_layers, *batch_shape, -1)
+        topk = torch.stack(self.topk).view(n_layers, *batch_shape, -1)
+        return logp, topk
+
+
+def router_log_scores(logits: torch.Tensor) -> torch.Tensor:
+    """log p(e | h) of the normalised sigmoid router scores p = σ(z) / Σ_e σ(z): [N, E] -> [N, E]."""
+    log_sig = torch.nn.functional.logsigmoid(logits.float())
+    return log_sig - torch.logsumexp(log_sig, dim=-1, keepdim=True)
+
+
+def expert_load(topk: torch.Tensor, n_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-layer counts of (token, slot) pairs per expert: topk [L, N, K] (+ weights [N]) -> [L, E].
+
+    With `weights` (e.g. a 0/1 mask or per-token advantages) each token's slots count that much.
+    """
+    n_layers = topk.shape[0]
+    flat = topk.reshape(n_layers, -1).long()
+    w = (
+        None
+        if weights is None
+        else weights.reshape(1, -1, 1).expand(n_layers, -1, topk.shape[-1]).reshape(n_layers, -1).float()
+    )
+    out = torch.zeros(n_layers, n_experts, dtype=torch.float32, device=topk.device)
+    return out.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32) if w is None else w)
+
+
+def router_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Detached copies of every MoE layer's router weight [E, H] (for Γ_step)."""
+    return [g.weight.detach().float().clone() for g in moe_gates(model)]
