@@ -78,3 +78,11 @@ def test_reservoir_stops_reading_a_huge_stream(tokenizer):
 
     windows = sample_windows(endless(), tokenizer, n_tokens=64, seq_len=16)
     assert windows.shape == (4, 16) and read < 1000
+
+
+def test_world_corpus(tokenizer):
+    texts = list(__import__("itertools").islice(iter_texts("world:add+reverse"), 4))
+    assert texts[0].startswith("Problem: What is") and "Reverse the letters" in texts[1]
+    assert all("\\boxed{" in t for t in texts)
+    windows = sample_windows(iter_texts("world"), tokenizer, n_tokens=256, seq_len=32)
+    assert windows.shape == (8, 32)

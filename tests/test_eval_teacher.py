@@ -79,6 +79,53 @@ def test_teacher_then_eval_end_to_end(tmp_path):
     assert len(row["samples"]) == 2 and len(row["samples_correct"]) == 2 and isinstance(row["greedy_correct"], bool)
     assert report["flops_per_token@1024"] > 0 and not math.isnan(report["average"]["pass@1"])
 
+    # The same evaluation serves an MoE student decomposed from that teacher on the world corpus.
+    student = tmp_path / "student"
+    assert (
+        main(
+            [
+                "decompose",
+                "--teacher",
+                str(teacher),
+                "--corpus",
+                "world",
+                "--experts",
+                "8",
+                "--top-k",
+                "2",
+                "--out",
+                str(student),
+                "--tokens",
+                "512",
+                "--seq-len",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(student),
+                "--bench",
+                "world:mul",
+                "--world-size",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(tmp_path / "student.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    student_report = json.loads((tmp_path / "student.json").read_text())
+    assert student_report["flops_per_token@1024"] < report["flops_per_token@1024"]
+
 
 def test_eval_reports_bad_bench(tmp_path, llama_teacher, capsys):
     bad = tmp_path / "bad.jsonl"

@@ -141,6 +141,7 @@ class DemoConfig:
 
     out: str = opt("runs/demo", "run directory")
     seed: int = opt(0, "seed of every stage")
+    eval_per_skill: int = opt(50, "test problems per world skill in each evaluation")
     overwrite: bool = opt(False, "replace an existing non-empty --out directory")
     progress: bool = opt(True, "show progress bars")
 

@@ -1,7 +1,8 @@
 """Text corpora for Stage I: stream documents from local files or `datasets`, pack them into token windows.
 
 A corpus SPEC is a local file (.txt, .jsonl, .json, .parquet), a folder of such files, a dataset saved
-with `save_to_disk`, or a `datasets` hub name (optionally `name:config`). Everything is read as a
+with `save_to_disk`, a `datasets` hub name (optionally `name:config`), or the miniature world
+(`world`, `world:SKILL`). Everything is read as a
 stream through `datasets`, so memory is bounded by the sample, not by the corpus.
 """
 
@@ -57,8 +58,28 @@ def open_stream(spec: str, split: str = "train") -> Iterable[dict]:
         ) from err
 
 
+def _world_texts(skills: list[str], split: str, per_skill: int = 4000) -> Iterator[str]:
+    """The world's tasks as the teacher reads them (prompt, then solution), skills interleaved."""
+    from padd.data import build_prompt
+    from padd.world.tasks import generate
+
+    streams = [generate(s, split, per_skill, allow_fewer=True) for s in skills]
+    for rows in zip(*streams, strict=False):
+        for row in rows:
+            yield build_prompt(None, row["problem"]) + " " + row["solution"]
+
+
 def iter_texts(spec: str, text_field: str | None = None, split: str = "train") -> Iterator[str]:
-    """Yield the text of each record. `text_field` may join several fields: "problem,solution"."""
+    """Yield the text of each record. `text_field` may join several fields: "problem,solution".
+
+    `world` / `world:SKILL` stream the miniature world's tasks (prompt and solution).
+    """
+    from padd.world.tasks import parse_world_spec
+
+    skills = parse_world_spec(spec)
+    if skills is not None:
+        yield from _world_texts(skills, split)
+        return
     fields = [f.strip() for f in text_field.split(",")] if text_field else None
     for row in open_stream(spec, split):
         if fields is None:

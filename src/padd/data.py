@@ -163,9 +163,10 @@ def load_problems(
 
 
 def build_prompt(tokenizer, problem: str) -> str:
-    """The prompt text: the tokenizer's chat template when it has one, a plain template otherwise."""
+    """The prompt text: the tokenizer's chat template when it has one, a plain template otherwise (or
+    when `tokenizer` is None)."""
     content = f"{problem}\n{INSTRUCTION}"
-    if getattr(tokenizer, "chat_template", None):
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )

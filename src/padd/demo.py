@@ -1,8 +1,9 @@
-"""`padd demo`: the end-to-end run on the built-in miniature setting.
+"""`padd demo`: the end-to-end run on the miniature world.
 
-Today it builds a tiny Qwen2-class teacher with its own tokenizer and an arithmetic corpus, runs
-Stage I (`padd decompose`) with the PADD cluster init and with the random-split baseline, and
-checks that each student reproduces the teacher exactly when every expert is active.
+Today it trains the tiny teacher on the world, runs Stage I (`padd decompose` on the world corpus)
+with PADD's cluster init and with the random-split baseline, checks each student's exactness with
+every expert active, and evaluates teacher and students (top-K routing, before any training) on
+every world skill.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
 
-from padd.config import DecomposeConfig, DemoConfig
+from padd.config import DecomposeConfig, DemoConfig, EvalConfig, TeacherConfig
+from padd.eval import run_eval
 from padd.stage1.decompose import decompose
-from padd.tiny import arithmetic_corpus, make_tiny_teacher
+from padd.world.teacher import train_teacher
 
 
 @torch.no_grad()
@@ -38,37 +41,63 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> None:
             raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    corpus = arithmetic_corpus(4000, seed=cfg.seed)
-    (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
-    console.rule("tiny teacher")
-    teacher = make_tiny_teacher(
-        out / "teacher",
-        "qwen2",
-        texts=corpus,
-        hidden_size=64,
-        intermediate_size=256,
-        num_layers=4,
-        seed=cfg.seed,
-        bias_std=0.1,
+    console.rule("tiny teacher, trained on the world")
+    teacher = out / "teacher"
+    train_teacher(
+        TeacherConfig(
+            out=str(teacher), preset="tiny", seed=cfg.seed, eval_per_skill=cfg.eval_per_skill, progress=cfg.progress
+        ),
+        console,
     )
-    console.print(f"teacher: Qwen2-class, 4 layers, d_ff=256, written to {teacher}")
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(cfg.seed))
+    models = {"teacher": teacher}
     for init in ("cluster", "random"):
         console.rule(f"Stage I, {init} init")
         student = out / f"student-{init}"
         decompose(
             DecomposeConfig(
                 teacher=str(teacher),
-                corpus=str(out / "corpus.txt"),
+                corpus="world",
                 out=str(student),
                 experts=8,
                 top_k=2,
                 init=init,
                 seed=cfg.seed,
                 tokens=8192,
+                seq_len=128,
                 progress=cfg.progress,
             ),
             console,
         )
-        gap = max_logit_gap_all_experts(teacher, student, ids)
-        console.print(f"exactness (top-k = E): max |logit gap| = {gap:.2e}")
+        console.print(
+            f"exactness (top-k = E): max |logit gap| = {max_logit_gap_all_experts(teacher, student, ids):.2e}"
+        )
+        models[f"{init} student"] = student
+    console.rule("Pass@1 before Phase B (students route top-2 of 8 with a zero router)")
+    scores = {}
+    for name, path in models.items():
+        report = run_eval(
+            EvalConfig(
+                model=str(path),
+                out=str(out / f"eval-{path.name}.json"),
+                world_size=cfg.eval_per_skill,
+                batch_size=64,
+                max_new_tokens=160,
+                progress=cfg.progress,
+                seed=cfg.seed,
+            ),
+            console,
+        )
+        scores[name] = report
+    table = Table(title="greedy Pass@1 (%) on the world's test split")
+    skills = list(next(iter(scores.values()))["benchmarks"])
+    for col in ["model", *(s.split(":")[1] for s in skills), "average", "MFLOPs/token @1024"]:
+        table.add_column(col, justify="right")
+    for name, report in scores.items():
+        table.add_row(
+            name,
+            *(f"{100 * report['benchmarks'][s]['pass@1']:.1f}" for s in skills),
+            f"{100 * report['average']['pass@1']:.1f}",
+            f"{report['flops_per_token@1024'] / 1e6:.2f}",
+        )
+    console.print(table)
