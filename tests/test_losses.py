@@ -7,6 +7,7 @@ import torch
 
 from padd.phase_b.losses import (
     adaptive_kd_loss,
+    distill_kl_loss,
     group_advantages,
     pr_grpo_loss,
     routing_shift,
@@ -128,6 +129,18 @@ def test_adaptive_kd_matches_reference_for_any_chunking(chunk):
     assert loss.item() == pytest.approx(reference_kd(student, teacher, adv, mask, 1.5, 0.2), rel=1e-5)
     loss.backward()
     assert student.grad[1, 3:].abs().max() == 0 and student.grad[0].abs().max() > 0
+
+
+def test_distill_kl_is_adaptive_kd_at_a_fixed_temperature():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 4, 9, generator=g), torch.randn(2, 4, 9, generator=g)
+    mask = torch.ones(2, 4)
+    # A = +inf gives Φ = 1, so T = tau for every completion.
+    adaptive, _ = adaptive_kd_loss(s, t, torch.full((2,), float("inf")), mask, tau=1.0)
+    assert float(distill_kl_loss(s, t, mask)) == pytest.approx(float(adaptive), rel=1e-6)
+    assert float(distill_kl_loss(s, t, mask, temperature=2.0)) == pytest.approx(
+        reference_kd(s, t, torch.full((2,), float("inf")), mask, 2.0, 0.05), rel=1e-5
+    )
 
 
 def test_zero_advantage_means_temperature_tau_over_two():

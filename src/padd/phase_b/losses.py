@@ -90,6 +90,41 @@ def _kd_chunk(student: torch.Tensor, teacher: torch.Tensor, temp: torch.Tensor) 
     return temp**2 * kl
 
 
+def _kd_rows(student: torch.Tensor, teacher: torch.Tensor, temp: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Sum over rows of T²·KL(softmax(teacher/T) ‖ softmax(student/T)): [N, V], [N, V], [N] -> [].
+
+    Chunks of `chunk_tokens` rows under activation checkpointing keep peak memory at a few
+    [chunk, V] tensors even with a 150k vocabulary.
+    """
+    total = student.new_zeros((), dtype=torch.float32)
+    for i in range(0, student.shape[0], chunk_tokens):
+        args = (student[i : i + chunk_tokens], teacher[i : i + chunk_tokens], temp[i : i + chunk_tokens])
+        per_row = checkpoint(_kd_chunk, *args, use_reentrant=False) if student.requires_grad else _kd_chunk(*args)
+        total = total + per_row.sum()
+    return total
+
+
+def distill_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) averaged over unmasked tokens (the warm-up loss).
+
+    Args:
+        student_logits, teacher_logits: [B, T, V]; mask: [B, T].
+    """
+    keep = mask.bool()
+    rows = student_logits[keep]
+    if rows.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    temp = torch.full((rows.shape[0],), float(temperature), device=rows.device)
+    return _kd_rows(rows, teacher_logits[keep].detach(), temp, chunk_tokens) / rows.shape[0]
+
+
 def adaptive_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -103,26 +138,17 @@ def adaptive_kd_loss(
     """Adaptive KD (SPEC §4 II): per completion T_i = max(tau·Φ(A_i), t_min); per token
     T_i²·KL(softmax(z_teacher/T_i) ‖ softmax(z_student/T_i)); mean over unmasked tokens.
 
-    Computed over chunks of `chunk_tokens` tokens with activation checkpointing, so peak memory is
-    a few [chunk, V] tensors even with a 150k vocabulary.
-
     Args:
         student_logits, teacher_logits: [B, T, V] (teacher without grad).
         advantages: [B]; mask: [B, T].
     """
     temps = (tau * 0.5 * (1.0 + torch.erf(advantages.float() / math.sqrt(2.0)))).clamp_min(t_min)  # [B]
     keep = mask.bool()
-    rows_s, rows_t = student_logits[keep], teacher_logits[keep].detach()
+    rows = student_logits[keep]
+    if rows.shape[0] == 0:
+        return student_logits.sum() * 0.0, {"kd_temp_mean": float(temps.mean()), "kd_kl": 0.0}
     row_temp = temps[:, None].expand(mask.shape)[keep]
-    if rows_s.shape[0] == 0:
-        zero = student_logits.sum() * 0.0
-        return zero, {"kd_temp_mean": float(temps.mean()), "kd_kl": 0.0}
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    for i in range(0, rows_s.shape[0], chunk_tokens):
-        args = (rows_s[i : i + chunk_tokens], rows_t[i : i + chunk_tokens], row_temp[i : i + chunk_tokens])
-        per_row = checkpoint(_kd_chunk, *args, use_reentrant=False) if rows_s.requires_grad else _kd_chunk(*args)
-        total = total + per_row.sum()
-    loss = total / rows_s.shape[0]
+    loss = _kd_rows(rows, teacher_logits[keep].detach(), row_temp, chunk_tokens) / rows.shape[0]
     return loss, {"kd_temp_mean": float(temps.mean()), "kd_kl": float(loss.detach())}
 
 
