@@ -12,12 +12,14 @@ from padd.config import (
     DemoConfig,
     EvalConfig,
     TeacherConfig,
+    WarmupConfig,
     add_config_arguments,
     load_config,
 )
 from padd.corpus import CorpusError
 from padd.data import DataError
 from padd.stage1.build import TeacherError
+from padd.vocab import VocabError
 
 
 def _decompose(cfg: DecomposeConfig) -> None:
@@ -44,16 +46,32 @@ def _teacher(cfg: TeacherConfig) -> None:
     train_teacher(cfg)
 
 
+def _warmup(cfg: WarmupConfig) -> None:
+    from padd.stage1.warmup import run_warmup
+
+    run_warmup(cfg)
+
+
 # name -> (config class, recipe, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, _demo, "the end-to-end run on the built-in miniature setting"),
     "decompose": (DecomposeConfig, _decompose, "Stage I: cluster a dense teacher's FFN neurons into a Glm4Moe student"),
     "teacher": (TeacherConfig, _teacher, "train a small dense teacher on the miniature world"),
+    "warmup": (WarmupConfig, _warmup, "Stage I warm-up: experts behind a frozen uniform router, then router init"),
     "eval": (EvalConfig, _eval, "Pass@1 / avg@k / pass@k of a model on math benchmarks"),
 }
 
 # Errors of the user's input: reported as one line, no traceback.
-USER_ERRORS = (ConfigError, CorpusError, DataError, TeacherError, ValueError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    CorpusError,
+    DataError,
+    TeacherError,
+    VocabError,
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

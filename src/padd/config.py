@@ -182,3 +182,26 @@ class TeacherConfig:
     seed: int = opt(0, "seed of the data, the initialisation and the batches")
     overwrite: bool = opt(False, "replace an existing non-empty --out directory")
     progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class WarmupConfig:
+    """`padd warmup`: experts trained behind a frozen uniform router, then the router initialised."""
+
+    student: str = req("student checkpoint from padd decompose")
+    teacher: str = req("the dense teacher it was decomposed from")
+    corpus: str = req("text corpus (same forms as padd decompose --corpus, world included)")
+    out: str = req("output directory of the warmed-up student")
+    epochs: int = opt(1, "passes over the token sample")
+    tokens: int = opt(65536, "tokens sampled from the corpus for the warm-up")
+    seq_len: int = opt(256, "tokens per training window")
+    batch_size: int = opt(8, "windows per optimizer step")
+    lr: float = opt(1e-4, "AdamW learning rate of the experts")
+    router_init: str = opt("uniform", "router start for Phase B", choices=("uniform", "centroid", "distill"))
+    router_tokens: int = opt(4096, "tokens used to fit a centroid / distill router")
+    text_field: str | None = opt(None, "corpus field(s) holding the text, comma-separated")
+    split: str = opt("train", "split of a datasets corpus")
+    device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
+    seed: int = opt(0, "seed of the sample, the random routing and the router init")
+    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
+    progress: bool = opt(True, "show progress bars")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from tqdm.auto import tqdm
 from padd.config import DecomposeConfig, to_dict
 from padd.corpus import iter_texts, sample_windows
 from padd.flops import forward_flops_per_token, param_counts
+from padd.io import atomic_save_dir, check_out_dir
 from padd.stage1.activations import collect_layer_stats
 from padd.stage1.build import TeacherError, build_student, validate_teacher
 from padd.stage1.partition import check_sizes, plan_layer
@@ -30,26 +29,6 @@ def _load_teacher_config(path: str):
     if not Path(path).is_dir() or not (Path(path) / "config.json").exists():
         raise TeacherError(f"--teacher {path!r} is not a local checkpoint folder with a config.json")
     return AutoConfig.from_pretrained(path)
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-
-
-def _atomic_save(out: Path, write) -> None:
-    """Write into a sibling temp folder, then swap it in, so a crash never leaves a half checkpoint."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
 
 
 def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
@@ -67,7 +46,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
         clock = now
 
     out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
+    check_out_dir(out, cfg.overwrite)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
 
@@ -154,7 +133,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
             teacher.generation_config.save_pretrained(tmp)
         (tmp / STAGE1_FILE).write_text(json.dumps(record, indent=1))
 
-    _atomic_save(out, write)
+    atomic_save_dir(out, write)
     lap("save")
     # The record inside the atomic save lacks only its own save time; add it now (a few bytes).
     record["timings_s"] = timings

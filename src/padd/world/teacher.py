@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from padd.config import EvalConfig
 from padd.data import build_prompt
+from padd.io import check_out_dir
 from padd.world.tasks import SKILLS, generate
 
 
@@ -78,8 +79,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     preset = PRESETS[cfg.preset]
     steps = cfg.steps or preset.steps
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    check_out_dir(out, cfg.overwrite)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     n_train = cfg.train_per_skill or preset.train_per_skill

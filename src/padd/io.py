@@ -1,0 +1,31 @@
+"""Output folders: refuse to clobber, and write atomically (temp folder, then rename)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Raise unless `out` is absent, empty, or may be overwritten."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def atomic_save_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a sibling temp folder, then swap it in, so a crash never leaves half a checkpoint."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)

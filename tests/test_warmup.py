@@ -1,0 +1,103 @@
+"""`padd warmup`: only experts train, the loss falls, router inits, bad inputs."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from padd.cli import main
+from padd.routing import moe_gates
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, qwen2_teacher, corpus_file):
+    out = tmp_path_factory.mktemp("warm") / "student"
+    assert (
+        main(
+            [
+                "decompose",
+                "--teacher",
+                str(qwen2_teacher),
+                "--corpus",
+                str(corpus_file),
+                "--experts",
+                "4",
+                "--top-k",
+                "2",
+                "--out",
+                str(out),
+                "--tokens",
+                "1024",
+                "--seq-len",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def warmup(student, teacher, corpus, out, *extra):
+    return main(
+        [
+            "warmup",
+            "--student",
+            str(student),
+            "--teacher",
+            str(teacher),
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--tokens",
+            "2048",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--no-progress",
+            *map(str, extra),
+        ]
+    )
+
+
+def test_only_experts_train_and_the_kl_falls(tmp_path, student, qwen2_teacher, corpus_file):
+    out = tmp_path / "warm"
+    assert warmup(student, qwen2_teacher, corpus_file, out, "--epochs", "2") == 0
+    before = AutoModelForCausalLM.from_pretrained(student)
+    after = AutoModelForCausalLM.from_pretrained(out)
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    changed = {n for n in b if not torch.equal(b[n], a[n])}
+    assert changed and all(".experts." in n or ".gate." in n for n in changed)
+    assert any(".experts." in n for n in changed)
+    log = [json.loads(line) for line in (out / "warmup_log.jsonl").read_text().splitlines()]
+    assert len(log) == 16  # 2048 tokens / 64 per window / 4 per batch, two epochs
+    first, last = sum(r["kl"] for r in log[:4]) / 4, sum(r["kl"] for r in log[-4:]) / 4
+    assert last < first
+    assert (out / "padd_stage1.json").exists() and json.loads((out / "padd_warmup.json").read_text())["steps"] == 16
+    for gate in moe_gates(after):  # uniform router init: near zero, yet no exact ties
+        assert gate.weight.abs().max() < 1e-2 and gate.weight.abs().max() > 0
+
+
+@pytest.mark.parametrize("init", ["centroid", "distill"])
+def test_fitted_router_inits(tmp_path, student, qwen2_teacher, corpus_file, init):
+    out = tmp_path / init
+    assert warmup(student, qwen2_teacher, corpus_file, out, "--router-init", init, "--router-tokens", "512") == 0
+    after = AutoModelForCausalLM.from_pretrained(out)
+    assert all(gate.weight.abs().max() > 0.01 for gate in moe_gates(after))
+    record = json.loads((out / "padd_warmup.json").read_text())
+    assert record["router_init"] == init
+    if init == "distill":  # the fitted router predicts the teacher's cluster masses better than a flat one
+        assert record["router_fit_kl"] < record["router_fit_kl_flat"]
+
+
+def test_mismatched_tokenizers_are_refused(tmp_path, student, llama_teacher, corpus_file, capsys):
+    from padd.tiny import make_tiny_teacher
+
+    other = make_tiny_teacher(tmp_path / "other", "qwen2", texts=["completely different words here"] * 20)
+    assert warmup(student, other, corpus_file, tmp_path / "o") == 2
+    assert "tokenizers differ" in capsys.readouterr().err
