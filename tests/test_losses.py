@@ -83,6 +83,16 @@ def test_damping_touches_only_negative_advantage_paths_and_carries_no_gradient()
     assert torch.autograd.grad(damped, shift, allow_unused=True)[0] is None
 
 
+def test_rspo_weight_is_floored_and_on_every_token():
+    logp, old, adv, mask, shift = random_batch(seed=6)
+    shift = shift * 3
+    loss, _ = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, rspo_floor=0.5, eps_low=10, eps_high=10)
+    weight = torch.clamp(torch.exp(-shift), min=0.5)
+    ratio = (logp.detach() - old).exp() * weight
+    expected = (-(ratio * adv[:, None]) * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_equal_rewards_give_zero_advantage_and_zero_policy_gradient():
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
     adv = group_advantages(rewards, 3)

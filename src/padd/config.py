@@ -205,3 +205,47 @@ class WarmupConfig:
     seed: int = opt(0, "seed of the sample, the random routing and the router init")
     overwrite: bool = opt(False, "replace an existing non-empty --out directory")
     progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class TrainConfig:
+    """`padd train`: Phase B — sample, verify, and update with II + III (+ IV on the routing bias)."""
+
+    student: str = req("MoE student checkpoint (after padd warmup)")
+    teacher: str = req("the dense teacher (same tokenizer)")
+    data: str = req("problem set: world, world:SKILL, a file/folder, or a datasets name")
+    out: str = req("run directory: metrics.jsonl, TensorBoard events, checkpoints, the final student")
+    method: str = opt("padd", "which objective: PADD or a baseline on the same loop",
+                      choices=("padd", "grpo", "gspo", "rspo", "online-kd"))
+    steps: int = opt(100, "rollout batches to train on")
+    prompts_per_step: int = opt(8, "prompts sampled per rollout batch")
+    group_size: int = opt(4, "completions per prompt (G)")
+    updates_per_batch: int = opt(2, "mini-batch optimizer steps per rollout batch (M)")
+    lr: float = opt(1e-5, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    max_new_tokens: int = opt(160, "generation budget per completion")
+    lam: float = opt(1.0, "PR-GRPO damping λ of exp(-λΓ) on negative-advantage tokens (III)")
+    kd_coef: float = opt(0.1, "weight α of the adaptive KD loss (II)")
+    tau: float = opt(1.0, "KD temperature scale τ of T = max(τΦ(A), T_min)")
+    t_min: float = opt(0.05, "KD temperature floor T_min")
+    eps_low: float = opt(0.2, "lower clip range of the ratio")
+    eps_high: float = opt(0.2, "upper clip range of the ratio")
+    eta: float = opt(1e-3, "load-balance rate η of the routing-bias update (IV)")
+    gamma: float = opt(1e-3, "reward term γ of the routing-bias update (IV)")
+    bias_clip: float = opt(1.0, "bound of |routing bias|")
+    adv_ema: float = opt(0.9, "EMA decay of the per-expert advantage m_e")
+    rspo_floor: float = opt(0.5, "RSPO: floor of its exp(-Γ) weight (method rspo only)")
+    no_kd: bool = opt(False, "ablation: drop II (α = 0)")
+    no_pr: bool = opt(False, "ablation: drop III's damping (λ = 0)")
+    no_reward_balance: bool = opt(False, "ablation: drop IV's reward term (γ = 0, plain balancing)")
+    gamma_anchor: str = opt("rollout", "Γ's old router: at rollout time, or before the last optimizer step",
+                            choices=("rollout", "last-step"))
+    world_size: int = opt(2000, "problems per skill when --data is a world name")
+    save_every: int = opt(50, "checkpoint every N rollout batches (0: only at the end)")
+    resume: bool = opt(False, "continue from the run directory's last checkpoint")
+    device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
+    seed: int = opt(0, "seed of prompt order, sampling and routing ties")
+    overwrite: bool = opt(False, "replace an existing run directory (without --resume)")
+    progress: bool = opt(True, "show a progress bar")

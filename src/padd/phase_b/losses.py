@@ -41,6 +41,7 @@ def pr_grpo_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     level: str = "token",
+    rspo_floor: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PR-GRPO clipped surrogate (SPEC §4 III); lam = 0 is vanilla GRPO, level="sequence" is GSPO.
 
@@ -54,15 +55,19 @@ def pr_grpo_loss(
         mask: [B, T] 1 on completion tokens.
         router_shift: [B, T] per-token Γ (see `routing_shift`); needed when lam != 0.
         level: "token" (GRPO) or "sequence" (GSPO: the ratio is exp of the masked mean log-ratio).
+        rspo_floor: the RSPO baseline instead of PR-GRPO: ρ' = ρ·max(exp(-Γ), floor) on every token
+            (lam is then unused).
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
     mask = mask.to(logp.dtype)
     log_ratio = logp - old_logp.detach()
     adv = advantages.to(logp.dtype)[:, None]
-    if lam:
-        if router_shift is None:
-            raise ValueError("lam != 0 needs router_shift")
+    if (lam or rspo_floor is not None) and router_shift is None:
+        raise ValueError("lam != 0 or rspo_floor needs router_shift")
+    if rspo_floor is not None:
+        log_ratio = log_ratio - router_shift.detach().to(logp.dtype).clamp_max(-math.log(rspo_floor))
+    elif lam:
         damp = lam * router_shift.detach().to(logp.dtype) * (adv < 0).to(logp.dtype)
         log_ratio = log_ratio - damp
     if level == "sequence":

@@ -1,0 +1,104 @@
+"""Rollout backends: G sampled completions per prompt, as token tensors the loop trains on.
+
+`TransformersRollout` runs `generate` on the training model itself (KV cache, left-padded batches);
+a vLLM backend implements the same two methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """N = prompts x G sequences. prompt_ids [N, P] left-padded; completion_ids [N, C] right-padded."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        return Rollout(
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.completion_ids[index],
+            self.completion_mask[index],
+            [self.texts[int(i)] for i in index],
+        )
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
+        """`group_size` completions of each prompt, consecutive in the result."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights."""
+
+
+def completion_mask_from(completion_ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """1 on generated tokens up to and including the first EOS, 0 after it: [N, C] -> [N, C]."""
+    is_eos = completion_ids == eos_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    mask = ~after_eos
+    if pad_id != eos_id:
+        mask &= completion_ids != pad_id
+    return mask.long()
+
+
+class TransformersRollout:
+    """Sampling with `model.generate` on the training model (weights are always in sync)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
+        tok, model = self.tokenizer, self.model
+        device = next(model.parameters()).device
+        flat = [p for p in prompts for _ in range(group_size)]
+        enc = tok(flat, return_tensors="pt", padding=True, add_special_tokens=False)
+        was_training = model.training
+        model.eval()
+        chunks = []
+        for i in range(0, len(flat), self.batch_size):
+            ids = enc["input_ids"][i : i + self.batch_size].to(device)
+            mask = enc["attention_mask"][i : i + self.batch_size].to(device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            if temperature <= 0:
+                sampling = {"do_sample": False}
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                **sampling,
+            )
+            chunks.append(out[:, ids.shape[1] :].cpu())
+        model.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        completion = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks]
+        )
+        cmask = completion_mask_from(completion, tok.eos_token_id, tok.pad_token_id)
+        texts = tok.batch_decode(completion * cmask + tok.pad_token_id * (1 - cmask), skip_special_tokens=True)
+        return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts)
