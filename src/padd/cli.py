@@ -12,6 +12,7 @@ from padd.config import (
     DemoConfig,
     EvalConfig,
     TeacherConfig,
+    TrainConfig,
     WarmupConfig,
     add_config_arguments,
     load_config,
@@ -52,12 +53,19 @@ def _warmup(cfg: WarmupConfig) -> None:
     run_warmup(cfg)
 
 
+def _train(cfg: TrainConfig) -> None:
+    from padd.phase_b.loop import run_train
+
+    run_train(cfg)
+
+
 # name -> (config class, recipe, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, _demo, "the end-to-end run on the built-in miniature setting"),
     "decompose": (DecomposeConfig, _decompose, "Stage I: cluster a dense teacher's FFN neurons into a Glm4Moe student"),
     "teacher": (TeacherConfig, _teacher, "train a small dense teacher on the miniature world"),
     "warmup": (WarmupConfig, _warmup, "Stage I warm-up: experts behind a frozen uniform router, then router init"),
+    "train": (TrainConfig, _train, "Phase B: PADD (or a baseline) on verifiable problems"),
     "eval": (EvalConfig, _eval, "Pass@1 / avg@k / pass@k of a model on math benchmarks"),
 }
 

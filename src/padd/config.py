@@ -215,8 +215,11 @@ class TrainConfig:
     teacher: str = req("the dense teacher (same tokenizer)")
     data: str = req("problem set: world, world:SKILL, a file/folder, or a datasets name")
     out: str = req("run directory: metrics.jsonl, TensorBoard events, checkpoints, the final student")
-    method: str = opt("padd", "which objective: PADD or a baseline on the same loop",
-                      choices=("padd", "grpo", "gspo", "rspo", "online-kd"))
+    method: str = opt(
+        "padd",
+        "which objective: PADD or a baseline on the same loop",
+        choices=("padd", "grpo", "gspo", "rspo", "online-kd"),
+    )
     steps: int = opt(100, "rollout batches to train on")
     prompts_per_step: int = opt(8, "prompts sampled per rollout batch")
     group_size: int = opt(4, "completions per prompt (G)")
@@ -240,8 +243,6 @@ class TrainConfig:
     no_kd: bool = opt(False, "ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "ablation: drop III's damping (λ = 0)")
     no_reward_balance: bool = opt(False, "ablation: drop IV's reward term (γ = 0, plain balancing)")
-    gamma_anchor: str = opt("rollout", "Γ's old router: at rollout time, or before the last optimizer step",
-                            choices=("rollout", "last-step"))
     world_size: int = opt(2000, "problems per skill when --data is a world name")
     save_every: int = opt(50, "checkpoint every N rollout batches (0: only at the end)")
     resume: bool = opt(False, "continue from the run directory's last checkpoint")

@@ -1,0 +1,370 @@
+"""`padd train`: the Phase B loop (SPEC §4). One step, top to bottom:
+
+    prompts -> G completions each -> rewards (padd.grade) -> group advantages
+    -> no-grad forward: π_old, rollout-time router log-scores and top-K
+    -> M mini-batch updates, each: student forward (+ Γ), teacher forward, loss, AdamW step,
+       routing-bias update (IV), Γ_step
+
+Every method of SPEC §4 is a setting of `Objective` on this same loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from tqdm.auto import tqdm
+
+from padd.config import TrainConfig, to_dict
+from padd.data import build_prompt, load_problems
+from padd.grade import grade
+from padd.io import atomic_save_dir, check_out_dir
+from padd.metrics import load_stats, router_shift
+from padd.phase_b.balance import BiasBalancer
+from padd.phase_b.losses import adaptive_kd_loss, group_advantages, pr_grpo_loss, routing_shift
+from padd.phase_b.rollout import Rollout, TransformersRollout
+from padd.routing import RouterRecorder, router_weights
+from padd.vocab import common_vocab_size
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one update optimises: the policy term (III or a baseline's), KD (II), the bias rule (IV)."""
+
+    policy: bool
+    level: str
+    lam: float
+    rspo_floor: float | None
+    kd_coef: float
+    eta: float
+    gamma: float
+
+
+def objective_of(cfg: TrainConfig) -> Objective:
+    """The method's objective, then the ablation switches on top."""
+    base = dict(policy=True, level="token", lam=0.0, rspo_floor=None, kd_coef=0.0, eta=cfg.eta, gamma=0.0)
+    if cfg.method == "padd":
+        base.update(lam=cfg.lam, kd_coef=cfg.kd_coef, gamma=cfg.gamma)
+    elif cfg.method == "gspo":
+        base.update(level="sequence")
+    elif cfg.method == "rspo":
+        base.update(rspo_floor=cfg.rspo_floor)
+    elif cfg.method == "online-kd":
+        base.update(policy=False, kd_coef=1.0)
+    elif cfg.method != "grpo":
+        raise ValueError(f"unknown method {cfg.method!r}")
+    if cfg.no_kd:
+        base["kd_coef"] = 0.0
+    if cfg.no_pr:
+        base["lam"] = 0.0
+    if cfg.no_reward_balance:
+        base["gamma"] = 0.0
+    if not base["policy"] and not base["kd_coef"]:
+        raise ValueError("online-kd without KD trains nothing: drop --no-kd")
+    return Objective(**base)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position: [B, T, V], [B, T] -> [B, T]."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def forward_completion(model, rollout: Rollout, device, vocab: int) -> torch.Tensor:
+    """Logits [N, C, vocab] predicting each completion token (positions from the attention mask)."""
+    mask = rollout.attention_mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(
+        input_ids=rollout.input_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=False
+    ).logits
+    n_prompt, n_comp = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    return logits[:, n_prompt - 1 : n_prompt + n_comp - 1, :vocab]
+
+
+def completion_routing(rec: RouterRecorder, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recorded router log-scores [L, N, C, E] and top-K [L, N, C, K] at the completion positions."""
+    n, width = rollout.input_ids.shape
+    logp, topk = rec.stacked((n, width))
+    n_prompt = rollout.prompt_ids.shape[1]
+    return logp[:, :, n_prompt:], topk[:, :, n_prompt:]
+
+
+class Trainer:
+    """Holds the models, optimizer, balancer and data of one `padd train` run."""
+
+    def __init__(self, cfg: TrainConfig, console: Console | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.console = cfg, console or Console()
+        self.objective = objective_of(cfg)
+        self.out = Path(cfg.out)
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        self.device = torch.device(cfg.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+        self.student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(self.device)
+        self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(self.device).eval()
+        # Before step 1: distillation over logits needs one vocabulary (SPEC §4 II).
+        self.vocab = common_vocab_size(
+            AutoTokenizer.from_pretrained(cfg.teacher),
+            self.tokenizer,
+            self.teacher.config.vocab_size,
+            self.student.config.vocab_size,
+        )
+        self.problems = load_problems(cfg.data, split="train", world_size=cfg.world_size, seed=cfg.seed)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
+        self.balancer = BiasBalancer(
+            self.student, eta=self.objective.eta, gamma=self.objective.gamma, clip=cfg.bias_clip, ema_decay=cfg.adv_ema
+        )
+        self.rollout = TransformersRollout(self.student, self.tokenizer)
+        self.batch = 0  # rollout batches done
+        self.opt_step = 0
+
+    # -- one rollout batch ------------------------------------------------------------------------
+
+    def _prompts(self) -> list:
+        """This batch's prompts: a seeded pass over the data, reshuffled each epoch."""
+        n, k = len(self.problems), self.cfg.prompts_per_step
+        epoch, offset = divmod(self.batch * k, n)
+        order = list(range(n))
+        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        picked = [order[(offset + i) % n] for i in range(k)]
+        return [self.problems[i] for i in picked]
+
+    def step(self) -> list[dict]:
+        """Run one rollout batch; returns one metrics row per optimizer step."""
+        cfg, dev = self.cfg, self.device
+        torch.manual_seed(cfg.seed * 1_000_003 + self.batch)  # sampling and routing ties, resumable by count
+        timer = {"generation": 0.0, "teacher": 0.0, "student": 0.0, "update": 0.0}
+        t0 = time.perf_counter()
+        problems = self._prompts()
+        rollout = self.rollout.generate(
+            [build_prompt(self.tokenizer, p.problem) for p in problems],
+            cfg.group_size,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        answers = [p.answer for p in problems for _ in range(cfg.group_size)]
+        rewards = torch.tensor([float(grade(t, a)) for t, a in zip(rollout.texts, answers, strict=True)])
+        advantages = group_advantages(rewards, cfg.group_size)
+        timer["generation"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with torch.no_grad(), RouterRecorder(self.student) as rec:
+            self.student.eval()
+            old_logp = token_logps(
+                forward_completion(self.student, rollout, dev, self.vocab), rollout.completion_ids.to(dev)
+            )
+            router_old, topk_old = completion_routing(rec, rollout)
+        timer["student"] += time.perf_counter() - t0
+
+        rows = []
+        n = len(rollout.texts)
+        order = torch.randperm(n)
+        for chunk in order.chunk(cfg.updates_per_batch):
+            rows.append(
+                self._update(
+                    rollout.select(chunk),
+                    old_logp[chunk],
+                    router_old[:, chunk],
+                    topk_old[:, chunk],
+                    advantages[chunk],
+                    timer,
+                )
+            )
+        self.batch += 1
+        comp_tokens = int(rollout.completion_mask.sum())
+        elapsed = sum(timer.values())
+        for row in rows:
+            row.update(
+                batch=self.batch,
+                reward_mean=float(rewards.mean()),
+                accuracy=float((rewards > 0).float().mean()),
+                completion_tokens=comp_tokens,
+                tokens_per_s=comp_tokens / max(elapsed, 1e-9),
+                **{f"time_{k}": round(v, 4) for k, v in timer.items()},
+            )
+        return rows
+
+    def _update(self, mb: Rollout, old_logp, router_old, topk_old, adv, timer) -> dict:
+        cfg, obj, dev = self.cfg, self.objective, self.device
+        mask = mb.completion_mask.to(dev).float()
+        adv = adv.to(dev)
+        prev_router = router_weights(self.student)
+
+        t0 = time.perf_counter()
+        self.student.train()
+        with RouterRecorder(self.student) as rec:
+            logits = forward_completion(self.student, mb, dev, self.vocab)
+            router_now, topk_now = completion_routing(rec, mb)
+        logp = token_logps(logits, mb.completion_ids.to(dev))
+        gamma_tok = routing_shift(router_now, router_old.to(dev), topk_old.to(dev), mask)
+        timer["student"] += time.perf_counter() - t0
+
+        terms: dict[str, torch.Tensor] = {}
+        stats: dict[str, float] = {}
+        if obj.policy:
+            terms["pg"], pg_stats = pr_grpo_loss(
+                logp,
+                old_logp.to(dev),
+                adv,
+                mask,
+                router_shift=gamma_tok,
+                lam=obj.lam,
+                eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high,
+                level=obj.level,
+                rspo_floor=obj.rspo_floor,
+            )
+            stats.update(pg_stats)
+        if obj.kd_coef:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                t_logits = forward_completion(self.teacher, mb, dev, self.vocab)
+            timer["teacher"] += time.perf_counter() - t0
+            kd, kd_stats = adaptive_kd_loss(logits, t_logits, adv, mask, tau=cfg.tau, t_min=cfg.t_min)
+            terms["kd"] = obj.kd_coef * kd
+            stats.update(kd_stats)
+        loss = sum(terms.values())
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"loss term {name!r} is {value.item()} at rollout batch {self.batch + 1}, optimizer step "
+                    f"{self.opt_step + 1}; the last good checkpoint is in {self.out / CHECKPOINT}"
+                )
+
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.opt_step += 1
+        token_mask = mask.reshape(-1)
+        token_adv = adv[:, None].expand_as(mask).reshape(-1)
+        bias = self.balancer.step(topk_now.reshape(topk_now.shape[0], -1, topk_now.shape[-1]), token_adv, token_mask)
+        balance = load_stats(bias.pop("load"))
+        timer["update"] += time.perf_counter() - t0
+        n_tok = mask.sum().clamp_min(1.0)
+        return {
+            "step": self.opt_step,
+            "loss": loss.item(),
+            **{f"loss_{k}": v.item() for k, v in terms.items()},
+            **stats,
+            "grad_norm": float(grad_norm),
+            "gamma_step": router_shift(prev_router, router_weights(self.student)),
+            "gamma_token_mean": float(gamma_tok.sum() / n_tok),
+            "load_cv": balance["cv"].tolist(),
+            "load_max_mean": balance["max_mean"].tolist(),
+            **bias,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Student, optimizer, scheduler, balancer and RNG states, written atomically."""
+
+        def write(tmp: Path) -> None:
+            self.student.save_pretrained(tmp / "student")
+            self.tokenizer.save_pretrained(tmp / "student")
+            torch.save(
+                {
+                    "batch": self.batch,
+                    "opt_step": self.opt_step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "balancer": self.balancer.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                },
+                tmp / "trainer_state.pt",
+            )
+
+        atomic_save_dir(self.out / CHECKPOINT, write)
+
+    def load_checkpoint(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        ckpt = self.out / CHECKPOINT
+        if not (ckpt / "trainer_state.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; start without --resume")
+        self.student = AutoModelForCausalLM.from_pretrained(ckpt / "student", dtype=torch.float32).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.balancer = BiasBalancer(
+            self.student,
+            eta=self.objective.eta,
+            gamma=self.objective.gamma,
+            clip=self.cfg.bias_clip,
+            ema_decay=self.cfg.adv_ema,
+        )
+        self.balancer.load_state_dict(state["balancer"])
+        self.rollout.sync_weights(self.student)
+        self.batch, self.opt_step = state["batch"], state["opt_step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+
+def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
+    """Train for cfg.steps rollout batches; returns the run directory."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    console = console or Console()
+    out = Path(cfg.out)
+    if not cfg.resume:
+        check_out_dir(out, cfg.overwrite)
+    trainer = Trainer(cfg, console)
+    metrics_file = out / "metrics.jsonl"
+    if cfg.resume:
+        trainer.load_checkpoint()
+        # Rows logged after the checkpoint belong to the lost part of the run: drop them.
+        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["batch"] <= trainer.batch]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # check_out_dir allowed it: absent, empty or --overwrite
+        out.mkdir(parents=True)
+        metrics_file.write_text("")
+    (out / "train_config.json").write_text(
+        json.dumps({**to_dict(cfg), "objective": asdict(trainer.objective)}, indent=1)
+    )
+    writer = SummaryWriter(str(out / "tensorboard"))
+    bar = tqdm(total=cfg.steps, initial=trainer.batch, desc=f"train {cfg.method}", disable=not cfg.progress)
+    with metrics_file.open("a") as log:
+        while trainer.batch < cfg.steps:
+            for row in trainer.step():
+                log.write(json.dumps(row) + "\n")
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key not in ("step", "batch"):
+                        writer.add_scalar(key, value, row["step"])
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", gamma=f"{row['gamma_step']:.2e}")
+            if cfg.save_every and trainer.batch % cfg.save_every == 0:
+                trainer.save_checkpoint()
+    bar.close()
+    writer.close()
+    trainer.save_checkpoint()
+
+    def write(tmp: Path) -> None:
+        trainer.student.save_pretrained(tmp)
+        trainer.tokenizer.save_pretrained(tmp)
+
+    atomic_save_dir(out / "student", write)
+    console.print(
+        f"train {cfg.method}: {trainer.batch} rollout batches, {trainer.opt_step} optimizer steps; "
+        f"student in {out / 'student'}, metrics in {metrics_file}"
+    )
+    return out
