@@ -35,6 +35,33 @@ def test_world_specs():
     assert {p.skill for p in load_problems("world", split="train", world_size=3)} == set(SKILLS)
 
 
+def test_world_export_reads_back_through_the_loaders(tmp_path):
+    from padd.cli import main
+
+    assert (
+        main(
+            [
+                "world",
+                "--out",
+                str(tmp_path),
+                "--skills",
+                "world:add+word",
+                "--train-per-skill",
+                "30",
+                "--test-per-skill",
+                "10",
+            ]
+        )
+        == 0
+    )
+    train = load_problems(str(tmp_path / "train.jsonl"))
+    test = load_problems(str(tmp_path / "test.jsonl"))
+    assert len(train) == 60 and len(test) == 20 and not {p.problem for p in train} & {p.problem for p in test}
+    assert [p.answer for p in load_problems(str(tmp_path / "test" / "word.jsonl"))] == [
+        r["answer"] for r in generate("word", "test", 10)
+    ]
+
+
 def write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

@@ -14,6 +14,7 @@ from padd.config import (
     TeacherConfig,
     TrainConfig,
     WarmupConfig,
+    WorldConfig,
     add_config_arguments,
     load_config,
 )
@@ -59,10 +60,19 @@ def _train(cfg: TrainConfig) -> None:
     run_train(cfg)
 
 
+def _world(cfg: WorldConfig) -> None:
+    from padd.world.tasks import export_world
+
+    counts = export_world(cfg.out, cfg.skills, cfg.train_per_skill, cfg.test_per_skill, cfg.seed)
+    for name, n in counts.items():
+        print(f"{n:7d}  {cfg.out}/{name}")
+
+
 # name -> (config class, recipe, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, _demo, "the end-to-end run on the built-in miniature setting"),
     "decompose": (DecomposeConfig, _decompose, "Stage I: cluster a dense teacher's FFN neurons into a Glm4Moe student"),
+    "world": (WorldConfig, _world, "write the miniature world's splits as JSONL"),
     "teacher": (TeacherConfig, _teacher, "train a small dense teacher on the miniature world"),
     "warmup": (WarmupConfig, _warmup, "Stage I warm-up: experts behind a frozen uniform router, then router init"),
     "train": (TrainConfig, _train, "Phase B: PADD (or a baseline) on verifiable problems"),

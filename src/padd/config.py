@@ -250,3 +250,14 @@ class TrainConfig:
     seed: int = opt(0, "seed of prompt order, sampling and routing ties")
     overwrite: bool = opt(False, "replace an existing run directory (without --resume)")
     progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class WorldConfig:
+    """`padd world`: write the miniature world's train and test splits as JSONL."""
+
+    out: str = req("output directory: train.jsonl, test.jsonl and test/SKILL.jsonl")
+    skills: str = opt("world", "world or world:SKILL[+SKILL...]")
+    train_per_skill: int = opt(2000, "train problems per skill (fewer where a skill's space is smaller)")
+    test_per_skill: int = opt(200, "test problems per skill")
+    seed: int = opt(0, "seed of the generator")

@@ -177,3 +177,25 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def export_world(
+    out: str | Path, spec: str = "world", train_per_skill: int = 2000, test_per_skill: int = 200, seed: int = 0
+) -> dict[str, int]:
+    """Write train.jsonl, test.jsonl and test/SKILL.jsonl under `out`; returns rows written per file."""
+    skills = parse_world_spec(spec)
+    if skills is None:
+        raise ValueError(f"{spec!r} is not a world name (world or world:SKILL)")
+    out = Path(out)
+    counts = {}
+    train = [r for s in skills for r in generate(s, "train", train_per_skill, seed, allow_fewer=True)]
+    counts["train.jsonl"] = len(write_jsonl(train, out / "train.jsonl").read_text().splitlines())
+    test_all = []
+    for s in skills:
+        rows = generate(s, "test", test_per_skill, seed, allow_fewer=True)
+        write_jsonl(rows, out / "test" / f"{s}.jsonl")
+        counts[f"test/{s}.jsonl"] = len(rows)
+        test_all += rows
+    write_jsonl(test_all, out / "test.jsonl")
+    counts["test.jsonl"] = len(test_all)
+    return counts
