@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from padd.config import to_dict
 from padd.data import build_prompt, load_problems
 from padd.flops import forward_flops_per_token
 from padd.grade import grade
+from padd.phase_b.rollout import TransformersRollout
 
 DEFAULT_BENCHES = ("world:add", "world:sub", "world:mul", "world:expr", "world:word", "world:reverse")
 
@@ -29,7 +28,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -45,41 +43,12 @@ def generate(
     """`num_samples` completions per prompt (greedy when temperature == 0), left-padded batches, KV cache.
 
     Returns:
-        completions[i][j]: the j-th completion of prompt i, decoded without special tokens.
+        completions[i][j]: the j-th completion of prompt i, decoded up to its first EOS.
     """
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    flat = [p for p in prompts for _ in range(num_samples)]
-    out: list[str] = []
     torch.manual_seed(seed)
-    bar = tqdm(total=len(flat), desc="generate", unit="seq", disable=not progress)
-    new_tokens, start = 0, time.perf_counter()
-    for i in range(0, len(flat), batch_size):
-        enc = tokenizer(flat[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(
-            device
-        )
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-            if temperature > 0
-            else {"do_sample": False}
-        )
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            **sampling,
-        )
-        completion_ids = gen[:, enc["input_ids"].shape[1] :]
-        new_tokens += int((completion_ids != tokenizer.pad_token_id).sum())
-        out.extend(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
-        bar.update(len(completion_ids))
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
-    bar.close()
-    return [out[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+    backend = TransformersRollout(model, tokenizer, batch_size=batch_size, progress=progress)
+    texts = backend.generate(prompts, num_samples, temperature=temperature, max_new_tokens=max_new_tokens).texts
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
 def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:

@@ -6,10 +6,12 @@ a vLLM backend implements the same two methods.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -61,8 +63,8 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_id: int, pad_id: int)
 class TransformersRollout:
     """Sampling with `model.generate` on the training model (weights are always in sync)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 64):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -79,6 +81,8 @@ class TransformersRollout:
         was_training = model.training
         model.eval()
         chunks = []
+        bar = tqdm(total=len(flat), desc="generate", unit="seq", disable=not self.progress)
+        new_tokens, start = 0, time.perf_counter()
         for i in range(0, len(flat), self.batch_size):
             ids = enc["input_ids"][i : i + self.batch_size].to(device)
             mask = enc["attention_mask"][i : i + self.batch_size].to(device)
@@ -94,6 +98,10 @@ class TransformersRollout:
                 **sampling,
             )
             chunks.append(out[:, ids.shape[1] :].cpu())
+            new_tokens += int(completion_mask_from(chunks[-1], tok.eos_token_id, tok.pad_token_id).sum())
+            bar.update(len(ids))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+        bar.close()
         model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         completion = torch.cat(
