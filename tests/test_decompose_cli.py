@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import padd
 from padd.cli import main
 
 
@@ -16,11 +17,7 @@ def run(*argv):
 
 
 def decompose(teacher, corpus, out, **flags):
-    """`padd decompose` with flags given as keywords: top_k=2 -> --top-k 2."""
-    argv = ["--teacher", teacher, "--corpus", corpus, "--out", out]
-    for name, value in flags.items():
-        argv += ["--" + name.replace("_", "-"), value]
-    return run(*argv)
+    return padd("decompose", teacher=teacher, corpus=corpus, out=out, progress=False, **flags)
 
 
 @pytest.fixture(scope="module")

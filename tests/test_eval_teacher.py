@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from helpers import padd
 from padd.cli import main
 from padd.eval import pass_at_k
 
@@ -29,45 +30,21 @@ def test_pass_at_k_rejects_bad_counts():
 def test_teacher_then_eval_end_to_end(tmp_path):
     teacher = tmp_path / "teacher"
     assert (
-        main(
-            [
-                "teacher",
-                "--preset",
-                "tiny",
-                "--out",
-                str(teacher),
-                "--steps",
-                "3",
-                "--train-per-skill",
-                "50",
-                "--eval-per-skill",
-                "2",
-                "--no-progress",
-            ]
-        )
-        == 0
+        padd("teacher", preset="tiny", out=teacher, steps=3, train_per_skill=50, eval_per_skill=2, progress=False) == 0
     )
     record = json.loads((teacher / "padd_teacher.json").read_text())
     assert set(record["pass@1"]) == {"add", "sub", "mul", "expr", "word", "reverse"}
     out = tmp_path / "eval.json"
     assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(teacher),
-                "--bench",
-                "world:add,world:reverse",
-                "--world-size",
-                "3",
-                "--samples",
-                "2",
-                "--max-new-tokens",
-                "8",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
+        padd(
+            "eval",
+            model=teacher,
+            bench="world:add,world:reverse",
+            world_size=3,
+            samples=2,
+            max_new_tokens=8,
+            out=out,
+            progress=False,
         )
         == 0
     )
@@ -82,44 +59,28 @@ def test_teacher_then_eval_end_to_end(tmp_path):
     # The same evaluation serves an MoE student decomposed from that teacher on the world corpus.
     student = tmp_path / "student"
     assert (
-        main(
-            [
-                "decompose",
-                "--teacher",
-                str(teacher),
-                "--corpus",
-                "world",
-                "--experts",
-                "8",
-                "--top-k",
-                "2",
-                "--out",
-                str(student),
-                "--tokens",
-                "512",
-                "--seq-len",
-                "64",
-                "--no-progress",
-            ]
+        padd(
+            "decompose",
+            teacher=teacher,
+            corpus="world",
+            experts=8,
+            top_k=2,
+            out=student,
+            tokens=512,
+            seq_len=64,
+            progress=False,
         )
         == 0
     )
     assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(student),
-                "--bench",
-                "world:mul",
-                "--world-size",
-                "2",
-                "--max-new-tokens",
-                "8",
-                "--out",
-                str(tmp_path / "student.json"),
-                "--no-progress",
-            ]
+        padd(
+            "eval",
+            model=student,
+            bench="world:mul",
+            world_size=2,
+            max_new_tokens=8,
+            out=tmp_path / "student.json",
+            progress=False,
         )
         == 0
     )

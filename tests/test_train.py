@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import padd
 from padd.cli import main
 from padd.config import TrainConfig
 from padd.phase_b.loop import objective_of
@@ -35,29 +36,8 @@ FAST = [
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, llama_teacher, corpus_file):
     out = tmp_path_factory.mktemp("train") / "student"
-    assert (
-        main(
-            [
-                "decompose",
-                "--teacher",
-                str(llama_teacher),
-                "--corpus",
-                str(corpus_file),
-                "--experts",
-                "4",
-                "--top-k",
-                "2",
-                "--out",
-                str(out),
-                "--tokens",
-                "512",
-                "--seq-len",
-                "64",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=512, seq_len=64)
+    assert padd("decompose", out=out, progress=False, **flags) == 0
     return out
 
 

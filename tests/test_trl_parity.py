@@ -30,10 +30,20 @@ class _Accelerator:
 def trl_loss(logp, old_logp, advantages, mask, level, eps_low, eps_high):
     fake = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level=level, beta=0.0, loss_type="bnpo", epsilon_low=eps_low, epsilon_high=eps_high,
-        use_vllm=False, model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)), accelerator=_Accelerator(),
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=level,
+        beta=0.0,
+        loss_type="bnpo",
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=_Accelerator(),
         args=SimpleNamespace(delta=None, use_bias_correction_kl=False),
     )
     inputs = {

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import padd
 from padd.cli import main
 from padd.routing import moe_gates
 
@@ -13,29 +14,8 @@ from padd.routing import moe_gates
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, qwen2_teacher, corpus_file):
     out = tmp_path_factory.mktemp("warm") / "student"
-    assert (
-        main(
-            [
-                "decompose",
-                "--teacher",
-                str(qwen2_teacher),
-                "--corpus",
-                str(corpus_file),
-                "--experts",
-                "4",
-                "--top-k",
-                "2",
-                "--out",
-                str(out),
-                "--tokens",
-                "1024",
-                "--seq-len",
-                "64",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    flags = dict(teacher=qwen2_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=1024, seq_len=64)
+    assert padd("decompose", out=out, progress=False, **flags) == 0
     return out
 
 
