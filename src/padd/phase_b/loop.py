@@ -119,14 +119,19 @@ class Trainer:
             self.student.config.vocab_size,
         )
         self.problems = load_problems(cfg.data, split="train", world_size=cfg.world_size, seed=cfg.seed)
+        self._attach_training_state()
+        self.rollout = TransformersRollout(self.student, self.tokenizer)
+        self.batch = 0  # rollout batches done
+        self.opt_step = 0
+
+    def _attach_training_state(self) -> None:
+        """Optimizer, warm-up scheduler and bias balancer bound to the current student."""
+        cfg = self.cfg
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
         self.balancer = BiasBalancer(
             self.student, eta=self.objective.eta, gamma=self.objective.gamma, clip=cfg.bias_clip, ema_decay=cfg.adv_ema
         )
-        self.rollout = TransformersRollout(self.student, self.tokenizer)
-        self.batch = 0  # rollout batches done
-        self.opt_step = 0
 
     # -- one rollout batch ------------------------------------------------------------------------
 
@@ -297,20 +302,10 @@ class Trainer:
         if not (ckpt / "trainer_state.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; start without --resume")
         self.student = AutoModelForCausalLM.from_pretrained(ckpt / "student", dtype=torch.float32).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.student.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
+        self._attach_training_state()
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.balancer = BiasBalancer(
-            self.student,
-            eta=self.objective.eta,
-            gamma=self.objective.gamma,
-            clip=self.cfg.bias_clip,
-            ema_decay=self.cfg.adv_ema,
-        )
         self.balancer.load_state_dict(state["balancer"])
         self.rollout.sync_weights(self.student)
         self.batch, self.opt_step = state["batch"], state["opt_step"]
