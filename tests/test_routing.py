@@ -43,6 +43,17 @@ def test_recorder_can_keep_the_graph(llama_teacher):
     assert moe_gates(student)[0].weight.grad is not None
 
 
+def test_log_scores_under_own_weights_reproduce_the_recording(llama_teacher):
+    student = tiny_student(llama_teacher)
+    with torch.no_grad(), RouterRecorder(student, keep_inputs=True) as rec:
+        student(torch.randint(0, 100, (2, 6)))
+        logp, _ = rec.stacked((2, 6))
+        same = rec.log_scores_under(router_weights(student), (2, 6))
+        zero = rec.log_scores_under([torch.zeros_like(w) for w in router_weights(student)], (2, 6))
+    torch.testing.assert_close(same, logp)
+    torch.testing.assert_close(zero, torch.full_like(zero, -torch.log(torch.tensor(4.0)).item()))
+
+
 def test_router_log_scores_normalise_sigmoids():
     z = torch.tensor([[0.0, 1.0, -1.0]])
     s = torch.sigmoid(z)

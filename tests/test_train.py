@@ -98,6 +98,19 @@ def test_every_method_runs_on_the_same_loop(tmp_path, student, llama_teacher, me
     assert list((run / "tensorboard").iterdir())
 
 
+def test_gamma_anchor_previous_sees_the_last_step_in_on_policy_runs(tmp_path, student, llama_teacher):
+    """With one update per batch the rollout-time router is the current one, so Γ is 0 against it;
+    anchored on the router before the last optimizer step, Γ measures that step's shift."""
+    flags = ("--steps", "3", "--updates-per-batch", "1", "--lr", "1e-2", "--method", "padd")
+    assert train(student, llama_teacher, tmp_path / "rollout", *flags) == 0
+    assert train(student, llama_teacher, tmp_path / "prev", *flags, "--gamma-anchor", "previous") == 0
+    rollout, prev = rows(tmp_path / "rollout"), rows(tmp_path / "prev")
+    assert all(r["gamma_token_mean"] < 1e-6 for r in rollout)
+    assert prev[0]["gamma_token_mean"] < 1e-6  # no step before the first
+    moved = [r for r, before in zip(prev[1:], prev, strict=False) if before["gamma_step"] > 0]
+    assert moved and all(r["gamma_token_mean"] > 1e-6 for r in moved)
+
+
 def comparable(log):
     volatile = ("tokens_per_s",)
     return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in volatile} for r in log]

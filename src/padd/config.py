@@ -240,6 +240,12 @@ class TrainConfig:
     bias_clip: float = opt(1.0, "bound of |routing bias|")
     adv_ema: float = opt(0.9, "EMA decay of the per-expert advantage m_e")
     rspo_floor: float = opt(0.5, "RSPO: floor of its exp(-Γ) weight (method rspo only)")
+    gamma_anchor: str = opt(
+        "rollout",
+        "router Γ is measured against: the rollout-time router, or the router before the last optimizer "
+        "step (for strictly on-policy runs)",
+        choices=("rollout", "previous"),
+    )
     no_kd: bool = opt(False, "ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "ablation: drop III's damping (λ = 0)")
     no_reward_balance: bool = opt(False, "ablation: drop IV's reward term (γ = 0, plain balancing)")

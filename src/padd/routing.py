@@ -48,25 +48,32 @@ class RouterRecorder:
     """Record every MoE layer's router output during forwards (a context manager).
 
     After a forward over [B, T] tokens, `logits` holds one [B*T, E] float32 tensor per layer (the raw
-    router logits, before the selection bias) and `topk` one [B*T, K] tensor of selected experts.
+    router logits, before the selection bias) and `topk` one [B*T, K] tensor of selected experts;
+    with `keep_inputs`, `inputs` holds each router's input [B*T, H] (detached), so that log-scores
+    under other router weights can be computed (`log_scores_under`).
     Recording keeps the autograd graph of the logits only when `keep_grad` is set.
     """
 
-    def __init__(self, model: torch.nn.Module, keep_grad: bool = False):
+    def __init__(self, model: torch.nn.Module, keep_grad: bool = False, keep_inputs: bool = False):
         self.gates = moe_gates(model)
         self.keep_grad = keep_grad
+        self.keep_inputs = keep_inputs
         self.logits: list[torch.Tensor] = []
         self.topk: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] = []
         self._handles: list = []
 
     def _hook(self, gate, inputs, output):
         logits, _, indices = output
         self.logits.append(logits if self.keep_grad else logits.detach())
         self.topk.append(indices.detach())
+        if self.keep_inputs:
+            self.inputs.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
 
     def clear(self) -> None:
         self.logits.clear()
         self.topk.clear()
+        self.inputs.clear()
 
     def __enter__(self) -> RouterRecorder:
         self.clear()
@@ -88,6 +95,15 @@ class RouterRecorder:
         logp = torch.stack([router_log_scores(lg) for lg in self.logits]).view(n_layers, *batch_shape, -1)
         topk = torch.stack(self.topk).view(n_layers, *batch_shape, -1)
         return logp, topk
+
+
+    def log_scores_under(self, weights: list[torch.Tensor], batch_shape: tuple[int, int]) -> torch.Tensor:
+        """log normalised scores [L, B, T, E] that routers with `weights` ([E, H] per layer) would give
+        the recorded inputs (needs keep_inputs)."""
+        if len(self.inputs) != len(weights):
+            raise RuntimeError("log_scores_under needs one recorded forward with keep_inputs=True")
+        logp = [router_log_scores(h.float() @ w.float().T) for h, w in zip(self.inputs, weights, strict=True)]
+        return torch.stack(logp).view(len(weights), *batch_shape, -1)
 
 
 def router_log_scores(logits: torch.Tensor) -> torch.Tensor:

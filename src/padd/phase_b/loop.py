@@ -123,6 +123,7 @@ class Trainer:
         self.rollout = TransformersRollout(self.student, self.tokenizer)
         self.batch = 0  # rollout batches done
         self.opt_step = 0
+        self.anchor_router = router_weights(self.student)  # the router before the last optimizer step
 
     def _attach_training_state(self) -> None:
         """Optimizer, warm-up scheduler and bias balancer bound to the current student."""
@@ -207,9 +208,13 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.student.train()
-        with RouterRecorder(self.student) as rec:
+        anchored = cfg.gamma_anchor == "previous"
+        with RouterRecorder(self.student, keep_inputs=anchored) as rec:
             logits = forward_completion(self.student, mb, dev, self.vocab)
             router_now, topk_now = completion_routing(rec, mb)
+            if anchored:  # Γ against the router one optimizer step ago, on this forward's router inputs
+                router_old = rec.log_scores_under(self.anchor_router, tuple(mb.input_ids.shape))
+                router_old = router_old[:, :, mb.prompt_ids.shape[1] :]
         logp = token_logps(logits, mb.completion_ids.to(dev))
         gamma_tok = routing_shift(router_now, router_old.to(dev), topk_old.to(dev), mask)
         timer["student"] += time.perf_counter() - t0
@@ -253,6 +258,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.opt_step += 1
+        self.anchor_router = prev_router
         token_mask = mask.reshape(-1)
         token_adv = adv[:, None].expand_as(mask).reshape(-1)
         bias = self.balancer.step(topk_now.reshape(topk_now.shape[0], -1, topk_now.shape[-1]), token_adv, token_mask)
@@ -288,6 +294,7 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "balancer": self.balancer.state_dict(),
+                    "anchor_router": self.anchor_router,
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 },
                 tmp / "trainer_state.pt",
@@ -309,6 +316,7 @@ class Trainer:
         self.balancer.load_state_dict(state["balancer"])
         self.rollout.sync_weights(self.student)
         self.batch, self.opt_step = state["batch"], state["opt_step"]
+        self.anchor_router = [w.to(self.device) for w in state["anchor_router"]]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
 
