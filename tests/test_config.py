@@ -3,6 +3,7 @@ import argparse
 import pytest
 
 from padd.config import ConfigError, DecomposeConfig, add_config_arguments, load_config
+from padd.study import load_study
 
 
 def parse(argv):
@@ -40,6 +41,22 @@ def test_every_field_has_help():
     assert all(f.metadata.get("help") for f in dataclasses.fields(DecomposeConfig))
 
 
+def test_built_in_study_presets_load_and_reject_unknown_keys(tmp_path):
+    for name in ("tiny", "mini"):
+        study = load_study(name)
+        assert study.teacher == name and study.train["steps"] > 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: tiny\ntrain: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match="train cannot set \\['stepz'\\]"):
+        load_study(str(bad))
+    bad.write_text("teachr: tiny\n")
+    with pytest.raises(ConfigError, match="unknown study keys"):
+        load_study(str(bad))
+    bad.write_text("teacher: tiny\ndecompose: {out: x}\n")
+    with pytest.raises(ConfigError, match="decompose cannot set"):
+        load_study(str(bad))
+
+
 def test_shipped_presets_load():
     """Every preset in configs/ is named after its command and loads into that command's config."""
     from pathlib import Path
@@ -50,6 +67,10 @@ def test_shipped_presets_load():
     assert presets
     required = {"teacher": "t", "student": "s", "corpus": "c", "data": "d", "out": "o"}
     for preset in presets:
+        if preset.stem.startswith("study-"):
+            study = load_study(str(preset))
+            assert study.decompose["experts"] >= study.decompose["top_k"] >= 1
+            continue
         cls = COMMANDS[preset.stem.split("-")[0]][0]
         names = {f.name for f in __import__("dataclasses").fields(cls)}
         cfg = load_config(cls, {"config": preset, **{k: v for k, v in required.items() if k in names}})

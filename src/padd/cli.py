@@ -11,6 +11,7 @@ from padd.config import (
     DecomposeConfig,
     DemoConfig,
     EvalConfig,
+    ReproduceConfig,
     TeacherConfig,
     TrainConfig,
     WarmupConfig,
@@ -42,6 +43,12 @@ def _eval(cfg: EvalConfig) -> None:
     run_eval(cfg)
 
 
+def _reproduce(cfg: ReproduceConfig) -> None:
+    from padd.study import run_reproduce
+
+    run_reproduce(cfg)
+
+
 def _teacher(cfg: TeacherConfig) -> None:
     from padd.world.teacher import train_teacher
 
@@ -70,7 +77,8 @@ def _world(cfg: WorldConfig) -> None:
 
 # name -> (config class, recipe, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
-    "demo": (DemoConfig, _demo, "the end-to-end run on the built-in miniature setting"),
+    "demo": (DemoConfig, _demo, "the end-to-end study on the miniature world (reproduce tiny, main rows)"),
+    "reproduce": (ReproduceConfig, _reproduce, "the paper's study: every method and ablation, with a report"),
     "decompose": (DecomposeConfig, _decompose, "Stage I: cluster a dense teacher's FFN neurons into a Glm4Moe student"),
     "world": (WorldConfig, _world, "write the miniature world's splits as JSONL"),
     "teacher": (TeacherConfig, _teacher, "train a small dense teacher on the miniature world"),

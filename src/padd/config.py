@@ -137,12 +137,11 @@ class DecomposeConfig:
 
 @dataclass
 class DemoConfig:
-    """`padd demo`: the end-to-end run on the built-in miniature setting."""
+    """`padd demo`: `padd reproduce --preset tiny` with one seed and the main rows, into one folder."""
 
-    out: str = opt("runs/demo", "run directory")
-    seed: int = opt(0, "seed of every stage")
-    eval_per_skill: int = opt(50, "test problems per world skill in each evaluation")
-    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
+    out: str = opt("runs/demo", "run directory (running again continues an interrupted demo)")
+    eval_per_skill: int | None = opt(None, "test problems per world skill in each evaluation (default: the preset's)")
+    overwrite: bool = opt(False, "delete an existing run directory and start anew")
     progress: bool = opt(True, "show progress bars")
 
 
@@ -170,6 +169,25 @@ class EvalConfig:
 
 
 @dataclass
+class ReproduceConfig:
+    """`padd reproduce`: teacher, Stage I, warm-up, every method and ablation, evaluation and report."""
+
+    preset: str = req("study preset: tiny, mini, or a study YAML file (see configs/study-*.yaml)")
+    out: str = req("run directory; running again into it continues and skips finished cells")
+    seeds: int = opt(3, "Phase B seeds per method (the teacher, Stage I and warm-up are shared)")
+    methods: str = opt("all", "Table 1 rows: comma-separated of base,grpo,gspo,rspo,online-kd,padd, or all")
+    ablations: str = opt(
+        "all", "ablation rows: comma-separated of no-stage1,no-kd,no-pr,no-balance,no-kd-pr-balance, all or none"
+    )
+    teacher: str | None = opt(None, "use this teacher checkpoint instead of the preset's")
+    steps: int | None = opt(None, "Phase B rollout batches per run (default: the preset's)")
+    eval_per_skill: int | None = opt(None, "world test problems per skill in each evaluation (default: the preset's)")
+    device: str = opt("cpu", "device of every stage", choices=("cpu", "cuda"))
+    overwrite: bool = opt(False, "delete an existing run directory and start anew")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
 class TeacherConfig:
     """`padd teacher`: train a small dense teacher from scratch on the miniature world."""
 
@@ -177,7 +195,7 @@ class TeacherConfig:
     preset: str = opt("tiny", "model size and training budget", choices=("tiny", "mini"))
     steps: int | None = opt(None, "optimizer steps (default: the preset's)")
     train_per_skill: int | None = opt(None, "training problems per skill (default: the preset's)")
-    eval_per_skill: int = opt(100, "test problems per skill for the final Pass@1")
+    eval_per_skill: int = opt(100, "test problems per skill for the final Pass@1 (0: skip it)")
     device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
     seed: int = opt(0, "seed of the data, the initialisation and the batches")
     overwrite: bool = opt(False, "replace an existing non-empty --out directory")

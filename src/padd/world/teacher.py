@@ -148,7 +148,9 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
         seed=cfg.seed,
         progress=cfg.progress,
     )
-    scores = {s: evaluate_bench(model, tokenizer, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
+    scores = {}
+    if cfg.eval_per_skill > 0:
+        scores = {s: evaluate_bench(model, tokenizer, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
     record = {
         "preset": cfg.preset,
         "steps": steps,
@@ -159,10 +161,11 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
         "seed": cfg.seed,
     }
     (out / "padd_teacher.json").write_text(json.dumps(record, indent=1))
-    table = Table(title=f"teacher {cfg.preset}: greedy Pass@1 on {cfg.eval_per_skill} test problems per skill")
-    for s in SKILLS:
-        table.add_column(s, justify="right")
-    table.add_row(*(f"{100 * scores[s]:.1f}" for s in SKILLS))
-    console.print(table)
+    if scores:
+        table = Table(title=f"teacher {cfg.preset}: greedy Pass@1 on {cfg.eval_per_skill} test problems per skill")
+        for s in SKILLS:
+            table.add_column(s, justify="right")
+        table.add_row(*(f"{100 * scores[s]:.1f}" for s in SKILLS))
+        console.print(table)
     console.print(f"trained {steps} steps in {train_s:.0f}s, written to {out}")
     return record

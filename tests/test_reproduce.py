@@ -1,0 +1,110 @@
+"""`padd reproduce` on a micro study: every cell runs, the report is filled from the run's files, a
+rerun skips finished cells, and bad settings fail clearly."""
+
+import json
+import re
+
+import pytest
+
+from helpers import padd
+
+MICRO = """
+teacher: {teacher}
+corpus: world
+data: world:add
+benches: world:add,world:sub
+broad: world:reverse
+analysis_tokens: 256
+decompose: {{experts: 4, top_k: 2, tokens: 512, seq_len: 64}}
+warmup: {{tokens: 512, seq_len: 64, batch_size: 4, lr: 1.0e-3, router_tokens: 256}}
+train: {{steps: 2, prompts_per_step: 2, group_size: 2, max_new_tokens: 6, world_size: 10, save_every: 1}}
+eval: {{world_size: 3, max_new_tokens: 6, batch_size: 8}}
+"""
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory, llama_teacher):
+    root = tmp_path_factory.mktemp("study")
+    preset = root / "micro.yaml"
+    preset.write_text(MICRO.format(teacher=llama_teacher))
+    run = root / "run"
+    flags = dict(preset=preset, out=run, seeds=2, methods="base,grpo,padd", ablations="no-stage1,no-kd")
+    assert padd("reproduce", progress=False, **flags) == 0
+    return run, flags
+
+
+def _cell_value(report: str, row_label: str, column: int) -> str:
+    line = next(x for x in report.splitlines() if x.startswith(f"| {row_label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][column]
+
+
+def test_every_cell_ran_and_the_tables_come_from_the_run_files(study_run):
+    run, _ = study_run
+    cells = json.loads((run / "cells.json").read_text())
+    for name in ("stage1-cluster", "stage1-random", "warmup-cluster", "warmup-random", "eval/teacher", "eval/base"):
+        assert name in cells
+    for row in ("grpo", "padd", "no-stage1", "no-kd"):
+        for seed in (0, 1):
+            assert f"train/{row}-s{seed}" in cells and f"eval/{row}-s{seed}" in cells
+            assert (run / "train" / f"{row}-s{seed}" / "student" / "config.json").exists()
+    assert cells["stage1-cluster"]["result"]["max_logit_gap_all_experts"] < 1e-4
+
+    report = (run / "report.md").read_text()
+    for section in ("Table 1", "Ablations", "Broad skills", "Expert specialisation", "Routing stability", "claims"):
+        assert section in report
+    for plot in ("gamma", "rewards", "load", "nmi_esi", "pass_vs_flops"):
+        assert (run / "plots" / f"{plot}.png").stat().st_size > 1000
+        assert f"plots/{plot}.png" in report
+
+    # Table 1's PADD cell on world:add is the mean ± std of the two seeds' eval files
+    scores = [
+        100 * json.loads((run / "eval" / f"padd-s{s}.json").read_text())["benchmarks"]["world:add"]["pass@1"]
+        for s in (0, 1)
+    ]
+    mean, std = sum(scores) / 2, abs(scores[0] - scores[1]) / 2**0.5
+    assert _cell_value(report, "PADD", 1).strip("*") == f"{mean:.1f} ± {std:.1f}"
+    teacher = json.loads((run / "eval" / "teacher.json").read_text())
+    math_avg = sum(100 * teacher["benchmarks"][b]["pass@1"] for b in ("world:add", "world:sub")) / 2
+    assert _cell_value(report, "Teacher (dense)", 3).strip("*") == f"{math_avg:.1f}"
+    # FLOPs relative to the teacher, from the eval files
+    padd_flops = json.loads((run / "eval" / "padd-s0.json").read_text())["flops_per_token@1024"]
+    assert _cell_value(report, "PADD", 4) == f"{padd_flops / teacher['flops_per_token@1024']:.2f}"
+    # NMI of the cluster-init student, from its analysis file
+    nmi = json.loads((run / "analysis" / "cluster.json").read_text())["nmi"]
+    assert re.search(rf"\| cluster \| {nmi:.3f} \|", report)
+    # Γ_step mean of GRPO, from its metrics
+    gammas = [
+        json.loads(x)["gamma_step"]
+        for s in (0, 1)
+        for x in (run / "train" / f"grpo-s{s}" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert f"| Vanilla GRPO | " in report and f"{sum(gammas) / len(gammas):.3g}" in report
+
+
+def test_rerun_skips_finished_cells_and_redoes_a_lost_one(study_run, capsys):
+    run, flags = study_run
+    cells_file = run / "cells.json"
+    cells = json.loads(cells_file.read_text())
+    del cells["eval/padd-s1"]  # as if the run was killed while evaluating it
+    (run / "eval" / "padd-s1.json").unlink()
+    cells_file.write_text(json.dumps(cells))
+    before = (run / "eval" / "grpo-s0.json").stat().st_mtime_ns
+    assert padd("reproduce", progress=False, **flags) == 0
+    out = capsys.readouterr().out
+    assert "✓ train/padd-s1 (done" in out and "✓ eval/grpo-s0 (done" in out
+    assert (run / "eval" / "padd-s1.json").exists()
+    assert (run / "eval" / "grpo-s0.json").stat().st_mtime_ns == before
+
+
+def test_bad_settings_fail_clearly(tmp_path, study_run, capsys):
+    run, flags = study_run
+    assert padd("reproduce", **{**flags, "methods": "base,ppo"}) == 2
+    assert "unknown ['ppo']" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text(MICRO.format(teacher=tmp_path / "missing"))
+    assert padd("reproduce", preset=other, out=tmp_path / "r") == 2
+    assert "does not exist" in capsys.readouterr().err
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(flags["preset"].read_text().replace("steps: 2", "steps: 3"))
+    assert padd("reproduce", **{**flags, "preset": changed}) == 2
+    assert "other settings" in capsys.readouterr().err
