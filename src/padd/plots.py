@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,8 +27,9 @@ def gamma_curves(curves: dict[str, np.ndarray], labels: dict[str, str], path: Pa
 
     curves: row -> [seeds, steps] Γ_step.
     """
-    fig, ax = plt.subplots(figsize=(7, 4))
-    inset = ax.inset_axes([0.62, 0.55, 0.35, 0.4])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    inset = ax.inset_axes([0.6, 0.62, 0.37, 0.33])
+    top = 0.0
     for row, values in curves.items():
         mean = values.mean(0)
         steps = np.arange(1, len(mean) + 1)
@@ -37,14 +39,18 @@ def gamma_curves(curves: dict[str, np.ndarray], labels: dict[str, str], path: Pa
             ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
         flat = np.sort(values.ravel())
         inset.step(flat, np.arange(1, len(flat) + 1) / len(flat), color=colour, lw=1)
-    ax.set_xlabel("optimizer step")
+        top = max(top, float(values.max()))
+    ax.set_ylim(0, 1.75 * top if top > 0 else 1.0)  # headroom so the inset covers no curve
+    inset.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
+    inset.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
+    inset.xaxis.get_offset_text().set_fontsize(6)
     ax.set_ylabel(r"$\Gamma_{step} = \|W_{router}(t) - W_{router}(t-1)\|_2$")
     ax.set_title("router shift per step")
     ax.legend(loc="upper left", fontsize=8)
     inset.set_title("ECDF", fontsize=8)
     inset.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -60,7 +66,7 @@ def reward_curves(curves: dict[str, np.ndarray], labels: dict[str, str], path: P
     ax.set_title("Phase B reward")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -73,7 +79,7 @@ def load_heatmaps(loads: dict[str, np.ndarray], labels: dict[str, str], path: Pa
         image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_title(labels.get(row, row), fontsize=8)
         ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
+    axes[0][0].set_ylabel("MoE layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of top-K slots")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -90,7 +96,7 @@ def specialisation_bars(values: dict[str, tuple[float, float]], path: Path) -> N
     ax.set_title("alignment of experts with the teacher's co-activation clusters")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -105,5 +111,5 @@ def pass_vs_flops(points: dict[str, tuple[float, float]], path: Path) -> None:
     ax.set_title("accuracy against compute")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

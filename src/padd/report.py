@@ -159,8 +159,8 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
         a, b = float(g_padd.mean()), float(g_grpo.mean())
         out.append(
             f"- *PR-GRPO lowers the router shift Γ against vanilla GRPO (paper: 47% lower):* "
-            f"{'**supported**' if a < b else '**not supported**'}: mean Γ_step {a:.3g} vs {b:.3g} "
-            f"({100 * (1 - a / b) if b else 0:.0f}% lower)."
+            f"{'**supported**' if a < b else '**not supported**'}: mean Γ_step {a:.3g} vs {b:.3g}"
+            + (f" ({abs(100 * (1 - a / b)):.0f}% {'lower' if a < b else 'higher'})." if b else ".")
         )
     if "teacher" in run.evals and run.names("padd"):
         ratio = run.evals[run.names("padd")[0]]["flops_per_token@1024"] / run.evals["teacher"]["flops_per_token@1024"]
@@ -233,7 +233,8 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
         lines += ["", "![NMI and ESI](plots/nmi_esi.png)"]
         heat = {n: np.array(a["load"]) for n, a in spec_rows.items() if n in ("cluster", "grpo-s0", "padd-s0")}
         if heat:
-            plots.load_heatmaps(heat, {"cluster": "Base", **ROW_LABELS}, plot_dir / "load.png")
+            names = {"cluster": "Base", "grpo-s0": "Vanilla GRPO (seed 0)", "padd-s0": "PADD (seed 0)"}
+            plots.load_heatmaps(heat, names, plot_dir / "load.png")
             lines += ["", "![expert load per layer](plots/load.png)"]
 
     trained = [r for r in [*run.manifest["methods"], *run.manifest["ablations"]] if r != "base"]

@@ -1,0 +1,66 @@
+"""`padd demo` wall time per stage, against its 15-minute budget on 2 CPU cores.
+
+Runs the demo into a fresh folder (or reads an existing run with --run) and prints, from the run's
+cells.json, the seconds of each stage, its share of the total, and the total against the budget.
+The peer of every stage is the teacher's training, the one stage the demo cannot shrink without
+weakening the teacher: each stage's time is also shown as a ratio to it.
+
+    python benchmarks/bench_demo.py                  # run the demo into a temp folder, then report
+    python benchmarks/bench_demo.py --run runs/demo  # report an existing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+BUDGET_S = 15 * 60
+
+
+def stage_seconds(run: Path) -> dict[str, float]:
+    """Seconds per stage summed over the run's cells (cells.json)."""
+    stages: dict[str, float] = {}
+    for cell in json.loads((run / "cells.json").read_text()).values():
+        stages[cell["stage"]] = stages.get(cell["stage"], 0.0) + cell["seconds"]
+    return stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="report this finished demo run instead of running one")
+    args = parser.parse_args()
+    console = Console()
+    wall = None
+    if args.run is None:
+        from padd.config import DemoConfig
+        from padd.demo import run_demo
+
+        args.run = Path(tempfile.mkdtemp(prefix="padd-demo-")) / "demo"
+        t0 = time.perf_counter()
+        run_demo(DemoConfig(out=str(args.run), progress=False), console)
+        wall = time.perf_counter() - t0
+    stages = stage_seconds(args.run)
+    total = sum(stages.values())
+    teacher = stages.get("teacher")
+    table = Table(title=f"padd demo: wall time per stage ({args.run})")
+    for col in ("stage", "seconds", "share", "× teacher training"):
+        table.add_column(col, justify="right")
+    for stage, sec in stages.items():
+        table.add_row(stage, f"{sec:.0f}", f"{100 * sec / total:.0f}%", f"{sec / teacher:.2f}" if teacher else "")
+    table.add_row("cells total", f"{total:.0f}", "100%", "")
+    if wall is not None:
+        table.add_row("wall (incl. loading, report)", f"{wall:.0f}", "", "")
+    console.print(table)
+    spent = wall if wall is not None else total
+    verdict = "within" if spent <= BUDGET_S else "OVER"
+    console.print(f"{spent / 60:.1f} min: {verdict} the {BUDGET_S // 60}-minute budget")
+
+
+if __name__ == "__main__":
+    main()
