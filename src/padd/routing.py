@@ -96,7 +96,6 @@ class RouterRecorder:
         topk = torch.stack(self.topk).view(n_layers, *batch_shape, -1)
         return logp, topk
 
-
     def log_scores_under(self, weights: list[torch.Tensor], batch_shape: tuple[int, int]) -> torch.Tensor:
         """log normalised scores [L, B, T, E] that routers with `weights` ([E, H] per layer) would give
         the recorded inputs (needs keep_inputs)."""

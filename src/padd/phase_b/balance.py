@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from padd.phase_b.losses import update_advantage_ema, update_routing_bias
@@ -14,8 +16,19 @@ class BiasBalancer:
     `gamma = 0` is plain (loss-free) load balancing; `eta = gamma = 0` leaves the bias alone.
     """
 
-    def __init__(self, model: torch.nn.Module, *, eta: float, gamma: float, clip: float, ema_decay: float = 0.9):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eta: float,
+        gamma: float,
+        clip: float,
+        ema_decay: float = 0.9,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        """`reduce` sums the load statistics over data-parallel ranks, so every rank applies one bias."""
         self.gates = moe_gates(model)
+        self.reduce = reduce
         self.eta, self.gamma, self.clip, self.ema_decay = eta, gamma, clip, ema_decay
         n_experts = self.gates[0].num_experts if self.gates else 0
         self.adv_ema = torch.zeros(len(self.gates), n_experts)
@@ -32,6 +45,9 @@ class BiasBalancer:
         n_experts = self.adv_ema.shape[1]
         counts = expert_load(topk, n_experts, weights=token_mask.float())  # [L, E]
         adv_sum = expert_load(topk, n_experts, weights=(token_adv * token_mask).float())
+        if self.reduce is not None:
+            both = self.reduce(torch.stack([counts, adv_sum]))
+            counts, adv_sum = both[0], both[1]
         load = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         self.adv_ema = update_advantage_ema(self.adv_ema, adv_sum.cpu(), counts.cpu(), self.ema_decay)
         biases = []

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from padd.config import TrainConfig, to_dict
 from padd.data import build_prompt, load_problems
+from padd.distributed import setup
 from padd.grade import grade
 from padd.io import atomic_save_dir, check_out_dir
 from padd.metrics import load_stats, router_shift
@@ -107,7 +108,13 @@ class Trainer:
         self.out = Path(cfg.out)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-        self.device = torch.device(cfg.device)
+        self.dist = setup(cfg.device)
+        if cfg.prompts_per_step % self.dist.world:
+            raise ValueError(
+                f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {self.dist.world} processes, "
+                "so that every rank holds whole groups"
+            )
+        self.device = self.dist.device(cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
         self.student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(self.device)
         self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(self.device).eval()
@@ -131,24 +138,37 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
         self.balancer = BiasBalancer(
-            self.student, eta=self.objective.eta, gamma=self.objective.gamma, clip=cfg.bias_clip, ema_decay=cfg.adv_ema
+            self.student,
+            eta=self.objective.eta,
+            gamma=self.objective.gamma,
+            clip=cfg.bias_clip,
+            ema_decay=cfg.adv_ema,
+            reduce=self.dist.all_reduce_sum,
         )
+        # Gradients are averaged over ranks by DDP; generation and no-grad forwards use the bare model.
+        self.trained = self.student
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained = torch.nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
 
     # -- one rollout batch ------------------------------------------------------------------------
 
     def _prompts(self) -> list:
-        """This batch's prompts: a seeded pass over the data, reshuffled each epoch."""
+        """This rank's share of the batch's prompts: a seeded pass over the data, reshuffled each epoch;
+        every rank draws the same global batch and keeps its contiguous slice (whole groups)."""
         n, k = len(self.problems), self.cfg.prompts_per_step
         epoch, offset = divmod(self.batch * k, n)
         order = list(range(n))
         random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
         picked = [order[(offset + i) % n] for i in range(k)]
-        return [self.problems[i] for i in picked]
+        share = k // self.dist.world
+        return [self.problems[i] for i in picked[self.dist.rank * share : (self.dist.rank + 1) * share]]
 
     def step(self) -> list[dict]:
         """Run one rollout batch; returns one metrics row per optimizer step."""
         cfg, dev = self.cfg, self.device
-        torch.manual_seed(cfg.seed * 1_000_003 + self.batch)  # sampling and routing ties, resumable by count
+        # sampling and routing ties: resumable by count, distinct per rank
+        torch.manual_seed((cfg.seed * 1_000_003 + self.batch) * self.dist.world + self.dist.rank)
         timer = {"generation": 0.0, "teacher": 0.0, "student": 0.0, "update": 0.0}
         t0 = time.perf_counter()
         problems = self._prompts()
@@ -187,13 +207,18 @@ class Trainer:
                 )
             )
         self.batch += 1
-        comp_tokens = int(rollout.completion_mask.sum())
+        totals = self.dist.all_reduce_sum(
+            torch.tensor(
+                [float(rewards.sum()), float((rewards > 0).sum()), len(rewards), rollout.completion_mask.sum()]
+            )
+        )
+        comp_tokens = int(totals[3])
         elapsed = sum(timer.values())
         for row in rows:
             row.update(
                 batch=self.batch,
-                reward_mean=float(rewards.mean()),
-                accuracy=float((rewards > 0).float().mean()),
+                reward_mean=float(totals[0] / totals[2]),
+                accuracy=float(totals[1] / totals[2]),
                 completion_tokens=comp_tokens,
                 tokens_per_s=comp_tokens / max(elapsed, 1e-9),
                 **{f"time_{k}": round(v, 4) for k, v in timer.items()},
@@ -210,7 +235,7 @@ class Trainer:
         self.student.train()
         anchored = cfg.gamma_anchor == "previous"
         with RouterRecorder(self.student, keep_inputs=anchored) as rec:
-            logits = forward_completion(self.student, mb, dev, self.vocab)
+            logits = forward_completion(self.trained, mb, dev, self.vocab)
             router_now, topk_now = completion_routing(rec, mb)
             if anchored:  # Γ against the router one optimizer step ago, on this forward's router inputs
                 router_old = rec.log_scores_under(self.anchor_router, tuple(mb.input_ids.shape))
@@ -244,6 +269,11 @@ class Trainer:
             terms["kd"] = obj.kd_coef * kd
             stats.update(kd_stats)
         loss = sum(terms.values())
+        # Every term is a mean over this rank's completion tokens; rescaled by its share of all ranks'
+        # tokens, DDP's gradient average becomes the gradient of the mean over the global mini-batch.
+        local_tokens = mask.sum()
+        global_tokens = self.dist.all_reduce_sum(local_tokens.detach().clone()).clamp_min(1.0)
+        share = local_tokens * self.dist.world / global_tokens
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise FloatingPointError(
@@ -253,7 +283,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -264,15 +294,18 @@ class Trainer:
         bias = self.balancer.step(topk_now.reshape(topk_now.shape[0], -1, topk_now.shape[-1]), token_adv, token_mask)
         balance = load_stats(bias.pop("load"))
         timer["update"] += time.perf_counter() - t0
-        n_tok = mask.sum().clamp_min(1.0)
+        # Logged values are token-weighted means over all ranks (the same on every rank).
+        scalars = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in terms.items()}, **stats}
+        names = list(scalars)
+        weighted = torch.tensor([scalars[k] for k in names] + [float(gamma_tok.sum())], dtype=torch.float64)
+        weighted[:-1] *= float(local_tokens)
+        weighted = self.dist.all_reduce_sum(weighted) / float(global_tokens)
         return {
             "step": self.opt_step,
-            "loss": loss.item(),
-            **{f"loss_{k}": v.item() for k, v in terms.items()},
-            **stats,
+            **dict(zip(names, weighted[:-1].tolist(), strict=True)),
             "grad_norm": float(grad_norm),
             "gamma_step": router_shift(prev_router, router_weights(self.student)),
-            "gamma_token_mean": float(gamma_tok.sum() / n_tok),
+            "gamma_token_mean": float(weighted[-1]),
             "load_cv": balance["cv"].tolist(),
             "load_max_mean": balance["max_mean"].tolist(),
             **bias,
@@ -300,7 +333,9 @@ class Trainer:
                 tmp / "trainer_state.pt",
             )
 
-        atomic_save_dir(self.out / CHECKPOINT, write)
+        if self.dist.main:
+            atomic_save_dir(self.out / CHECKPOINT, write)
+        self.dist.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
 
     def load_checkpoint(self) -> None:
         from transformers import AutoModelForCausalLM
@@ -330,44 +365,53 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if not cfg.resume:
         check_out_dir(out, cfg.overwrite)
     trainer = Trainer(cfg, console)
+    main = trainer.dist.main  # one writer: metrics, TensorBoard, checkpoints and the student
     metrics_file = out / "metrics.jsonl"
     if cfg.resume:
         trainer.load_checkpoint()
-        # Rows logged after the checkpoint belong to the lost part of the run: drop them.
-        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["batch"] <= trainer.batch]
-        metrics_file.write_text("".join(line + "\n" for line in kept))
-    else:
+        if main:  # rows logged after the checkpoint belong to the lost part of the run: drop them
+            kept = [x for x in metrics_file.read_text().splitlines() if json.loads(x)["batch"] <= trainer.batch]
+            metrics_file.write_text("".join(line + "\n" for line in kept))
+    elif main:
         shutil.rmtree(out, ignore_errors=True)  # check_out_dir allowed it: absent, empty or --overwrite
         out.mkdir(parents=True)
         metrics_file.write_text("")
-    (out / "train_config.json").write_text(
-        json.dumps({**to_dict(cfg), "objective": asdict(trainer.objective)}, indent=1)
-    )
-    writer = SummaryWriter(str(out / "tensorboard"))
-    bar = tqdm(total=cfg.steps, initial=trainer.batch, desc=f"train {cfg.method}", disable=not cfg.progress)
-    with metrics_file.open("a") as log:
-        while trainer.batch < cfg.steps:
-            for row in trainer.step():
+    if main:
+        (out / "train_config.json").write_text(
+            json.dumps(
+                {**to_dict(cfg), "objective": asdict(trainer.objective), "processes": trainer.dist.world}, indent=1
+            )
+        )
+    log = metrics_file.open("a") if main else None
+    writer = SummaryWriter(str(out / "tensorboard")) if main else None
+    bar = tqdm(total=cfg.steps, initial=trainer.batch, desc=f"train {cfg.method}", disable=not (cfg.progress and main))
+    while trainer.batch < cfg.steps:
+        rows = trainer.step()
+        if main:
+            for row in rows:
                 log.write(json.dumps(row) + "\n")
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key not in ("step", "batch"):
                         writer.add_scalar(key, value, row["step"])
             log.flush()
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", gamma=f"{row['gamma_step']:.2e}")
-            if cfg.save_every and trainer.batch % cfg.save_every == 0:
-                trainer.save_checkpoint()
+        bar.update(1)
+        bar.set_postfix(reward=f"{rows[-1]['reward_mean']:.2f}", gamma=f"{rows[-1]['gamma_step']:.2e}")
+        if cfg.save_every and trainer.batch % cfg.save_every == 0:
+            trainer.save_checkpoint()
     bar.close()
-    writer.close()
     trainer.save_checkpoint()
+    if main:
+        log.close()
+        writer.close()
 
-    def write(tmp: Path) -> None:
-        trainer.student.save_pretrained(tmp)
-        trainer.tokenizer.save_pretrained(tmp)
+        def write(tmp: Path) -> None:
+            trainer.student.save_pretrained(tmp)
+            trainer.tokenizer.save_pretrained(tmp)
 
-    atomic_save_dir(out / "student", write)
-    console.print(
-        f"train {cfg.method}: {trainer.batch} rollout batches, {trainer.opt_step} optimizer steps; "
-        f"student in {out / 'student'}, metrics in {metrics_file}"
-    )
+        atomic_save_dir(out / "student", write)
+        console.print(
+            f"train {cfg.method}: {trainer.batch} rollout batches, {trainer.opt_step} optimizer steps; "
+            f"student in {out / 'student'}, metrics in {metrics_file}"
+        )
+    trainer.dist.barrier()
     return out

@@ -1,0 +1,98 @@
+"""`padd train` under torchrun: 2 CPU processes (gloo) against one process on the same global batch.
+
+Decoding is greedy so both runs see the same completions, and one update per rollout batch makes
+the mini-batch the whole global batch in both. The loss is a token mean over the global batch in
+both runs, so the gradients agree up to float32 summation order (~1e-6 relative; the weights differ
+by ~1e-7 after two steps here). AdamW divides by sqrt(v) + 1e-8, so on weights whose gradient is
+near zero such rounding can be amplified; 1e-5 on the weights (1% of one lr-sized step) and 1e-4
+relative on the logged losses leave room for that and still catch any real mismatch (a wrong loss
+scaling or an un-reduced bias moves them by whole steps).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import padd
+
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, llama_teacher, corpus_file):
+    out = tmp_path_factory.mktemp("ddp") / "student"
+    flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=512, seq_len=64)
+    assert padd("decompose", out=out, progress=False, **flags) == 0
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(student, teacher, out) -> list[str]:
+    flags = dict(
+        student=student,
+        teacher=teacher,
+        out=out,
+        data="world:add+sub",
+        world_size=20,
+        method="padd",
+        steps=2,
+        prompts_per_step=4,
+        group_size=2,
+        updates_per_batch=1,
+        temperature=0,
+        max_new_tokens=6,
+        lr=LR,
+        eta=0.01,
+    )
+    return ["train", *(x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))), "--no-progress"]
+
+
+def test_two_processes_match_one_process(tmp_path, student, llama_teacher):
+    from padd.cli import main
+
+    assert main(_args(student, llama_teacher, tmp_path / "one")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "padd",
+        *_args(student, llama_teacher, tmp_path / "two"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    one, two = (
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")
+    )
+    assert len(one) == len(two) == 2
+    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["processes"] == 2
+    for a, b in zip(one, two, strict=True):
+        assert a["completion_tokens"] == b["completion_tokens"] and a["reward_mean"] == b["reward_mean"]
+        for key in ("loss", "loss_kd", "kd_kl", "gamma_token_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+        for key in ("bias_min", "bias_max"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    w1 = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    moved = 0
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+        moved += int(not torch.equal(w1[name], load_file(student / "model.safetensors")[name]))
+    assert moved > 0  # the runs trained something
