@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from padd.config import WarmupConfig, to_dict
 from padd.corpus import iter_texts, sample_windows
+from padd.distributed import setup
 from padd.io import atomic_save_dir, check_out_dir
 from padd.phase_b.losses import distill_kl_loss
 from padd.routing import moe_gates, router_log_scores, uniform_random_routing
@@ -131,6 +132,8 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     console = console or Console()
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
+    ranks = setup(cfg.device)
+    device = ranks.device(cfg.device)
     if cfg.router_init not in ROUTER_INITS:
         raise ValueError(f"--router-init must be one of {', '.join(ROUTER_INITS)}")
     stage1_file = Path(cfg.student) / STAGE1_FILE
@@ -138,8 +141,8 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         raise FileNotFoundError(f"--router-init {cfg.router_init} needs {stage1_file} (written by padd decompose)")
     t0 = time.perf_counter()
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
-    student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(cfg.device)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(cfg.device).eval()
+    student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(device).eval()
     vocab = common_vocab_size(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
     windows = sample_windows(
         iter_texts(cfg.corpus, cfg.text_field, cfg.split),
@@ -154,23 +157,31 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     for p in params:
         p.requires_grad_(True)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    trained = student
+    if ranks.world > 1:  # data parallel: each rank takes every world-th window, gradients averaged by DDP
+        trained = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    gen = torch.Generator().manual_seed(cfg.seed * ranks.world + ranks.rank)
     order_gen = torch.Generator().manual_seed(cfg.seed + 1)
     log = []
-    n_batches = -(-windows.shape[0] // cfg.batch_size)
+    # Equal batches on every rank (DDP needs the same number of steps), so a remainder is dropped.
+    per_rank = windows.shape[0] // ranks.world
+    n_batches = -(-per_rank // cfg.batch_size)
     student.train()
-    bar = tqdm(total=cfg.epochs * n_batches, desc="warm-up", disable=not cfg.progress)
+    bar = tqdm(total=cfg.epochs * n_batches, desc="warm-up", disable=not (cfg.progress and ranks.main))
     step = 0
     for epoch in range(cfg.epochs):
-        order = torch.randperm(windows.shape[0], generator=order_gen)
+        order = torch.randperm(windows.shape[0], generator=order_gen)[: per_rank * ranks.world]
+        local = order[ranks.rank :: ranks.world]
         for b in range(n_batches):
-            batch = windows[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]].to(cfg.device)
+            batch = windows[local[b * cfg.batch_size : (b + 1) * cfg.batch_size]].to(device)
             with torch.no_grad():
                 t_logits = teacher(input_ids=batch, use_cache=False).logits[..., :vocab]
             with uniform_random_routing(student, gen):
-                s_logits = student(input_ids=batch, use_cache=False).logits[..., :vocab]
+                s_logits = trained(input_ids=batch, use_cache=False).logits[..., :vocab]
             loss = distill_kl_loss(s_logits, t_logits, torch.ones(batch.shape, device=batch.device))
-            value = loss.item()
+            value = float(ranks.all_reduce_sum(loss.detach().clone()) / ranks.world)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"warm-up loss is {value} at step {step}; lower --lr")
             optim.zero_grad(set_to_none=True)
@@ -190,7 +201,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     targets = None
     if cfg.router_init != "uniform":
         layers = [la for la in json.loads(stage1_file.read_text())["layers"] if not la.get("dense")]
-        clusters = [torch.tensor(la["experts"], device=cfg.device) for la in layers]
+        clusters = [torch.tensor(la["experts"], device=device) for la in layers]
         probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
         targets = collect_router_targets(student, teacher, probe, clusters, cfg.batch_size)
     router = init_router(student, cfg.router_init, seed=cfg.seed, targets=targets)
@@ -202,6 +213,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         "first_kl": log[0]["kl"] if log else None,
         "last_kl": log[-1]["kl"] if log else None,
         "warmup_seconds": round(warm_s, 2),
+        "processes": ranks.world,
         **router,
         "config": to_dict(cfg),
     }
@@ -214,7 +226,9 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         (tmp / "padd_warmup.json").write_text(json.dumps(record, indent=1))
         (tmp / "warmup_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
-    atomic_save_dir(out, write)
+    if ranks.main:
+        atomic_save_dir(out, write)
+    ranks.barrier()
     console.print(
         f"warm-up: {step} steps over {record['tokens']} tokens, KL {record['first_kl']:.4f} -> "
         f"{record['last_kl']:.4f} in {warm_s:.1f}s; router init {cfg.router_init}; written to {out}"
