@@ -188,7 +188,8 @@ class StudyRun:
         return out
 
     def inits(self) -> list[str]:
-        return ["cluster"] + (["random"] if "no-stage1" in self.ablations else [])
+        """Both Stage I inits, always: the report compares their NMI / ESI even without the −I row."""
+        return ["cluster", "random"]
 
     def run(self) -> Path:
         from padd.report import write_report
