@@ -274,11 +274,13 @@ class Trainer:
         local_tokens = mask.sum()
         global_tokens = self.dist.all_reduce_sum(local_tokens.detach().clone()).clamp_min(1.0)
         share = local_tokens * self.dist.world / global_tokens
-        for name, value in terms.items():
-            if not torch.isfinite(value):
+        # Checked on every rank together, so that all stop rather than some waiting in a collective.
+        bad = torch.tensor([float(not torch.isfinite(v)) for v in terms.values()])
+        for (name, value), flagged in zip(terms.items(), self.dist.all_reduce_sum(bad), strict=True):
+            if flagged:
                 raise FloatingPointError(
-                    f"loss term {name!r} is {value.item()} at rollout batch {self.batch + 1}, optimizer step "
-                    f"{self.opt_step + 1}; the last good checkpoint is in {self.out / CHECKPOINT}"
+                    f"loss term {name!r} is not finite (here: {value.item()}) at rollout batch {self.batch + 1}, "
+                    f"optimizer step {self.opt_step + 1}; the last good checkpoint is in {self.out / CHECKPOINT}"
                 )
 
         t0 = time.perf_counter()
