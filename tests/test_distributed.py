@@ -58,11 +58,7 @@ def _args(student, teacher, out) -> list[str]:
     return ["train", *(x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))), "--no-progress"]
 
 
-def test_two_processes_match_one_process(tmp_path, student, llama_teacher):
-    from padd.cli import main
-
-    assert main(_args(student, llama_teacher, tmp_path / "one")) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _torchrun(args: list[str]) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -72,10 +68,17 @@ def test_two_processes_match_one_process(tmp_path, student, llama_teacher):
         f"--master_port={_free_port()}",
         "-m",
         "padd",
-        *_args(student, llama_teacher, tmp_path / "two"),
+        *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_match_one_process(tmp_path, student, llama_teacher):
+    from padd.cli import main
+
+    assert main(_args(student, llama_teacher, tmp_path / "one")) == 0
+    _torchrun(_args(student, llama_teacher, tmp_path / "two"))
 
     one, two = (
         [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")
@@ -103,24 +106,29 @@ def test_warmup_runs_data_parallel(tmp_path, student, llama_teacher, corpus_file
     result is checked for soundness, not equality): half the steps, one checkpoint, a falling KL."""
     flags = dict(student=student, teacher=llama_teacher, corpus=corpus_file, tokens=2048, seq_len=64, batch_size=4)
     args = ["warmup", *(x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))), "--no-progress"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "padd",
-        *args,
-        "--out",
-        str(tmp_path / "two"),
-        "--lr",
-        "3e-3",
-    ]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun([*args, "--out", str(tmp_path / "two"), "--lr", "3e-3"])
     record = json.loads((tmp_path / "two" / "padd_warmup.json").read_text())
     assert record["processes"] == 2 and record["steps"] == 32 // 2 // 4
     assert record["last_kl"] < record["first_kl"]
     assert (tmp_path / "two" / "model.safetensors").exists()
+
+
+def test_stage1_shards_layers_across_ranks(tmp_path, llama_teacher, corpus_file):
+    """Two ranks split the activation pass by batch and the clustering by layer; the statistics are
+    sums of the same per-batch terms (projection rows drawn per global batch), so the partitions
+    and hence the student's weights equal a single process's."""
+    from padd.cli import main
+
+    # 5 batches of 2 windows: the ranks get 3 and 2, so an uneven split is covered.
+    flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=640, seq_len=64, batch_size=2)
+    args = ["decompose", *(x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    _torchrun([*args, "--out", str(tmp_path / "two")])
+    one, two = (json.loads((tmp_path / d / "padd_stage1.json").read_text()) for d in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert len(one["layers"]) > 1  # both ranks own a layer
+    for a, b in zip(one["layers"], two["layers"], strict=True):
+        assert a["experts"] == b["experts"]
+        assert b["objective"] == pytest.approx(a["objective"], rel=1e-5)
+    w1, w2 = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -34,6 +34,20 @@ class Dist:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def reduce_sum(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """Sum `tensor` over all ranks into rank `dst`'s copy (others keep a partial sum)."""
+        if self.world > 1:
+            dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from padd.distributed import Dist
+
 
 @dataclass
 class LayerStats:
@@ -36,6 +38,11 @@ def _projection(rows: int, proj_dim: int, seed: int, device: torch.device) -> to
     return (torch.randn(rows, proj_dim, generator=gen) / proj_dim**0.5).to(device)
 
 
+def owned_layers(layers: list[int], ranks: Dist) -> list[int]:
+    """The layers this rank clusters when Stage I runs on several processes (round-robin)."""
+    return layers[ranks.rank :: ranks.world]
+
+
 @torch.no_grad()
 def collect_layer_stats(
     model: torch.nn.Module,
@@ -46,27 +53,35 @@ def collect_layer_stats(
     seed: int = 0,
     layers: list[int] | None = None,
     progress: bool = True,
+    ranks: Dist | None = None,
 ) -> dict[int, LayerStats]:
     """Stream `windows` [n_windows, seq_len] through `model`; return neuron statistics per layer.
+
+    On several ranks each runs every world-th batch and the sums are reduced onto the rank that
+    owns the layer (`owned_layers`), which alone gets it back. Each batch draws its projection rows
+    from its global index, so the result equals one process's up to float summation order.
 
     Args:
         model: a dense causal LM whose `model.layers[i].mlp.down_proj` input is the intermediate activation.
         proj_dim: width of the random projection; 0 or >= the token count keeps the raw N-dim vectors.
         layers: layer indices to record (default: all).
+        ranks: this process's place in a multi-process run (default: a single process).
     """
+    ranks = ranks or Dist()
     device = next(model.parameters()).device
     all_layers = model.model.layers
     layers = list(range(len(all_layers))) if layers is None else layers
     n_tokens = windows.numel()
     project = 0 < proj_dim < n_tokens
     width = proj_dim if project else n_tokens
-    acc: dict[int, _Accumulator] = {}
+    # Made up front, not on first use: a rank with no batch must still join every reduction.
+    acc = {i: _Accumulator(all_layers[i].mlp.down_proj.in_features, width, device) for i in layers}
     cursor = {"pos": 0, "proj": None}
 
     def hook(layer_idx):
         def fn(module, inputs):
             a = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1])  # [tokens, d_ff]
-            st = acc.setdefault(layer_idx, _Accumulator(a.shape[1], width, device))
+            st = acc[layer_idx]
             start = cursor["pos"]
             if project:
                 st.feat.addmm_(a.T, cursor["proj"])
@@ -80,22 +95,33 @@ def collect_layer_stats(
     handles = [all_layers[i].mlp.down_proj.register_forward_pre_hook(hook(i)) for i in layers]
     was_training = model.training
     model.eval()
+    # The decoder stack alone: the LM head's logits are never needed here (1/14 of a 7B's forward).
+    body = model.model
+    starts = list(range(0, windows.shape[0], batch_size))
     try:
-        bar = tqdm(total=n_tokens, desc="activations", unit="tok", disable=not progress)
-        for b, start in enumerate(range(0, windows.shape[0], batch_size)):
-            batch = windows[start : start + batch_size].to(device)
+        bar = tqdm(total=n_tokens, desc="activations", unit="tok", disable=not (progress and ranks.main))
+        for b in range(ranks.rank, len(starts), ranks.world):
+            batch = windows[starts[b] : starts[b] + batch_size].to(device)
+            cursor["pos"] = starts[b] * windows.shape[1]
             if project:  # rows of the projection for exactly these tokens, reproducible per batch
                 cursor["proj"] = _projection(batch.numel(), proj_dim, seed * 1_000_003 + b, device)
-            model(input_ids=batch, use_cache=False)
-            cursor["pos"] += batch.numel()
-            bar.update(batch.numel())
+            body(input_ids=batch, use_cache=False)
+            bar.update(batch.numel() * ranks.world)
         bar.close()
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    mine = owned_layers(layers, ranks)
+    for j, i in enumerate(layers):
+        owner = j % ranks.world
+        for total in (acc[i].feat, acc[i].sq, acc[i].active):
+            ranks.reduce_sum(total, dst=owner)
+        if i not in mine:
+            del acc[i]  # a partial sum: free it before the next layer's reduction
     out = {}
-    for i, st in acc.items():
+    for i in mine:
+        st = acc[i]
         norm = st.sq.sqrt().clamp_min(1e-12).float()
         out[i] = LayerStats(features=st.feat / norm[:, None], active_frac=(st.active / n_tokens).float())
     return out

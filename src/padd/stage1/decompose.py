@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from padd.config import DecomposeConfig, to_dict
 from padd.corpus import iter_texts, sample_windows
+from padd.distributed import setup
 from padd.flops import forward_flops_per_token, param_counts
 from padd.io import atomic_save_dir, check_out_dir
-from padd.stage1.activations import collect_layer_stats
+from padd.stage1.activations import collect_layer_stats, owned_layers
 from padd.stage1.build import TeacherError, build_student, validate_teacher
 from padd.stage1.partition import check_sizes, plan_layer
 
@@ -49,6 +50,8 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     check_out_dir(out, cfg.overwrite)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    ranks = setup(cfg.device)
+    device = ranks.device(cfg.device)
 
     # Everything checkable from the config fails before any weight is read.
     tcfg = _load_teacher_config(cfg.teacher)
@@ -71,7 +74,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     )
     lap("sample")
 
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=_DTYPES[cfg.dtype]).to(cfg.device)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=_DTYPES[cfg.dtype]).to(device)
     teacher.eval()
     lap("load")
 
@@ -86,26 +89,32 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
             seed=cfg.seed,
             layers=moe_layers,
             progress=cfg.progress,
+            ranks=ranks,
         )
     lap("activations")
 
-    plans = [None] * cfg.dense_layers
-    for i in tqdm(moe_layers, desc=f"{cfg.init} init", unit="layer", disable=not cfg.progress):
-        st = stats.get(i)
-        plans.append(
-            plan_layer(
-                st.features if st else None,
-                st.active_frac if st else None,
-                d_ff=d_ff,
-                n_experts=cfg.experts,
-                expert_size=expert_size,
-                shared=cfg.shared_neurons,
-                init=cfg.init,
-                seed=cfg.seed + i,
-                kmeans_iters=cfg.kmeans_iters,
-            )
+    # Several ranks: each clusters its own layers (those it got the statistics of) and all share plans.
+    mine = {}
+    bar = tqdm(owned_layers(moe_layers, ranks), desc=f"{cfg.init} init", unit="layer", disable=not cfg.progress)
+    for i in bar:
+        st = stats.pop(i, None)
+        mine[i] = plan_layer(
+            st.features if st else None,
+            st.active_frac if st else None,
+            d_ff=d_ff,
+            n_experts=cfg.experts,
+            expert_size=expert_size,
+            shared=cfg.shared_neurons,
+            init=cfg.init,
+            seed=cfg.seed + i,
+            kmeans_iters=cfg.kmeans_iters,
         )
+    by_layer = {i: p for part in ranks.all_gather_objects(mine) for i, p in part.items()}
+    plans = [None] * cfg.dense_layers + [by_layer[i] for i in moe_layers]
     lap("cluster")
+    if not ranks.main:
+        ranks.barrier()  # rank 0 builds and writes the student
+        return {}
 
     student = build_student(teacher, plans, top_k=cfg.top_k)
     lap("build")
@@ -119,6 +128,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
         "seed": cfg.seed,
         "tokens": int(windows.numel()),
         "dense_layers": cfg.dense_layers,
+        "processes": ranks.world,
         "layers": [
             {"dense": True, "experts": [], "shared": [], "objective": None} if p is None else p.to_json() for p in plans
         ],
@@ -139,6 +149,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     record["timings_s"] = timings
     (out / STAGE1_FILE).write_text(json.dumps(record, indent=1))
     print_summary(console, tcfg, student.config, record, out)
+    ranks.barrier()
     return record
 
 
