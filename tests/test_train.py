@@ -87,6 +87,8 @@ def test_every_method_runs_on_the_same_loop(tmp_path, student, llama_teacher, me
         "time_generation",
         "time_student",
         "time_update",
+        "mem_generation_gb",
+        "mem_update_gb",
     ):
         assert key in log[0]
     assert ("loss_kd" in log[0]) == (method in ("padd", "online-kd"))
@@ -113,7 +115,7 @@ def test_gamma_anchor_previous_sees_the_last_step_in_on_policy_runs(tmp_path, st
 
 def comparable(log):
     volatile = ("tokens_per_s",)
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in volatile} for r in log]
+    return [{k: v for k, v in r.items() if not k.startswith(("time_", "mem_")) and k not in volatile} for r in log]
 
 
 def test_sigkill_then_resume_logs_the_same_metrics(tmp_path, student, llama_teacher):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from padd.io import atomic_save_dir, check_out_dir
 from padd.metrics import load_stats, router_shift
 from padd.phase_b.balance import BiasBalancer
 from padd.phase_b.losses import adaptive_kd_loss, group_advantages, pr_grpo_loss, routing_shift
+from padd.phase_b.phases import PhaseClock
 from padd.phase_b.rollout import Rollout, TransformersRollout
 from padd.routing import RouterRecorder, router_weights
 from padd.vocab import common_vocab_size
@@ -169,28 +169,25 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         # sampling and routing ties: resumable by count, distinct per rank
         torch.manual_seed((cfg.seed * 1_000_003 + self.batch) * self.dist.world + self.dist.rank)
-        timer = {"generation": 0.0, "teacher": 0.0, "student": 0.0, "update": 0.0}
-        t0 = time.perf_counter()
-        problems = self._prompts()
-        rollout = self.rollout.generate(
-            [build_prompt(self.tokenizer, p.problem) for p in problems],
-            cfg.group_size,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-        )
-        answers = [p.answer for p in problems for _ in range(cfg.group_size)]
-        rewards = torch.tensor([float(grade(t, a)) for t, a in zip(rollout.texts, answers, strict=True)])
-        advantages = group_advantages(rewards, cfg.group_size)
-        timer["generation"] += time.perf_counter() - t0
+        clock = PhaseClock(dev, ("generation", "teacher", "student", "update"))
+        with clock("generation"):
+            problems = self._prompts()
+            rollout = self.rollout.generate(
+                [build_prompt(self.tokenizer, p.problem) for p in problems],
+                cfg.group_size,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            answers = [p.answer for p in problems for _ in range(cfg.group_size)]
+            rewards = torch.tensor([float(grade(t, a)) for t, a in zip(rollout.texts, answers, strict=True)])
+            advantages = group_advantages(rewards, cfg.group_size)
 
-        t0 = time.perf_counter()
-        with torch.no_grad(), RouterRecorder(self.student) as rec:
+        with clock("student"), torch.no_grad(), RouterRecorder(self.student) as rec:
             self.student.eval()
             old_logp = token_logps(
                 forward_completion(self.student, rollout, dev, self.vocab), rollout.completion_ids.to(dev)
             )
             router_old, topk_old = completion_routing(rec, rollout)
-        timer["student"] += time.perf_counter() - t0
 
         rows = []
         n = len(rollout.texts)
@@ -203,7 +200,7 @@ class Trainer:
                     router_old[:, chunk],
                     topk_old[:, chunk],
                     advantages[chunk],
-                    timer,
+                    clock,
                 )
             )
         self.batch += 1
@@ -213,7 +210,7 @@ class Trainer:
             )
         )
         comp_tokens = int(totals[3])
-        elapsed = sum(timer.values())
+        elapsed = sum(clock.seconds.values())
         for row in rows:
             row.update(
                 batch=self.batch,
@@ -221,28 +218,26 @@ class Trainer:
                 accuracy=float(totals[1] / totals[2]),
                 completion_tokens=comp_tokens,
                 tokens_per_s=comp_tokens / max(elapsed, 1e-9),
-                **{f"time_{k}": round(v, 4) for k, v in timer.items()},
+                **clock.metrics(),
             )
         return rows
 
-    def _update(self, mb: Rollout, old_logp, router_old, topk_old, adv, timer) -> dict:
+    def _update(self, mb: Rollout, old_logp, router_old, topk_old, adv, clock: PhaseClock) -> dict:
         cfg, obj, dev = self.cfg, self.objective, self.device
         mask = mb.completion_mask.to(dev).float()
         adv = adv.to(dev)
         prev_router = router_weights(self.student)
 
-        t0 = time.perf_counter()
         self.student.train()
         anchored = cfg.gamma_anchor == "previous"
-        with RouterRecorder(self.student, keep_inputs=anchored) as rec:
+        with clock("student"), RouterRecorder(self.student, keep_inputs=anchored) as rec:
             logits = forward_completion(self.trained, mb, dev, self.vocab)
             router_now, topk_now = completion_routing(rec, mb)
             if anchored:  # Γ against the router one optimizer step ago, on this forward's router inputs
                 router_old = rec.log_scores_under(self.anchor_router, tuple(mb.input_ids.shape))
                 router_old = router_old[:, :, mb.prompt_ids.shape[1] :]
-        logp = token_logps(logits, mb.completion_ids.to(dev))
-        gamma_tok = routing_shift(router_now, router_old.to(dev), topk_old.to(dev), mask)
-        timer["student"] += time.perf_counter() - t0
+            logp = token_logps(logits, mb.completion_ids.to(dev))
+            gamma_tok = routing_shift(router_now, router_old.to(dev), topk_old.to(dev), mask)
 
         terms: dict[str, torch.Tensor] = {}
         stats: dict[str, float] = {}
@@ -261,10 +256,8 @@ class Trainer:
             )
             stats.update(pg_stats)
         if obj.kd_coef:
-            t0 = time.perf_counter()
-            with torch.no_grad():
+            with clock("teacher"), torch.no_grad():
                 t_logits = forward_completion(self.teacher, mb, dev, self.vocab)
-            timer["teacher"] += time.perf_counter() - t0
             kd, kd_stats = adaptive_kd_loss(logits, t_logits, adv, mask, tau=cfg.tau, t_min=cfg.t_min)
             terms["kd"] = obj.kd_coef * kd
             stats.update(kd_stats)
@@ -283,19 +276,19 @@ class Trainer:
                     f"optimizer step {self.opt_step + 1}; the last good checkpoint is in {self.out / CHECKPOINT}"
                 )
 
-        t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * share).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.opt_step += 1
-        self.anchor_router = prev_router
-        token_mask = mask.reshape(-1)
-        token_adv = adv[:, None].expand_as(mask).reshape(-1)
-        bias = self.balancer.step(topk_now.reshape(topk_now.shape[0], -1, topk_now.shape[-1]), token_adv, token_mask)
-        balance = load_stats(bias.pop("load"))
-        timer["update"] += time.perf_counter() - t0
+        with clock("update"):
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * share).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.opt_step += 1
+            self.anchor_router = prev_router
+            token_mask = mask.reshape(-1)
+            token_adv = adv[:, None].expand_as(mask).reshape(-1)
+            topk_flat = topk_now.reshape(topk_now.shape[0], -1, topk_now.shape[-1])
+            bias = self.balancer.step(topk_flat, token_adv, token_mask)
+            balance = load_stats(bias.pop("load"))
         # Logged values are token-weighted means over all ranks (the same on every rank).
         scalars = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in terms.items()}, **stats}
         names = list(scalars)
