@@ -6,13 +6,14 @@ per-phase seconds and peak memory (mem_*_gb) from the runs' metrics.jsonl; the f
 warm-up and is left out of the means. The peer is vanilla GRPO in the same run: the ratio is the
 cost of PADD's extra terms (the teacher forward of II, the routing shift of III, the bias of IV).
 
-The tiny and mini shapes use the trained teachers given with --teacher (e.g. runs/demo/teacher), or
-else random weights of the preset's shape; a random model never emits EOS, so every completion runs
+The tiny and mini shapes use the trained teachers given with --teacher (e.g. runs/demo/teacher) and
+warmed-up students given with --student (else decomposed here, not warmed up), or else random
+weights of the preset's shape; a random model never emits EOS, so every completion runs
 to max_new_tokens (the worst case of generation). `qwen2.5-0.5b` is a random-weight 0.5B-class model
 (Qwen2.5-0.5B's shape and vocabulary) for a GPU.
 
     python benchmarks/bench_phase_b.py                                   # tiny and mini on CPU
-    python benchmarks/bench_phase_b.py --teacher tiny=runs/demo/teacher --teacher mini=runs/mini/teacher
+    python benchmarks/bench_phase_b.py --teacher tiny=runs/demo/teacher --student tiny=runs/demo/warmup-cluster
     python benchmarks/bench_phase_b.py --device cuda --shapes qwen2.5-0.5b
 """
 
@@ -98,10 +99,19 @@ def phase_means(run: Path) -> dict[str, float]:
     return out
 
 
+def per_1k(result: dict) -> float:
+    """Milliseconds of a rollout batch per 1000 completion tokens: runs whose completions differ in
+    length compare on this."""
+    return 1e6 * result["step"] / max(result["tokens"], 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=None, help="comma-separated: tiny, mini, qwen2.5-0.5b")
     parser.add_argument("--teacher", action="append", default=[], help="SHAPE=DIR: a trained teacher for that shape")
+    parser.add_argument(
+        "--student", action="append", default=[], help="SHAPE=DIR: its warmed-up student (default: decompose it)"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=4, help="rollout batches per run (the first is a warm-up)")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and runs go (default: a temp folder)")
@@ -112,14 +122,15 @@ def main() -> None:
 
     shapes = (args.shapes or ("qwen2.5-0.5b" if args.device == "cuda" else "tiny,mini")).split(",")
     given = dict(t.split("=", 1) for t in args.teacher)
+    students = dict(t.split("=", 1) for t in args.student)
     quiet = Console(quiet=True)
     results = []
     for shape in shapes:
         work = Path(tempfile.mkdtemp(prefix=f"padd-bench-phase-b-{shape}-", dir=args.workdir))
         teacher = Path(given[shape]) if shape in given else random_teacher(shape, work / "teacher")
-        student = work / "student"
-        decompose(
-            DecomposeConfig(
+        student = Path(students[shape]) if shape in students else work / "student"
+        if shape not in students:  # not warmed up: the speed does not depend on it
+            decompose_cfg = DecomposeConfig(
                 teacher=str(teacher),
                 corpus="world",
                 out=str(student),
@@ -129,9 +140,8 @@ def main() -> None:
                 seq_len=128,
                 device=args.device,
                 progress=False,
-            ),
-            quiet,
-        )
+            )
+            decompose(decompose_cfg, quiet)
         for method in ("grpo", "padd"):
             run = work / method
             run_train(
@@ -157,9 +167,10 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     table = Table(title=f"Phase B seconds per rollout batch by phase, and peak memory (GB) of each ({where})")
-    for col in ["shape", "weights", "method", "tokens", *PHASES, "step s", "× GRPO", *(f"mem {p}" for p in PHASES)]:
+    columns = ["shape", "weights", "method", "tokens", *PHASES, "step s", "× GRPO", "ms/1k tok", "× GRPO"]
+    for col in [*columns, *(f"mem {p}" for p in PHASES)]:
         table.add_column(col, justify="right")
-    grpo = {r["shape"]: r["step"] for r in results if r["method"] == "grpo"}
+    grpo = {r["shape"]: r for r in results if r["method"] == "grpo"}
     for r in results:
         table.add_row(
             r["shape"],
@@ -168,7 +179,9 @@ def main() -> None:
             f"{r['tokens']:.0f}",
             *(f"{r[p]:.2f}" for p in PHASES),
             f"{r['step']:.2f}",
-            f"{r['step'] / grpo[r['shape']]:.2f}",
+            f"{r['step'] / grpo[r['shape']]['step']:.2f}",
+            f"{per_1k(r):.0f}",
+            f"{per_1k(r) / per_1k(grpo[r['shape']]):.2f}",
             *(f"{r[f'mem_{p}']:.2f}" if f"mem_{p}" in r else "-" for p in PHASES),
         )
     Console(width=200).print(table)

@@ -74,9 +74,8 @@ def write_random_teacher(shape: str, layers: int | None, dtype: torch.dtype, dev
     from padd.tiny import build_tokenizer
 
     cls_name, kwargs, _, _ = SHAPES[shape]
-    cfg = getattr(transformers, cls_name)(**{**kwargs, "max_position_embeddings": 4096})
-    if layers:
-        cfg.num_hidden_layers = layers
+    depth = {"num_hidden_layers": layers} if layers else {}
+    cfg = getattr(transformers, cls_name)(**{**kwargs, **depth, "max_position_embeddings": 4096})
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

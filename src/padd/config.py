@@ -220,6 +220,11 @@ class WarmupConfig:
     text_field: str | None = opt(None, "corpus field(s) holding the text, comma-separated")
     split: str = opt("train", "split of a datasets corpus")
     device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
+    parallel: str = opt(
+        "ddp",
+        "under torchrun/accelerate: DDP, or FSDP2 sharding the student's weights, grads and optimizer",
+        choices=("ddp", "fsdp"),
+    )
     seed: int = opt(0, "seed of the sample, the random routing and the router init")
     overwrite: bool = opt(False, "replace an existing non-empty --out directory")
     progress: bool = opt(True, "show progress bars")
@@ -271,6 +276,9 @@ class TrainConfig:
     save_every: int = opt(50, "checkpoint every N rollout batches (0: only at the end)")
     resume: bool = opt(False, "continue from the run directory's last checkpoint")
     device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
+    parallel: str = opt(
+        "ddp", "under torchrun/accelerate: DDP, or FSDP2 sharding weights, grads and optimizer", choices=("ddp", "fsdp")
+    )
     seed: int = opt(0, "seed of prompt order, sampling and routing ties")
     overwrite: bool = opt(False, "replace an existing run directory (without --resume)")
     progress: bool = opt(True, "show a progress bar")

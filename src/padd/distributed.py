@@ -2,6 +2,11 @@
 
 Both launchers set RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous address); with WORLD_SIZE > 1
 the process group is started here (gloo on CPU, NCCL on CUDA). A single process needs nothing.
+
+Two data-parallel modes (`--parallel`): `ddp` replicates the weights and averages gradients;
+`fsdp` shards weights, gradients and optimizer state with FSDP2 (`fully_shard` per decoder layer,
+then the root), gathering each layer's weights only while it runs. Outside a forward an FSDP2
+weight is a DTensor shard: `full_tensor` and `gather_state_dict` give the whole thing back.
 """
 
 from __future__ import annotations
@@ -64,3 +69,76 @@ def setup(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str) -> torch.nn.Module:
+    """The module to run forwards/backwards through: `model` itself in one process, a DDP wrapper
+    around it, or `model` sharded in place by FSDP2 (build the optimizer after this call)."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if ranks.world == 1:
+        return model
+    if mode == "fsdp":
+        shard(model)
+        return model
+    device = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 in place: one unit per decoder layer (gathered for its own forward/backward), one root."""
+    from torch.distributed.fsdp import fully_shard
+
+    # Zero-size tensors (the empty shared expert of a student without one) have nothing to shard and
+    # break the gradient reduce-scatter; they stay plain, replicated, gradient-free.
+    empty = {p for p in model.parameters() if p.numel() == 0}
+    for p in empty:
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        fully_shard(layer, ignored_params=empty)
+    fully_shard(model, ignored_params=empty)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a collective: every rank must call it), else `tensor`."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    """(model, optimizer) full state dicts of a sharded model on CPU, on rank 0 (empty elsewhere);
+    a collective. The optimizer's is keyed by parameter name, as `load_sharded_optimizer` expects."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return model_sd, optim_sd
+
+
+def unsharded_copy(model: torch.nn.Module, fresh: torch.nn.Module) -> torch.nn.Module:
+    """`fresh`, an unsharded model of the same architecture, holding the sharded `model`'s whole
+    weights, on every rank (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    fresh.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    return fresh
+
+
+def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state dict (from `gather_state_dict`) into a sharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -128,5 +128,8 @@ def expert_load(topk: torch.Tensor, n_experts: int, weights: torch.Tensor | None
 
 
 def router_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Detached copies of every MoE layer's router weight [E, H] (for Γ_step)."""
-    return [g.weight.detach().float().clone() for g in moe_gates(model)]
+    """Detached copies of every MoE layer's router weight [E, H] (for Γ_step); whole, under FSDP2
+    (then a collective)."""
+    from padd.distributed import full_tensor
+
+    return [full_tensor(g.weight.detach()).float().clone() for g in moe_gates(model)]

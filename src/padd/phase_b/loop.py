@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 
 from padd.config import TrainConfig, to_dict
 from padd.data import build_prompt, load_problems
-from padd.distributed import setup
+from padd.distributed import (
+    full_tensor,
+    gather_state_dict,
+    is_sharded,
+    load_sharded_optimizer,
+    setup,
+    shard,
+    wrap_for_training,
+)
 from padd.grade import grade
 from padd.io import atomic_save_dir, check_out_dir
 from padd.metrics import load_stats, router_shift
@@ -118,6 +126,8 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
         self.student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(self.device)
         self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(self.device).eval()
+        if cfg.parallel == "fsdp" and self.dist.world > 1:
+            shard(self.teacher)  # forward-only, but a 7B teacher is as large as the student
         # Before step 1: distillation over logits needs one vocabulary (SPEC §4 II).
         self.vocab = common_vocab_size(
             AutoTokenizer.from_pretrained(cfg.teacher),
@@ -127,14 +137,20 @@ class Trainer:
         )
         self.problems = load_problems(cfg.data, split="train", world_size=cfg.world_size, seed=cfg.seed)
         self._attach_training_state()
-        self.rollout = TransformersRollout(self.student, self.tokenizer)
+        # Sharded, every rank must run as many forwards as the slowest: generate keeps them in step.
+        self.rollout = TransformersRollout(self.student, self.tokenizer, synced=self.sharded)
         self.batch = 0  # rollout batches done
         self.opt_step = 0
         self.anchor_router = router_weights(self.student)  # the router before the last optimizer step
 
     def _attach_training_state(self) -> None:
-        """Optimizer, warm-up scheduler and bias balancer bound to the current student."""
+        """Data-parallel wrapping, then optimizer, warm-up scheduler and bias balancer bound to the
+        current student (FSDP2 replaces the parameters, so the optimizer must come after it)."""
         cfg = self.cfg
+        # Gradients are averaged over ranks by DDP or FSDP2; generation and no-grad forwards use the
+        # bare model (under FSDP2 it is the sharded model itself).
+        self.trained = wrap_for_training(self.student, self.dist, cfg.parallel)
+        self.sharded = is_sharded(self.student)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
         self.balancer = BiasBalancer(
@@ -145,11 +161,6 @@ class Trainer:
             ema_decay=cfg.adv_ema,
             reduce=self.dist.all_reduce_sum,
         )
-        # Gradients are averaged over ranks by DDP; generation and no-grad forwards use the bare model.
-        self.trained = self.student
-        if self.dist.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.trained = torch.nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
 
     # -- one rollout batch ------------------------------------------------------------------------
 
@@ -298,7 +309,7 @@ class Trainer:
         return {
             "step": self.opt_step,
             **dict(zip(names, weighted[:-1].tolist(), strict=True)),
-            "grad_norm": float(grad_norm),
+            "grad_norm": float(full_tensor(grad_norm)),
             "gamma_step": router_shift(prev_router, router_weights(self.student)),
             "gamma_token_mean": float(weighted[-1]),
             "load_cv": balance["cv"].tolist(),
@@ -311,15 +322,18 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Student, optimizer, scheduler, balancer and RNG states, written atomically."""
+        model_state, optim_state = None, self.optimizer.state_dict()
+        if self.sharded:  # whole tensors on rank 0, which writes
+            model_state, optim_state = gather_state_dict(self.student, self.optimizer)
 
         def write(tmp: Path) -> None:
-            self.student.save_pretrained(tmp / "student")
+            self.student.save_pretrained(tmp / "student", state_dict=model_state)
             self.tokenizer.save_pretrained(tmp / "student")
             torch.save(
                 {
                     "batch": self.batch,
                     "opt_step": self.opt_step,
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": optim_state,
                     "scheduler": self.scheduler.state_dict(),
                     "balancer": self.balancer.state_dict(),
                     "anchor_router": self.anchor_router,
@@ -341,7 +355,10 @@ class Trainer:
         self.student = AutoModelForCausalLM.from_pretrained(ckpt / "student", dtype=torch.float32).to(self.device)
         self._attach_training_state()
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_sharded_optimizer(self.student, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.balancer.load_state_dict(state["balancer"])
         self.rollout.sync_weights(self.student)
@@ -395,12 +412,13 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
             trainer.save_checkpoint()
     bar.close()
     trainer.save_checkpoint()
+    model_state = gather_state_dict(trainer.student)[0] if trainer.sharded else None
     if main:
         log.close()
         writer.close()
 
         def write(tmp: Path) -> None:
-            trainer.student.save_pretrained(tmp)
+            trainer.student.save_pretrained(tmp, state_dict=model_state)
             trainer.tokenizer.save_pretrained(tmp)
 
         atomic_save_dir(out / "student", write)

@@ -61,10 +61,15 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_id: int, pad_id: int)
 
 
 class TransformersRollout:
-    """Sampling with `model.generate` on the training model (weights are always in sync)."""
+    """Sampling with `model.generate` on the training model (weights are always in sync).
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False):
+    `synced`: the model is sharded across ranks (FSDP2), so every forward is a collective and a rank
+    whose sequences have all ended keeps stepping until every rank's have (generate's synced_gpus).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False, synced: bool = False):
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
+        self.synced = synced
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -95,6 +100,7 @@ class TransformersRollout:
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
+                synced_gpus=self.synced,
                 **sampling,
             )
             chunks.append(out[:, ids.shape[1] :].cpu())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from padd.config import WarmupConfig, to_dict
 from padd.corpus import iter_texts, sample_windows
-from padd.distributed import setup
+from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_training
 from padd.io import atomic_save_dir, check_out_dir
 from padd.phase_b.losses import distill_kl_loss
 from padd.routing import moe_gates, router_log_scores, uniform_random_routing
@@ -153,15 +153,13 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     )
     for p in student.parameters():
         p.requires_grad_(False)
-    params = expert_parameters(student)
-    for p in params:
+    for p in expert_parameters(student):
         p.requires_grad_(True)
+    # Data parallel: each rank takes every world-th window, gradients averaged by DDP or FSDP2 (which
+    # replaces the parameters, so they are collected after it). The teacher stays whole on each rank.
+    trained = wrap_for_training(student, ranks, cfg.parallel)
+    params = [p for p in expert_parameters(student) if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    trained = student
-    if ranks.world > 1:  # data parallel: each rank takes every world-th window, gradients averaged by DDP
-        trained = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
     gen = torch.Generator().manual_seed(cfg.seed * ranks.world + ranks.rank)
     order_gen = torch.Generator().manual_seed(cfg.seed + 1)
     log = []
@@ -193,6 +191,9 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(kl=f"{value:.4f}")
     bar.close()
+    if is_sharded(student):  # the router init and the save below work on whole weights, on every rank
+        student = unsharded_copy(student, AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32))
+        student.to(device)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(True)
