@@ -58,24 +58,25 @@ def _args(student, teacher, out) -> list[str]:
     return ["train", *(x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))), "--no-progress"]
 
 
-def _torchrun(args: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "padd",
-        *args,
-    ]
+def _torchrun(args: list[str], launcher: str = "torchrun") -> None:
+    """`padd ARGS` in 2 processes, started by torchrun or by `accelerate launch` (which sets the same
+    environment; --multi_gpu is its multi-process mode, gloo here since there is no GPU)."""
+    if launcher == "accelerate":
+        start = ["accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1"]
+        start += ["--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]
+    else:
+        start = ["torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+        start += [f"--master_port={_free_port()}"]
+    cmd = [sys.executable, "-m", *start, "-m", "padd", *args]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize(("parallel", "resumed"), [("ddp", False), ("fsdp", False), ("fsdp", True)])
-def test_two_processes_match_one_process(tmp_path, student, llama_teacher, parallel, resumed):
+@pytest.mark.parametrize(
+    ("parallel", "resumed", "launcher"),
+    [("ddp", False, "torchrun"), ("fsdp", False, "accelerate"), ("fsdp", True, "torchrun")],
+)
+def test_two_processes_match_one_process(tmp_path, student, llama_teacher, parallel, resumed, launcher):
     """FSDP2 shards weights, gradients and AdamW state but computes the same update as DDP: the
     same tolerances hold, and its checkpoint (gathered to whole tensors) loads like any other.
     Resumed: one batch, then the second from the checkpoint, whose AdamW moments were gathered
@@ -88,7 +89,7 @@ def test_two_processes_match_one_process(tmp_path, student, llama_teacher, paral
         _torchrun([*two, "--steps", "1"])
         _torchrun([*two, "--resume"])
     else:
-        _torchrun(two)
+        _torchrun(two, launcher)
 
     one, two = (
         [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")
