@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv demo test lint bench bench-demo clean
+.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kmeans.py
+
+bench-stage1: $(STAMP)
+	$(PY) benchmarks/bench_stage1.py
+
+bench-moe: $(STAMP)
+	$(PY) benchmarks/bench_moe_throughput.py
+
+bench-phase-b: $(STAMP)
+	$(PY) benchmarks/bench_phase_b.py
 
 clean:
 	rm -rf $(VENV) runs

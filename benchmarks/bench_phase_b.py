@@ -3,8 +3,10 @@
 For each model shape it decomposes a teacher into a student (E=8, top-4, as the presets do) and runs
 the real `padd train` for a few rollout batches with `padd` and with vanilla `grpo`, reading the
 per-phase seconds and peak memory (mem_*_gb) from the runs' metrics.jsonl; the first batch is a
-warm-up and is left out of the means. The peer is vanilla GRPO in the same run: the ratio is the
-cost of PADD's extra terms (the teacher forward of II, the routing shift of III, the bias of IV).
+warm-up and is left out of the means. The methods alternate (--repeats runs each) and each keeps
+its fastest run, so a slow spell of the machine does not land on one of them. The peer is vanilla
+GRPO in the same run: the ratio is the cost of PADD's extra terms (the teacher forward of II, the
+routing shift of III, the bias of IV).
 
 The tiny and mini shapes use the trained teachers given with --teacher (e.g. runs/demo/teacher) and
 warmed-up students given with --student (else decomposed here, not warmed up), or else random
@@ -114,6 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=4, help="rollout batches per run (the first is a warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per method, interleaved; the fastest is kept")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and runs go (default: a temp folder)")
     args = parser.parse_args()
     from padd.config import DecomposeConfig, TrainConfig
@@ -142,8 +145,9 @@ def main() -> None:
                 progress=False,
             )
             decompose(decompose_cfg, quiet)
-        for method in ("grpo", "padd"):
-            run = work / method
+        best: dict[str, dict] = {}
+        for repeat, method in ((r, m) for r in range(args.repeats) for m in ("grpo", "padd")):
+            run = work / f"{method}-{repeat}"
             run_train(
                 TrainConfig(
                     student=str(student),
@@ -160,10 +164,11 @@ def main() -> None:
                 ),
                 quiet,
             )
-            results.append(
-                {"shape": shape, "weights": "trained" if shape in given else "random", "method": method}
-                | phase_means(run)
-            )
+            result = {"shape": shape, "weights": "trained" if shape in given else "random", "method": method}
+            result |= phase_means(run)
+            if method not in best or result["step"] < best[method]["step"]:
+                best[method] = result
+        results += [best["grpo"], best["padd"]]
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     table = Table(title=f"Phase B seconds per rollout batch by phase, and peak memory (GB) of each ({where})")

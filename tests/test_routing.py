@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from padd.routing import RouterRecorder, expert_load, moe_gates, router_log_scores, router_weights
+from padd.routing import RouterRecorder, RoutingReplay, expert_load, moe_gates, router_log_scores, router_weights
 from padd.stage1.build import build_student
 from padd.stage1.partition import plan_layer
 
@@ -73,3 +73,69 @@ def test_router_weights_are_detached_copies(llama_teacher):
     with torch.no_grad():
         moe_gates(student)[0].weight.add_(1.0)
     assert not torch.equal(before[0], moe_gates(student)[0].weight)
+
+
+def _own_selection(student, ids):
+    with torch.no_grad(), RouterRecorder(student) as rec:
+        logits = student(ids).logits
+        _, topk = rec.stacked(tuple(ids.shape))
+    return logits, topk
+
+
+def test_replaying_the_own_selection_changes_nothing(llama_teacher):
+    student = tiny_student(llama_teacher)
+    ids = torch.randint(0, 100, (3, 5))
+    plain, own = _own_selection(student, ids)
+    with torch.no_grad(), RoutingReplay(student, own, count_mask=torch.ones(3, 5)) as replay:
+        replayed = student(ids).logits
+    torch.testing.assert_close(replayed, plain, rtol=0, atol=1e-6)
+    assert (replay.differ, replay.counted) == (0, 2 * 3 * 5)
+
+
+def test_replay_forces_the_selection_and_keeps_the_router_gradient(llama_teacher):
+    student = tiny_student(llama_teacher)
+    ids = torch.randint(0, 100, (2, 6))
+    plain, own = _own_selection(student, ids)
+    other = (own + 1) % 4  # a different pair of the 4 experts for every token
+    mask = torch.ones(2, 6)
+    mask[0, :2] = 0  # e.g. left padding: not counted
+    with RoutingReplay(student, other, count_mask=mask) as replay, RouterRecorder(student) as rec:
+        logits = student(ids).logits
+        _, used = rec.stacked((2, 6))
+    assert torch.equal(used, other)  # the recorder, hooked after the replay, sees what was used
+    assert not torch.allclose(logits, plain)
+    assert replay.differ == replay.counted == 2 * 10
+    logits.sum().backward()
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in moe_gates(student))
+
+
+def test_unknown_selections_keep_the_router_choice_and_measuring_alone_replays_nothing(llama_teacher):
+    student = tiny_student(llama_teacher)
+    ids = torch.randint(0, 100, (2, 4))
+    plain, own = _own_selection(student, ids)
+    with torch.no_grad(), RoutingReplay(student, torch.full_like(own, -1), count_mask=torch.ones(2, 4)) as replay:
+        torch.testing.assert_close(student(ids).logits, plain, rtol=0, atol=1e-6)
+    assert replay.counted == 0
+    with torch.no_grad(), RoutingReplay(student, (own + 1) % 4, torch.ones(2, 4), replay=False) as replay:
+        torch.testing.assert_close(student(ids).logits, plain, rtol=0, atol=1e-6)
+    assert replay.differ == replay.counted == 2 * 8
+
+
+def test_generation_records_the_engine_selection_of_every_fed_token(llama_teacher):
+    """generate's KV-cached steps select what a full forward over the sequence selects (up to float
+    noise near ties); the last completion token is never fed back, so it has no selection."""
+    from transformers import AutoTokenizer
+
+    from padd.phase_b.rollout import TransformersRollout
+
+    student = tiny_student(llama_teacher)
+    backend = TransformersRollout(student, AutoTokenizer.from_pretrained(llama_teacher), record_routing=True)
+    rollout = backend.generate(["1 + 2 =", "the cat"], 2, temperature=0, max_new_tokens=5)
+    experts = rollout.routed_experts
+    n, width = rollout.input_ids.shape
+    assert experts.shape == (2, n, width, 2)
+    assert (experts[:, :, -1] == -1).all() and (experts[:, :, :-1] >= 0).all()
+    with torch.no_grad(), RoutingReplay(student, experts, rollout.attention_mask, replay=False) as replay:
+        positions = (rollout.attention_mask.cumsum(-1) - 1).clamp_min(0)  # as generate numbers them
+        student(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions)
+    assert replay.counted > 0 and replay.differ <= 0.02 * replay.counted

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from helpers import padd
 from padd.cli import main
 from padd.config import TrainConfig
-from padd.phase_b.loop import objective_of
+from padd.phase_b.objective import objective_of
 
 FAST = [
     "--data",
@@ -89,6 +89,7 @@ def test_every_method_runs_on_the_same_loop(tmp_path, student, llama_teacher, me
         "time_update",
         "mem_generation_gb",
         "mem_update_gb",
+        "routing_mismatch",
     ):
         assert key in log[0]
     assert ("loss_kd" in log[0]) == (method in ("padd", "online-kd"))
@@ -98,6 +99,14 @@ def test_every_method_runs_on_the_same_loop(tmp_path, student, llama_teacher, me
     assert (log[-1]["gamma_step"] > 0) == (method in ("padd", "online-kd"))
     assert AutoModelForCausalLM.from_pretrained(run / "student").config.model_type == "glm4_moe"
     assert list((run / "tensorboard").iterdir())
+
+
+def test_routing_replay_runs_and_logs_the_engine_trainer_mismatch(tmp_path, student, llama_teacher):
+    run = tmp_path / "r3"
+    assert train(student, llama_teacher, run, "--steps", "2", "--routing-replay") == 0
+    log = rows(run)
+    assert json.loads((run / "train_config.json").read_text())["routing_replay"] is True
+    assert all(0.0 <= r["routing_mismatch"] <= 1.0 and r["loss"] == r["loss"] for r in log)
 
 
 def test_gamma_anchor_previous_sees_the_last_step_in_on_policy_runs(tmp_path, student, llama_teacher):

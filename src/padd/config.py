@@ -269,6 +269,9 @@ class TrainConfig:
         "step (for strictly on-policy runs)",
         choices=("rollout", "previous"),
     )
+    routing_replay: bool = opt(
+        False, "R3: training forwards reuse the rollout engine's expert selection (router scores still recomputed)"
+    )
     no_kd: bool = opt(False, "ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "ablation: drop III's damping (λ = 0)")
     no_reward_balance: bool = opt(False, "ablation: drop IV's reward term (γ = 0, plain balancing)")

@@ -105,6 +105,60 @@ class RouterRecorder:
         return torch.stack(logp).view(len(weights), *batch_shape, -1)
 
 
+class RoutingReplay:
+    """Routing replay (R3), a context manager: MoE layers use the expert selection `topk` instead of
+    their own, with weights recomputed from the live router scores, so the router keeps its gradient.
+
+    Whether replaying or not (`replay=False` only measures), it counts the token-layer selections
+    where the router's own top-K set differs from `topk`, over the positions `count_mask` marks and
+    `topk` knows: after a forward, `differ` and `counted` hold those numbers.
+
+    Args:
+        topk: [L, B, T, K] experts per layer and token of the coming forward over [B, T]; rows of -1
+            (unknown) keep the router's own choice.
+        count_mask: [B, T] positions to count (e.g. the attention mask); None counts nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, topk: torch.Tensor, count_mask=None, replay: bool = True):
+        self.gates = moe_gates(model)
+        self.topk, self.count_mask, self.replay = topk, count_mask, replay
+        self.differ = 0
+        self.counted = 0
+        self._handles: list = []
+
+    def _hook(self, layer: int):
+        def fn(gate, inputs, output):
+            logits, weights, own = output
+            want = self.topk[layer].reshape(-1, own.shape[-1]).to(own.device)
+            known = (want >= 0).all(-1)
+            if self.count_mask is not None:
+                counted = known & self.count_mask.reshape(-1).to(own.device).bool()
+                same = (own.sort(-1).values == want.sort(-1).values).all(-1)
+                self.differ += int((counted & ~same).sum())
+                self.counted += int(counted.sum())
+            if not self.replay:
+                return None
+            index = torch.where(known[:, None], want, own)
+            # the router's own weighting (Glm4MoeTopkRouter) applied to the replayed experts
+            chosen = logits.sigmoid().gather(1, index)
+            if gate.norm_topk_prob:
+                chosen = chosen / (chosen.sum(-1, keepdim=True) + 1e-20)
+            return logits, (chosen * gate.routed_scaling_factor).to(weights.dtype), index
+
+        return fn
+
+    def __enter__(self) -> RoutingReplay:
+        if self.topk.shape[0] != len(self.gates):
+            raise ValueError(f"routing replay got {self.topk.shape[0]} layers of selections for {len(self.gates)}")
+        self._handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def router_log_scores(logits: torch.Tensor) -> torch.Tensor:
     """log p(e | h) of the normalised sigmoid router scores p = σ(z) / Σ_e σ(z): [N, E] -> [N, E]."""
     log_sig = torch.nn.functional.logsigmoid(logits.float())

@@ -10,10 +10,11 @@ Every method of SPEC §4 is a setting of `Objective` on this same loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,49 +37,13 @@ from padd.io import atomic_save_dir, check_out_dir
 from padd.metrics import load_stats, router_shift
 from padd.phase_b.balance import BiasBalancer
 from padd.phase_b.losses import adaptive_kd_loss, group_advantages, pr_grpo_loss, routing_shift
+from padd.phase_b.objective import objective_of
 from padd.phase_b.phases import PhaseClock
 from padd.phase_b.rollout import Rollout, TransformersRollout
-from padd.routing import RouterRecorder, router_weights
+from padd.routing import RouterRecorder, RoutingReplay, router_weights
 from padd.vocab import common_vocab_size
 
 CHECKPOINT = "checkpoint"
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What one update optimises: the policy term (III or a baseline's), KD (II), the bias rule (IV)."""
-
-    policy: bool
-    level: str
-    lam: float
-    rspo_floor: float | None
-    kd_coef: float
-    eta: float
-    gamma: float
-
-
-def objective_of(cfg: TrainConfig) -> Objective:
-    """The method's objective, then the ablation switches on top."""
-    base = dict(policy=True, level="token", lam=0.0, rspo_floor=None, kd_coef=0.0, eta=cfg.eta, gamma=0.0)
-    if cfg.method == "padd":
-        base.update(lam=cfg.lam, kd_coef=cfg.kd_coef, gamma=cfg.gamma)
-    elif cfg.method == "gspo":
-        base.update(level="sequence")
-    elif cfg.method == "rspo":
-        base.update(rspo_floor=cfg.rspo_floor)
-    elif cfg.method == "online-kd":
-        base.update(policy=False, kd_coef=1.0)
-    elif cfg.method != "grpo":
-        raise ValueError(f"unknown method {cfg.method!r}")
-    if cfg.no_kd:
-        base["kd_coef"] = 0.0
-    if cfg.no_pr:
-        base["lam"] = 0.0
-    if cfg.no_reward_balance:
-        base["gamma"] = 0.0
-    if not base["policy"] and not base["kd_coef"]:
-        raise ValueError("online-kd without KD trains nothing: drop --no-kd")
-    return Objective(**base)
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,7 +103,7 @@ class Trainer:
         self.problems = load_problems(cfg.data, split="train", world_size=cfg.world_size, seed=cfg.seed)
         self._attach_training_state()
         # Sharded, every rank must run as many forwards as the slowest: generate keeps them in step.
-        self.rollout = TransformersRollout(self.student, self.tokenizer, synced=self.sharded)
+        self.rollout = TransformersRollout(self.student, self.tokenizer, synced=self.sharded, record_routing=True)
         self.batch = 0  # rollout batches done
         self.opt_step = 0
         self.anchor_router = router_weights(self.student)  # the router before the last optimizer step
@@ -193,7 +158,9 @@ class Trainer:
             rewards = torch.tensor([float(grade(t, a)) for t, a in zip(rollout.texts, answers, strict=True)])
             advantages = group_advantages(rewards, cfg.group_size)
 
-        with clock("student"), torch.no_grad(), RouterRecorder(self.student) as rec:
+        # replay (R3) before recording, so the recorder sees the selection the forward used
+        engine = self._engine_routing(rollout, count=True)
+        with clock("student"), torch.no_grad(), engine, RouterRecorder(self.student) as rec:
             self.student.eval()
             old_logp = token_logps(
                 forward_completion(self.student, rollout, dev, self.vocab), rollout.completion_ids.to(dev)
@@ -217,9 +184,18 @@ class Trainer:
         self.batch += 1
         totals = self.dist.all_reduce_sum(
             torch.tensor(
-                [float(rewards.sum()), float((rewards > 0).sum()), len(rewards), rollout.completion_mask.sum()]
+                [
+                    float(rewards.sum()),
+                    float((rewards > 0).sum()),
+                    len(rewards),
+                    rollout.completion_mask.sum(),
+                    getattr(engine, "differ", 0),
+                    getattr(engine, "counted", 0),
+                ]
             )
         )
+        # token-layer selections where the trainer's own router disagrees with the rollout engine's
+        mismatch = {"routing_mismatch": float(totals[4] / totals[5])} if totals[5] > 0 else {}
         comp_tokens = int(totals[3])
         elapsed = sum(clock.seconds.values())
         for row in rows:
@@ -229,6 +205,7 @@ class Trainer:
                 accuracy=float(totals[1] / totals[2]),
                 completion_tokens=comp_tokens,
                 tokens_per_s=comp_tokens / max(elapsed, 1e-9),
+                **mismatch,
                 **clock.metrics(),
             )
         return rows
@@ -241,7 +218,8 @@ class Trainer:
 
         self.student.train()
         anchored = cfg.gamma_anchor == "previous"
-        with clock("student"), RouterRecorder(self.student, keep_inputs=anchored) as rec:
+        engine = self._engine_routing(mb)
+        with clock("student"), engine, RouterRecorder(self.student, keep_inputs=anchored) as rec:
             logits = forward_completion(self.trained, mb, dev, self.vocab)
             router_now, topk_now = completion_routing(rec, mb)
             if anchored:  # Γ against the router one optimizer step ago, on this forward's router inputs
@@ -317,6 +295,14 @@ class Trainer:
             **bias,
             "lr": self.scheduler.get_last_lr()[0],
         }
+
+    def _engine_routing(self, mb: Rollout, count: bool = False):
+        """Over one forward on `mb`: replay the engine's expert selection (--routing-replay) and, with
+        `count`, measure the trainer's disagreement with it; a no-op when the backend gave none."""
+        if mb.routed_experts is None or not (count or self.cfg.routing_replay):
+            return contextlib.nullcontext()
+        mask = mb.attention_mask if count else None
+        return RoutingReplay(self.student, mb.routed_experts, count_mask=mask, replay=self.cfg.routing_replay)
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Rollout backends: G sampled completions per prompt, as token tensors the loop trains on.
 
 `TransformersRollout` runs `generate` on the training model itself (KV cache, left-padded batches);
-a vLLM backend implements the same two methods.
+a vLLM backend implements the same two methods. A backend may also return the expert selection its
+engine made for every token (`routed_experts`), which the loop compares with the trainer's own and,
+with routing replay (R3), reuses in the training forwards.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ from tqdm.auto import tqdm
 
 @dataclass
 class Rollout:
-    """N = prompts x G sequences. prompt_ids [N, P] left-padded; completion_ids [N, C] right-padded."""
+    """N = prompts x G sequences. prompt_ids [N, P] left-padded; completion_ids [N, C] right-padded.
+
+    routed_experts: [L, N, P + C, K] experts the engine selected in each MoE layer for each input
+    token, -1 where it made none (the last completion token is never fed back), or None.
+    """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     texts: list[str]
+    routed_experts: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -39,6 +46,7 @@ class Rollout:
             self.completion_ids[index],
             self.completion_mask[index],
             [self.texts[int(i)] for i in index],
+            None if self.routed_experts is None else self.routed_experts[:, index],
         )
 
 
@@ -67,9 +75,18 @@ class TransformersRollout:
     whose sequences have all ended keeps stepping until every rank's have (generate's synced_gpus).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False, synced: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 64,
+        progress: bool = False,
+        synced: bool = False,
+        record_routing: bool = False,
+    ):
+        """`record_routing`: return the experts each MoE layer selected during generation."""
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
-        self.synced = synced
+        self.synced, self.record_routing = synced, record_routing
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -85,7 +102,7 @@ class TransformersRollout:
         enc = tok(flat, return_tensors="pt", padding=True, add_special_tokens=False)
         was_training = model.training
         model.eval()
-        chunks = []
+        chunks, routed = [], []
         bar = tqdm(total=len(flat), desc="generate", unit="seq", disable=not self.progress)
         new_tokens, start = 0, time.perf_counter()
         for i in range(0, len(flat), self.batch_size):
@@ -94,16 +111,18 @@ class TransformersRollout:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
             if temperature <= 0:
                 sampling = {"do_sample": False}
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                synced_gpus=self.synced,
-                **sampling,
-            )
+            with _SelectionRecorder(model if self.record_routing else None) as selection:
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    synced_gpus=self.synced,
+                    **sampling,
+                )
             chunks.append(out[:, ids.shape[1] :].cpu())
+            routed.append(selection.per_token(out.shape[1]))
             new_tokens += int(completion_mask_from(chunks[-1], tok.eos_token_id, tok.pad_token_id).sum())
             bar.update(len(ids))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
@@ -115,4 +134,46 @@ class TransformersRollout:
         )
         cmask = completion_mask_from(completion, tok.eos_token_id, tok.pad_token_id)
         texts = tok.batch_decode(completion * cmask + tok.pad_token_id * (1 - cmask), skip_special_tokens=True)
-        return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts)
+        experts = None
+        if routed and routed[0] is not None:
+            full = enc["input_ids"].shape[1] + width
+            experts = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, full - r.shape[2]), value=-1) for r in routed], 1)
+        return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts, experts)
+
+
+class _SelectionRecorder:
+    """The top-K experts every MoE router picks during one `generate` call, assembled per token.
+
+    generate runs one prefill over the prompt, then one forward per new token on the token before
+    it, so the selections of the prompt and of every generated token but the last are seen. Forwards
+    beyond those (synced_gpus keeps a finished rank stepping) are dropped. model=None records nothing.
+    """
+
+    def __init__(self, model):
+        from padd.routing import moe_gates
+
+        self.gates = moe_gates(model) if model is not None else []
+        self.calls: list[list[torch.Tensor]] = [[] for _ in self.gates]
+        self.handles = []
+
+    def __enter__(self):
+        for layer, gate in enumerate(self.gates):
+
+            def hook(module, inputs, output, layer=layer):
+                batch, tokens = inputs[0].shape[:2]
+                self.calls[layer].append(output[2].detach().view(batch, tokens, -1))  # no host sync per step
+
+            self.handles.append(gate.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def per_token(self, length: int) -> torch.Tensor | None:
+        """[L, B, length, K] selections of the `length` tokens of generate's output, -1 for the last."""
+        if not self.gates:
+            return None
+        per_layer = [torch.cat(calls, dim=1)[:, : length - 1].cpu() for calls in self.calls]
+        stacked = torch.stack(per_layer)
+        return torch.nn.functional.pad(stacked, (0, 0, 0, length - stacked.shape[2]), value=-1)
