@@ -162,7 +162,7 @@ def main() -> None:
         )
         results.append({"shape": shape, "layers": n_layers, "timings_s": times, "forward_s": forward_s})
     console.print(table)
-    console.print(json.dumps({"device": where, "results": results}))
+    print(json.dumps({"device": where, "results": results}))
 
 
 if __name__ == "__main__":
