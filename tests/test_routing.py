@@ -139,3 +139,19 @@ def test_generation_records_the_engine_selection_of_every_fed_token(llama_teache
         positions = (rollout.attention_mask.cumsum(-1) - 1).clamp_min(0)  # as generate numbers them
         student(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions)
     assert replay.counted > 0 and replay.differ <= 0.02 * replay.counted
+
+
+def test_routers_stay_float32_under_bf16_autocast(llama_teacher):
+    from padd.precision import autocast, routers_in_fp32
+
+    student = tiny_student(llama_teacher)
+    ids = torch.randint(0, 100, (2, 5))
+    amp = autocast(torch.device("cpu"), "bf16")
+    with torch.no_grad(), amp, RouterRecorder(student) as rec:
+        logits = student(ids).logits
+    assert logits.dtype == torch.bfloat16 and rec.logits[0].dtype == torch.bfloat16  # autocast undoes the upcast
+    routers_in_fp32(student)
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"), RouterRecorder(student) as rec:
+        logits = student(ids).logits
+        assert torch.is_autocast_enabled("cpu")  # restored after each router
+    assert logits.dtype == torch.bfloat16 and all(lg.dtype == torch.float32 for lg in rec.logits)

@@ -109,6 +109,18 @@ def test_routing_replay_runs_and_logs_the_engine_trainer_mismatch(tmp_path, stud
     assert all(0.0 <= r["routing_mismatch"] <= 1.0 and r["loss"] == r["loss"] for r in log)
 
 
+def test_bf16_precision_trains_float32_weights_against_a_bf16_teacher(tmp_path, student, llama_teacher):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "bf16"
+    assert train(student, llama_teacher, run, "--steps", "2", "--precision", "bf16", "--lr", "1e-3") == 0
+    log = rows(run)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "loss_kd" in log[0]
+    before, after = load_file(student / "model.safetensors"), load_file(run / "student" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in after.values())
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
 def test_gamma_anchor_previous_sees_the_last_step_in_on_policy_runs(tmp_path, student, llama_teacher):
     """With one update per batch the rollout-time router is the current one, so Γ is 0 against it;
     anchored on the router before the last optimizer step, Γ measures that step's shift."""

@@ -81,3 +81,11 @@ def test_mismatched_tokenizers_are_refused(tmp_path, student, llama_teacher, cor
     other = make_tiny_teacher(tmp_path / "other", "qwen2", texts=["completely different words here"] * 20)
     assert warmup(student, other, corpus_file, tmp_path / "o") == 2
     assert "tokenizers differ" in capsys.readouterr().err
+
+
+def test_bf16_warmup_lowers_the_kl(tmp_path, student, qwen2_teacher, corpus_file):
+    import json
+
+    assert warmup(student, qwen2_teacher, corpus_file, tmp_path / "bf16", "--precision", "bf16") == 0
+    record = json.loads((tmp_path / "bf16" / "padd_warmup.json").read_text())
+    assert record["last_kl"] < record["first_kl"] and record["config"]["precision"] == "bf16"

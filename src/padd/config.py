@@ -225,6 +225,9 @@ class WarmupConfig:
         "under torchrun/accelerate: DDP, or FSDP2 sharding the student's weights, grads and optimizer",
         choices=("ddp", "fsdp"),
     )
+    precision: str = opt(
+        "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")
+    )
     seed: int = opt(0, "seed of the sample, the random routing and the router init")
     overwrite: bool = opt(False, "replace an existing non-empty --out directory")
     progress: bool = opt(True, "show progress bars")
@@ -281,6 +284,9 @@ class TrainConfig:
     device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
     parallel: str = opt(
         "ddp", "under torchrun/accelerate: DDP, or FSDP2 sharding weights, grads and optimizer", choices=("ddp", "fsdp")
+    )
+    precision: str = opt(
+        "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")
     )
     seed: int = opt(0, "seed of prompt order, sampling and routing ties")
     overwrite: bool = opt(False, "replace an existing run directory (without --resume)")

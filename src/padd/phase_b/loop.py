@@ -40,6 +40,7 @@ from padd.phase_b.losses import adaptive_kd_loss, group_advantages, pr_grpo_loss
 from padd.phase_b.objective import objective_of
 from padd.phase_b.phases import PhaseClock
 from padd.phase_b.rollout import Rollout, TransformersRollout
+from padd.precision import autocast, routers_in_fp32, teacher_dtype
 from padd.routing import RouterRecorder, RoutingReplay, router_weights
 from padd.vocab import common_vocab_size
 
@@ -90,7 +91,8 @@ class Trainer:
         self.device = self.dist.device(cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
         self.student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(self.device)
-        self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(self.device).eval()
+        t_dtype = teacher_dtype(cfg.precision)
+        self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=t_dtype).to(self.device).eval()
         if cfg.parallel == "fsdp" and self.dist.world > 1:
             shard(self.teacher)  # forward-only, but a 7B teacher is as large as the student
         # Before step 1: distillation over logits needs one vocabulary (SPEC §4 II).
@@ -112,6 +114,7 @@ class Trainer:
         """Data-parallel wrapping, then optimizer, warm-up scheduler and bias balancer bound to the
         current student (FSDP2 replaces the parameters, so the optimizer must come after it)."""
         cfg = self.cfg
+        routers_in_fp32(self.student)
         # Gradients are averaged over ranks by DDP or FSDP2; generation and no-grad forwards use the
         # bare model (under FSDP2 it is the sharded model itself).
         self.trained = wrap_for_training(self.student, self.dist, cfg.parallel)
@@ -146,7 +149,7 @@ class Trainer:
         # sampling and routing ties: resumable by count, distinct per rank
         torch.manual_seed((cfg.seed * 1_000_003 + self.batch) * self.dist.world + self.dist.rank)
         clock = PhaseClock(dev, ("generation", "teacher", "student", "update"))
-        with clock("generation"):
+        with clock("generation"), self.amp():
             problems = self._prompts()
             rollout = self.rollout.generate(
                 [build_prompt(self.tokenizer, p.problem) for p in problems],
@@ -160,7 +163,7 @@ class Trainer:
 
         # replay (R3) before recording, so the recorder sees the selection the forward used
         engine = self._engine_routing(rollout, count=True)
-        with clock("student"), torch.no_grad(), engine, RouterRecorder(self.student) as rec:
+        with clock("student"), torch.no_grad(), self.amp(), engine, RouterRecorder(self.student) as rec:
             self.student.eval()
             old_logp = token_logps(
                 forward_completion(self.student, rollout, dev, self.vocab), rollout.completion_ids.to(dev)
@@ -219,7 +222,7 @@ class Trainer:
         self.student.train()
         anchored = cfg.gamma_anchor == "previous"
         engine = self._engine_routing(mb)
-        with clock("student"), engine, RouterRecorder(self.student, keep_inputs=anchored) as rec:
+        with clock("student"), self.amp(), engine, RouterRecorder(self.student, keep_inputs=anchored) as rec:
             logits = forward_completion(self.trained, mb, dev, self.vocab)
             router_now, topk_now = completion_routing(rec, mb)
             if anchored:  # Γ against the router one optimizer step ago, on this forward's router inputs
@@ -245,7 +248,7 @@ class Trainer:
             )
             stats.update(pg_stats)
         if obj.kd_coef:
-            with clock("teacher"), torch.no_grad():
+            with clock("teacher"), torch.no_grad(), self.amp():
                 t_logits = forward_completion(self.teacher, mb, dev, self.vocab)
             kd, kd_stats = adaptive_kd_loss(logits, t_logits, adv, mask, tau=cfg.tau, t_min=cfg.t_min)
             terms["kd"] = obj.kd_coef * kd
@@ -295,6 +298,10 @@ class Trainer:
             **bias,
             "lr": self.scheduler.get_last_lr()[0],
         }
+
+    def amp(self):
+        """Autocast for a forward under --precision bf16 (a no-op for fp32)."""
+        return autocast(self.device, self.cfg.precision)
 
     def _engine_routing(self, mb: Rollout, count: bool = False):
         """Over one forward on `mb`: replay the engine's expert selection (--routing-replay) and, with

@@ -23,6 +23,7 @@ from padd.corpus import iter_texts, sample_windows
 from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_training
 from padd.io import atomic_save_dir, check_out_dir
 from padd.phase_b.losses import distill_kl_loss
+from padd.precision import autocast, routers_in_fp32, teacher_dtype
 from padd.routing import moe_gates, router_log_scores, uniform_random_routing
 from padd.stage1.decompose import STAGE1_FILE
 from padd.vocab import common_vocab_size
@@ -142,7 +143,8 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     t0 = time.perf_counter()
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
     student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(device).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=teacher_dtype(cfg.precision)).to(device).eval()
+    routers_in_fp32(student)
     vocab = common_vocab_size(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
     windows = sample_windows(
         iter_texts(cfg.corpus, cfg.text_field, cfg.split),
@@ -174,9 +176,9 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         local = order[ranks.rank :: ranks.world]
         for b in range(n_batches):
             batch = windows[local[b * cfg.batch_size : (b + 1) * cfg.batch_size]].to(device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, cfg.precision):
                 t_logits = teacher(input_ids=batch, use_cache=False).logits[..., :vocab]
-            with uniform_random_routing(student, gen):
+            with uniform_random_routing(student, gen), autocast(device, cfg.precision):
                 s_logits = trained(input_ids=batch, use_cache=False).logits[..., :vocab]
             loss = distill_kl_loss(s_logits, t_logits, torch.ones(batch.shape, device=batch.device))
             value = float(ranks.all_reduce_sum(loss.detach().clone()) / ranks.world)
