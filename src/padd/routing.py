@@ -129,7 +129,7 @@ class RoutingReplay:
     def _hook(self, layer: int):
         def fn(gate, inputs, output):
             logits, weights, own = output
-            want = self.topk[layer].reshape(-1, own.shape[-1]).to(own.device)
+            want = self.topk[layer].reshape(-1, own.shape[-1]).to(own.device, own.dtype)
             known = (want >= 0).all(-1)
             if self.count_mask is not None:
                 counted = known & self.count_mask.reshape(-1).to(own.device).bool()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 class Rollout:
     """N = prompts x G sequences. prompt_ids [N, P] left-padded; completion_ids [N, C] right-padded.
 
-    routed_experts: [L, N, P + C, K] experts the engine selected in each MoE layer for each input
+    routed_experts: [L, N, P + C, K] (int16) experts the engine selected in each MoE layer for each input
     token, -1 where it made none (the last completion token is never fed back), or None.
     """
 
@@ -174,6 +174,7 @@ class _SelectionRecorder:
         """[L, B, length, K] selections of the `length` tokens of generate's output, -1 for the last."""
         if not self.gates:
             return None
-        per_layer = [torch.cat(calls, dim=1)[:, : length - 1].cpu() for calls in self.calls]
+        # int16, as vLLM returns them: a 7B rollout batch holds tens of millions of selections
+        per_layer = [torch.cat(calls, dim=1)[:, : length - 1].to("cpu", torch.int16) for calls in self.calls]
         stacked = torch.stack(per_layer)
         return torch.nn.functional.pad(stacked, (0, 0, 0, length - stacked.shape[2]), value=-1)

@@ -95,7 +95,12 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
 
     # Several ranks: each clusters its own layers (those it got the statistics of) and all share plans.
     mine = {}
-    bar = tqdm(owned_layers(moe_layers, ranks), desc=f"{cfg.init} init", unit="layer", disable=not cfg.progress)
+    bar = tqdm(
+        owned_layers(moe_layers, ranks),
+        desc=f"{cfg.init} init",
+        unit="layer",
+        disable=not (cfg.progress and ranks.main),
+    )
     for i in bar:
         st = stats.pop(i, None)
         mine[i] = plan_layer(
