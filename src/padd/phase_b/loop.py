@@ -327,6 +327,7 @@ class Trainer:
                     "batch": self.batch,
                     "opt_step": self.opt_step,
                     "optimizer": optim_state,
+                    "sharded_optimizer": self.sharded,
                     "scheduler": self.scheduler.state_dict(),
                     "balancer": self.balancer.state_dict(),
                     "anchor_router": self.anchor_router,
@@ -348,6 +349,12 @@ class Trainer:
         self.student = AutoModelForCausalLM.from_pretrained(ckpt / "student", dtype=torch.float32).to(self.device)
         self._attach_training_state()
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        if state.get("sharded_optimizer", False) != self.sharded:
+            was = "fsdp on several processes" if state.get("sharded_optimizer") else "one process or ddp"
+            raise ValueError(
+                f"--resume: the checkpoint in {ckpt} was written under {was}, whose optimizer state this run "
+                "cannot load; resume with the same --parallel mode (and process count above one for fsdp)"
+            )
         if self.sharded:
             load_sharded_optimizer(self.student, self.optimizer, state["optimizer"])
         else:
