@@ -23,34 +23,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-# name -> (Qwen2Config kwargs, experts, default top-k values)
-SHAPES = {
-    "small": (
-        dict(
-            hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2
-        ),
-        8,
-        "2,4",
-    ),
-    "qwen2.5-0.5b": (
-        dict(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
-        ),
-        8,
-        "2,4",
-    ),
-    "qwen2.5-7b": (
-        dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-        ),
-        64,
-        "8,20",
-    ),
-}
+from shapes import QWEN25_05B, QWEN25_7B
+
+# name -> (Qwen2Config kwargs, experts, default top-k values); --vocab sets the vocabulary
+SMALL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+SHAPES = {"small": (SMALL, 8, "2,4"), "qwen2.5-0.5b": (QWEN25_05B, 8, "2,4"), "qwen2.5-7b": (QWEN25_7B, 64, "8,20")}
 
 
 def _sync(device: str) -> None:
@@ -63,7 +40,9 @@ def make_teacher(shape: str, vocab: int, dtype: torch.dtype, device: str):
 
     kwargs, _, _ = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = Qwen2Config(**kwargs, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        **{**kwargs, "vocab_size": vocab or kwargs.get("vocab_size", 32000)}, max_position_embeddings=4096
+    )
     with torch.device(device):
         return Qwen2ForCausalLM(cfg).to(dtype).eval()
 
@@ -125,7 +104,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding")
     parser.add_argument("--new-tokens", type=int, help="decoded tokens per row (default: 128 on a GPU, 32 on CPU)")
     parser.add_argument("--prefill-len", type=int, default=512, help="sequence length of the prefill forward")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size of the random teacher")
+    parser.add_argument(
+        "--vocab", type=int, help="vocabulary size of the random teacher (default: the shape's, small 32000)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (best kept)")
     parser.add_argument("--impls", default="eager,grouped_mm", help="transformers experts implementations to time")
     args = parser.parse_args()

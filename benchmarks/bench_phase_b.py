@@ -31,6 +31,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from shapes import QWEN25_05B
+
 PHASES = ("generation", "teacher", "student", "update")
 # the train settings of the tiny/mini study presets, and a GPU-sized batch for the 0.5B shape
 TRAIN = {
@@ -38,15 +40,6 @@ TRAIN = {
     "mini": dict(prompts_per_step=8, group_size=4, updates_per_batch=2, max_new_tokens=96),
     "qwen2.5-0.5b": dict(prompts_per_step=16, group_size=8, updates_per_batch=2, max_new_tokens=256),
 }
-QWEN05 = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-)
 
 
 def random_teacher(shape: str, out: Path) -> Path:
@@ -71,7 +64,7 @@ def random_teacher(shape: str, out: Path) -> Path:
             tie_word_embeddings=True,
         )
     else:
-        dims = QWEN05
+        dims = QWEN25_05B
     torch.manual_seed(0)
     cfg = Qwen2Config(
         **dims,

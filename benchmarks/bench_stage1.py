@@ -26,37 +26,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from shapes import LLAMA_7B, QWEN25_7B
+
 # name -> (transformers config class, config kwargs, experts, top-k); expert sizes are multiples of 8
-SHAPES = {
-    "qwen2.5-7b": (
-        "Qwen2Config",
-        dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            tie_word_embeddings=False,
-        ),
-        64,
-        8,
-    ),
-    "llama-7b": (
-        "LlamaConfig",
-        dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32000,
-            tie_word_embeddings=False,
-        ),
-        32,
-        4,
-    ),
-}
+SHAPES = {"qwen2.5-7b": ("Qwen2Config", QWEN25_7B, 64, 8), "llama-7b": ("LlamaConfig", LLAMA_7B, 32, 4)}
 PHASES = ["sample", "load", "activations", "cluster", "build", "save"]
 
 
