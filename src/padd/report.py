@@ -127,7 +127,7 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
         if margin > noise:
             return "**supported**" + (" (one seed: no noise estimate)" if one_seed else "")
         if margin > 0 or (tie_ok and margin == 0):
-            return "**supported within noise** (difference ≤ 1 std over seeds)"
+            return "**not separated from noise** (the claimed direction, by ≤ 1 std over seeds)"
         if margin == 0:
             return "**not supported** (tied)"
         return "**not supported**" + (" (within noise)" if -margin <= noise else "")
