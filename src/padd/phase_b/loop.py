@@ -313,8 +313,9 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
-        """Student, optimizer, scheduler, balancer and RNG states, written atomically."""
+    def save_checkpoint(self) -> dict | None:
+        """Student, optimizer, scheduler, balancer and RNG states, written atomically. Returns the
+        student's whole state dict when it is sharded (gathered on rank 0 for the write), else None."""
         model_state, optim_state = None, self.optimizer.state_dict()
         if self.sharded:  # whole tensors on rank 0, which writes
             model_state, optim_state = gather_state_dict(self.student, self.optimizer)
@@ -339,6 +340,7 @@ class Trainer:
         if self.dist.main:
             atomic_save_dir(self.out / CHECKPOINT, write)
         self.dist.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
+        return model_state
 
     def load_checkpoint(self) -> None:
         from transformers import AutoModelForCausalLM
@@ -411,8 +413,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
         if cfg.save_every and trainer.batch % cfg.save_every == 0:
             trainer.save_checkpoint()
     bar.close()
-    trainer.save_checkpoint()
-    model_state = gather_state_dict(trainer.student)[0] if trainer.sharded else None
+    model_state = trainer.save_checkpoint()  # gathered once, for the checkpoint and the final student
     if main:
         log.close()
         writer.close()
