@@ -51,13 +51,18 @@ class RouterRecorder:
     router logits, before the selection bias) and `topk` one [B*T, K] tensor of selected experts;
     with `keep_inputs`, `inputs` holds each router's input [B*T, H] (detached), so that log-scores
     under other router weights can be computed (`log_scores_under`).
-    Recording keeps the autograd graph of the logits only when `keep_grad` is set.
+    Recording keeps the autograd graph of the logits only when `keep_grad` is set; without
+    `keep_logits` only the top-K is kept (across many forwards, e.g. a `generate` call, `topk` holds
+    each forward's layers in order).
     """
 
-    def __init__(self, model: torch.nn.Module, keep_grad: bool = False, keep_inputs: bool = False):
+    def __init__(
+        self, model: torch.nn.Module, keep_grad: bool = False, keep_inputs: bool = False, keep_logits: bool = True
+    ):
         self.gates = moe_gates(model)
         self.keep_grad = keep_grad
         self.keep_inputs = keep_inputs
+        self.keep_logits = keep_logits
         self.logits: list[torch.Tensor] = []
         self.topk: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor] = []
@@ -65,7 +70,8 @@ class RouterRecorder:
 
     def _hook(self, gate, inputs, output):
         logits, _, indices = output
-        self.logits.append(logits if self.keep_grad else logits.detach())
+        if self.keep_logits:
+            self.logits.append(logits if self.keep_grad else logits.detach())
         self.topk.append(indices.detach())
         if self.keep_inputs:
             self.inputs.append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))

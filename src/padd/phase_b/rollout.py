@@ -8,12 +8,15 @@ with routing replay (R3), reuses in the training forwards.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
+
+from padd.routing import RouterRecorder
 
 
 @dataclass
@@ -111,7 +114,9 @@ class TransformersRollout:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
             if temperature <= 0:
                 sampling = {"do_sample": False}
-            with _SelectionRecorder(model if self.record_routing else None) as selection:
+            # top-K only, kept on the device (no host sync per step) until the call ends
+            recorder = RouterRecorder(model, keep_logits=False) if self.record_routing else None
+            with recorder or contextlib.nullcontext():
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -122,7 +127,8 @@ class TransformersRollout:
                     **sampling,
                 )
             chunks.append(out[:, ids.shape[1] :].cpu())
-            routed.append(selection.per_token(out.shape[1]))
+            if recorder is not None and recorder.gates:
+                routed.append(_per_token(recorder, len(ids), out.shape[1]))
             new_tokens += int(completion_mask_from(chunks[-1], tok.eos_token_id, tok.pad_token_id).sum())
             bar.update(len(ids))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
@@ -135,46 +141,26 @@ class TransformersRollout:
         cmask = completion_mask_from(completion, tok.eos_token_id, tok.pad_token_id)
         texts = tok.batch_decode(completion * cmask + tok.pad_token_id * (1 - cmask), skip_special_tokens=True)
         experts = None
-        if routed and routed[0] is not None:
+        if routed:
             full = enc["input_ids"].shape[1] + width
             experts = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, full - r.shape[2]), value=-1) for r in routed], 1)
         return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts, experts)
 
 
-class _SelectionRecorder:
-    """The top-K experts every MoE router picks during one `generate` call, assembled per token.
+def _per_token(rec: RouterRecorder, batch: int, length: int) -> torch.Tensor:
+    """[L, B, length, K] engine selections of the `length` tokens of one `generate` output, -1 for the last.
 
     generate runs one prefill over the prompt, then one forward per new token on the token before
     it, so the selections of the prompt and of every generated token but the last are seen. Forwards
-    beyond those (synced_gpus keeps a finished rank stepping) are dropped. model=None records nothing.
+    beyond those (synced_gpus keeps a finished rank stepping) are dropped.
     """
-
-    def __init__(self, model):
-        from padd.routing import moe_gates
-
-        self.gates = moe_gates(model) if model is not None else []
-        self.calls: list[list[torch.Tensor]] = [[] for _ in self.gates]
-        self.handles = []
-
-    def __enter__(self):
-        for layer, gate in enumerate(self.gates):
-
-            def hook(module, inputs, output, layer=layer):
-                batch, tokens = inputs[0].shape[:2]
-                self.calls[layer].append(output[2].detach().view(batch, tokens, -1))  # no host sync per step
-
-            self.handles.append(gate.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def per_token(self, length: int) -> torch.Tensor | None:
-        """[L, B, length, K] selections of the `length` tokens of generate's output, -1 for the last."""
-        if not self.gates:
-            return None
+    n_layers = len(rec.gates)
+    per_layer = [
         # int16, as vLLM returns them: a 7B rollout batch holds tens of millions of selections
-        per_layer = [torch.cat(calls, dim=1)[:, : length - 1].to("cpu", torch.int16) for calls in self.calls]
-        stacked = torch.stack(per_layer)
-        return torch.nn.functional.pad(stacked, (0, 0, 0, length - stacked.shape[2]), value=-1)
+        torch.cat([t.view(batch, -1, t.shape[-1]) for t in rec.topk[layer::n_layers]], dim=1)[:, : length - 1].to(
+            "cpu", torch.int16
+        )
+        for layer in range(n_layers)
+    ]
+    stacked = torch.stack(per_layer)
+    return torch.nn.functional.pad(stacked, (0, 0, 0, length - stacked.shape[2]), value=-1)
