@@ -30,9 +30,20 @@ def test_pass_at_k_rejects_bad_counts():
 def test_teacher_then_eval_end_to_end(tmp_path):
     teacher = tmp_path / "teacher"
     assert (
-        padd("teacher", preset="tiny", out=teacher, steps=3, train_per_skill=50, eval_per_skill=2, progress=False) == 0
+        padd(
+            "teacher",
+            preset="tiny",
+            out=teacher,
+            steps=3,
+            batch_size=8,
+            train_per_skill=50,
+            eval_per_skill=2,
+            progress=False,
+        )
+        == 0
     )
     record = json.loads((teacher / "padd_teacher.json").read_text())
+    assert record["steps"] == 3 and record["batch_size"] == 8
     assert set(record["pass@1"]) == {"add", "sub", "mul", "expr", "word", "reverse"}
     out = tmp_path / "eval.json"
     assert (
@@ -95,3 +106,9 @@ def test_eval_reports_bad_bench(tmp_path, llama_teacher, capsys):
         ["eval", "--model", str(llama_teacher), "--bench", str(bad), "--out", str(tmp_path / "e.json"), "--no-progress"]
     )
     assert code == 2 and "no usable row" in capsys.readouterr().err
+
+
+def test_teacher_refuses_fewer_examples_than_one_batch(tmp_path, capsys):
+    out = tmp_path / "t"
+    code = padd("teacher", preset="tiny", out=out, steps=1, train_per_skill=2, eval_per_skill=0, progress=False)
+    assert code != 0 and "raise --train-per-skill" in capsys.readouterr().err

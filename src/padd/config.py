@@ -194,6 +194,8 @@ class TeacherConfig:
     out: str = req("output directory of the teacher checkpoint and tokenizer")
     preset: str = opt("tiny", "model size and training budget", choices=("tiny", "mini"))
     steps: int | None = opt(None, "optimizer steps (default: the preset's)")
+    lr: float | None = opt(None, "peak AdamW learning rate (default: the preset's)")
+    batch_size: int | None = opt(None, "training examples per step (default: the preset's)")
     train_per_skill: int | None = opt(None, "training problems per skill (default: the preset's)")
     eval_per_skill: int = opt(100, "test problems per skill for the final Pass@1 (0: skip it)")
     device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))

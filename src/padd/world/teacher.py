@@ -39,9 +39,10 @@ class TeacherPreset:
 
 
 PRESETS = {
-    # tests and the demo: about six minutes on 2 CPU cores
+    # tests and the demo: 404-500 s on 2 CPU cores; half the steps or half the batch leaves a
+    # teacher that cannot add (README, "Teacher presets")
     "tiny": TeacherPreset(128, 512, 4, 4, 2, steps=1500, batch_size=32, lr=3e-3, train_per_skill=8000),
-    # stronger, about twenty minutes on 2 CPU cores
+    # stronger: about 22 minutes on 2 CPU cores
     "mini": TeacherPreset(192, 768, 6, 6, 2, steps=2000, batch_size=32, lr=2e-3, train_per_skill=40000),
 }
 
@@ -91,6 +92,11 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
         (build_prompt(None, r["problem"]) + " " + r["solution"] for r in rows[:20000]), vocab_size=512
     )
     examples = _examples(tokenizer, rows)
+    batch_size = cfg.batch_size or preset.batch_size
+    if len(examples) < batch_size:
+        raise ValueError(
+            f"{len(examples)} training examples is fewer than one batch of {batch_size}; raise --train-per-skill"
+        )
     console.print(
         f"{len(examples)} training examples, tokenizer of {len(tokenizer)} tokens ({time.perf_counter() - t0:.0f}s)"
     )
@@ -109,7 +115,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
             bos_token_id=None,
         )
     ).to(cfg.device)
-    optim = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr or preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
     # Warm-up, stable, decay: a constant rate through the middle reaches the point where the model
     # learns to copy operands from the prompt sooner than a cosine that starts decaying at once.
     warmup, decay = max(1, steps // 20), max(1, steps // 5)
@@ -122,7 +128,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     loss_ema = None
     for _ in bar:
         input_ids, labels, mask = (
-            t.to(cfg.device) for t in _batch(gen.sample(examples, preset.batch_size), tokenizer.pad_token_id)
+            t.to(cfg.device) for t in _batch(gen.sample(examples, batch_size), tokenizer.pad_token_id)
         )
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -154,6 +160,8 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     record = {
         "preset": cfg.preset,
         "steps": steps,
+        "lr": cfg.lr or preset.lr,
+        "batch_size": batch_size,
         "train_seconds": round(train_s, 1),
         "final_loss": loss_ema,
         "pass@1": scores,
