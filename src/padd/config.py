@@ -277,6 +277,13 @@ class TrainConfig:
     routing_replay: bool = opt(
         False, "R3: training forwards reuse the rollout engine's expert selection (router scores still recomputed)"
     )
+    rollout: str = opt(
+        "transformers",
+        "rollout engine: generate on the training model, or a vLLM engine colocated on each GPU (padd[vllm])",
+        choices=("transformers", "vllm"),
+    )
+    vllm_gpu_memory: float = opt(0.3, "vllm rollouts: share of GPU memory the engine may take (weights + KV cache)")
+    vllm_max_model_len: int | None = opt(None, "vllm rollouts: longest prompt + completion (default: 2048 + budget)")
     no_kd: bool = opt(False, "ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "ablation: drop III's damping (λ = 0)")
     no_reward_balance: bool = opt(False, "ablation: drop IV's reward term (γ = 0, plain balancing)")

@@ -39,7 +39,7 @@ from padd.phase_b.balance import BiasBalancer
 from padd.phase_b.losses import adaptive_kd_loss, group_advantages, pr_grpo_loss, routing_shift
 from padd.phase_b.objective import objective_of
 from padd.phase_b.phases import PhaseClock
-from padd.phase_b.rollout import Rollout, TransformersRollout
+from padd.phase_b.rollout import Rollout, rollout_backend
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
 from padd.routing import RouterRecorder, RoutingReplay, router_weights
 from padd.vocab import common_vocab_size
@@ -82,6 +82,8 @@ class Trainer:
         self.out = Path(cfg.out)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        if cfg.rollout == "vllm" and cfg.device != "cuda":
+            raise ValueError("--rollout vllm runs on a GPU: add --device cuda, or use --rollout transformers")
         self.dist = setup(cfg.device)
         if cfg.prompts_per_step % self.dist.world:
             raise ValueError(
@@ -104,8 +106,9 @@ class Trainer:
         )
         self.problems = load_problems(cfg.data, split="train", world_size=cfg.world_size, seed=cfg.seed)
         self._attach_training_state()
-        # Sharded, every rank must run as many forwards as the slowest: generate keeps them in step.
-        self.rollout = TransformersRollout(self.student, self.tokenizer, synced=self.sharded, record_routing=True)
+        self.rollout = rollout_backend(
+            cfg, self.student, self.tokenizer, rank=self.dist.rank, main=self.dist.main, sharded=self.sharded
+        )
         self.batch = 0  # rollout batches done
         self.opt_step = 0
         self.anchor_router = router_weights(self.student)  # the router before the last optimizer step
@@ -184,6 +187,8 @@ class Trainer:
                     clock,
                 )
             )
+        with clock("update"):
+            self.rollout.sync_weights(self.student)  # the next batch samples from the updated student
         self.batch += 1
         totals = self.dist.all_reduce_sum(
             torch.tensor(

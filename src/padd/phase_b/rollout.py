@@ -1,9 +1,9 @@
 """Rollout backends: G sampled completions per prompt, as token tensors the loop trains on.
 
 `TransformersRollout` runs `generate` on the training model itself (KV cache, left-padded batches);
-a vLLM backend implements the same two methods. A backend may also return the expert selection its
-engine made for every token (`routed_experts`), which the loop compares with the trainer's own and,
-with routing replay (R3), reuses in the training forwards.
+`padd.phase_b.vllm_rollout.VLLMRollout` implements the same two methods on a vLLM engine. A backend
+may also return the expert selection its engine made for every token (`routed_experts`), which the
+loop compares with the trainer's own and, with routing replay (R3), reuses in the training forwards.
 """
 
 from __future__ import annotations
@@ -145,6 +145,26 @@ class TransformersRollout:
             full = enc["input_ids"].shape[1] + width
             experts = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, full - r.shape[2]), value=-1) for r in routed], 1)
         return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts, experts)
+
+
+def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bool) -> RolloutBackend:
+    """The backend `cfg.rollout` (a TrainConfig) names, sampling from `model` on this rank."""
+    if cfg.rollout == "transformers":
+        # Sharded, every rank must run as many forwards as the slowest: generate keeps them in step.
+        return TransformersRollout(model, tokenizer, synced=sharded, record_routing=True)
+    from padd.phase_b.vllm_rollout import VLLMRollout
+
+    return VLLMRollout(
+        cfg.student,
+        tokenizer,
+        model,
+        dtype="bfloat16" if cfg.precision == "bf16" else "float32",
+        gpu_memory_utilization=cfg.vllm_gpu_memory,
+        max_model_len=cfg.vllm_max_model_len or 2048 + cfg.max_new_tokens,
+        require_routing=cfg.routing_replay,
+        seed=cfg.seed * 1_000_003 + rank,
+        progress=cfg.progress and main,
+    )
 
 
 def _per_token(rec: RouterRecorder, batch: int, length: int) -> torch.Tensor:
