@@ -17,6 +17,7 @@ to max_new_tokens (the worst case of generation). `qwen2.5-0.5b` is a random-wei
     python benchmarks/bench_phase_b.py                                   # tiny and mini on CPU
     python benchmarks/bench_phase_b.py --teacher tiny=runs/demo/teacher --student tiny=runs/demo/warmup-cluster
     python benchmarks/bench_phase_b.py --device cuda --shapes qwen2.5-0.5b
+    python benchmarks/bench_phase_b.py --device cuda --shapes qwen2.5-0.5b --rollout vllm   # vs. generate
 """
 
 from __future__ import annotations
@@ -108,10 +109,15 @@ def main() -> None:
         "--student", action="append", default=[], help="SHAPE=DIR: its warmed-up student (default: decompose it)"
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--rollout", default="transformers", choices=("transformers", "vllm"), help="rollout backend (vllm: GPU)"
+    )
     parser.add_argument("--steps", type=int, default=4, help="rollout batches per run (the first is a warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, interleaved; the fastest is kept")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and runs go (default: a temp folder)")
     args = parser.parse_args()
+    if args.rollout == "vllm" and args.device != "cuda":
+        parser.error("--rollout vllm needs --device cuda")
     from padd.config import DecomposeConfig, TrainConfig
     from padd.phase_b.loop import run_train
     from padd.stage1.decompose import decompose
@@ -152,6 +158,7 @@ def main() -> None:
                     temperature=1.0,
                     save_every=0,
                     device=args.device,
+                    rollout=args.rollout,
                     progress=False,
                     **TRAIN[shape],
                 ),
@@ -164,7 +171,9 @@ def main() -> None:
         results += [best["grpo"], best["padd"]]
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    table = Table(title=f"Phase B seconds per rollout batch by phase, and peak memory (GB) of each ({where})")
+    table = Table(
+        title=f"Phase B seconds per rollout batch by phase, and peak memory (GB) of each ({where}, {args.rollout})"
+    )
     columns = ["shape", "weights", "method", "tokens", *PHASES, "step s", "× GRPO", "ms/1k tok", "× GRPO"]
     for col in [*columns, *(f"mem {p}" for p in PHASES)]:
         table.add_column(col, justify="right")
@@ -183,7 +192,7 @@ def main() -> None:
             *(f"{r[f'mem_{p}']:.2f}" if f"mem_{p}" in r else "-" for p in PHASES),
         )
     Console(width=200).print(table)
-    print(json.dumps({"device": where, "results": results}))
+    print(json.dumps({"device": where, "rollout": args.rollout, "results": results}))
 
 
 if __name__ == "__main__":
