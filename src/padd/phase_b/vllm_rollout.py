@@ -134,7 +134,7 @@ class VLLMRollout:
         )
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"
-        self.routing = record_routing
+        self.routing, self.require_routing = record_routing, require_routing
         try:
             self.llm = LLM(**engine_args, enable_return_routed_experts=record_routing)
         except TypeError as err:
@@ -192,4 +192,10 @@ class VLLMRollout:
                 prompt_ids.shape[1] + width,
                 self.moe_layers,
             )
+            if experts is None and self.require_routing:
+                # vLLM captures routing only in its Model Runner V2 and falls back to V1 quietly
+                raise RuntimeError(
+                    "--routing-replay: vLLM returned no routed experts; it records them only with Model Runner V2 "
+                    "(do not set VLLM_USE_V2_MODEL_RUNNER=0; see vLLM's log for why V1 was chosen)"
+                )
         return Rollout(prompt_ids, prompt_mask, completion, cmask, texts, experts)
