@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo clean
+.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,14 @@ clean:
 
 bench-demo: $(STAMP)
 	$(PY) benchmarks/bench_demo.py
+
+# Every GPU-only check and measurement, on a CUDA machine. .venv holds the CPU build of torch, so
+# this runs in an environment of its own with CUDA torch and vLLM:
+#   pip install -e ".[test,vllm]" && make gpu-check GPU_PY=python
+GPU_PY ?= python
+gpu-check:
+	$(GPU_PY) -m pytest -q -rs tests/test_vllm.py tests/test_cluster.py
+	$(GPU_PY) benchmarks/bench_stage1.py --device cuda
+	$(GPU_PY) benchmarks/bench_moe_throughput.py --device cuda
+	$(GPU_PY) benchmarks/bench_phase_b.py --device cuda
+	$(GPU_PY) benchmarks/bench_phase_b.py --device cuda --rollout vllm
