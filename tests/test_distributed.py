@@ -19,17 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import padd
-
 LR = 1e-3
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, llama_teacher, corpus_file):
-    out = tmp_path_factory.mktemp("ddp") / "student"
-    flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=512, seq_len=64)
-    assert padd("decompose", out=out, progress=False, **flags) == 0
-    return out
+def student(llama_student):
+    return llama_student
 
 
 def _free_port() -> int:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import padd
 from padd.cli import main
 from padd.config import TrainConfig
 from padd.phase_b.objective import objective_of
@@ -34,11 +33,8 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory, llama_teacher, corpus_file):
-    out = tmp_path_factory.mktemp("train") / "student"
-    flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=512, seq_len=64)
-    assert padd("decompose", out=out, progress=False, **flags) == 0
-    return out
+def student(llama_student):
+    return llama_student
 
 
 def train(student, teacher, out, *extra):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import padd
 from padd.cli import main
 from padd.phase_b.vllm_rollout import checkpoint_weights, engine_routing, moe_layer_indices
 from padd.routing import moe_gates
@@ -68,25 +67,17 @@ def test_vllm_rollouts_on_cpu_say_what_to_do(tmp_path, llama_teacher, capsys):
 # -- on a GPU with vLLM installed ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, llama_teacher, corpus_file):
-    out = tmp_path_factory.mktemp("vllm") / "student"
-    flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=512, seq_len=64)
-    assert padd("decompose", out=out, progress=False, **flags) == 0
-    return out
-
-
 @needs_vllm_gpu
-def test_vllm_matches_generate_and_follows_weight_sync(student_dir):
+def test_vllm_matches_generate_and_follows_weight_sync(llama_student):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from padd.phase_b.rollout import TransformersRollout
     from padd.phase_b.vllm_rollout import VLLMRollout
     from padd.routing import RoutingReplay
 
-    tok = AutoTokenizer.from_pretrained(student_dir)
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).cuda().eval()
-    engine = VLLMRollout(str(student_dir), tok, model, dtype="float32", gpu_memory_utilization=0.2, seed=0)
+    tok = AutoTokenizer.from_pretrained(llama_student)
+    model = AutoModelForCausalLM.from_pretrained(llama_student, dtype=torch.float32).cuda().eval()
+    engine = VLLMRollout(str(llama_student), tok, model, dtype="float32", gpu_memory_utilization=0.2, seed=0)
     prompts = ["1 + 2 =", "34 + 5 =", "7 + 80 ="]
     ours = engine.generate(prompts, 2, temperature=0.0, max_new_tokens=8)
     ref = TransformersRollout(model, tok).generate(prompts, 2, temperature=0.0, max_new_tokens=8)
@@ -112,12 +103,12 @@ def test_vllm_matches_generate_and_follows_weight_sync(student_dir):
 
 
 @needs_vllm_gpu
-def test_train_with_vllm_rollouts_and_routing_replay(tmp_path, student_dir, llama_teacher):
+def test_train_with_vllm_rollouts_and_routing_replay(tmp_path, llama_student, llama_teacher):
     run = tmp_path / "run"
     args = ["--data", "world:add", "--world-size", "20", "--prompts-per-step", "2", "--group-size", "2"]
     args += ["--max-new-tokens", "6", "--steps", "2", "--device", "cuda", "--no-progress"]
     args += ["--rollout", "vllm", "--vllm-gpu-memory", "0.2", "--routing-replay"]
-    models = ["--student", str(student_dir), "--teacher", str(llama_teacher)]
+    models = ["--student", str(llama_student), "--teacher", str(llama_teacher)]
     assert main(["train", *models, "--out", str(run), *args]) == 0
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["routing_mismatch"] <= 1.0 and r["loss"] == r["loss"] for r in log)
