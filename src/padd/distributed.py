@@ -128,12 +128,18 @@ def gather_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     return model_sd, optim_sd
 
 
+def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with sharded tensors gathered whole, on every rank (a collective when
+    sharded; an unsharded model's own tensors otherwise)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def unsharded_copy(model: torch.nn.Module, fresh: torch.nn.Module) -> torch.nn.Module:
     """`fresh`, an unsharded model of the same architecture, holding the sharded `model`'s whole
     weights, on every rank (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    fresh.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    fresh.load_state_dict(whole_state_dict(model))
     return fresh
 
 

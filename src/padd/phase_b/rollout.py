@@ -71,6 +71,21 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_id: int, pad_id: int)
     return mask.long()
 
 
+def pad_prompts_left(tokenizer) -> None:
+    """Left padding (a batch's prompts end where generation starts), padding with EOS if there is no pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """(mask, texts) of right-padded completions [N, C]: the mask of `completion_mask_from` and each
+    completion's text up to its first EOS."""
+    mask = completion_mask_from(completion_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    kept = completion_ids * mask + tokenizer.pad_token_id * (1 - mask)
+    return mask, tokenizer.batch_decode(kept, skip_special_tokens=True)
+
+
 class TransformersRollout:
     """Sampling with `model.generate` on the training model (weights are always in sync).
 
@@ -90,9 +105,7 @@ class TransformersRollout:
         """`record_routing`: return the experts each MoE layer selected during generation."""
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
         self.synced, self.record_routing = synced, record_routing
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        pad_prompts_left(tokenizer)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -138,8 +151,7 @@ class TransformersRollout:
         completion = torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks]
         )
-        cmask = completion_mask_from(completion, tok.eos_token_id, tok.pad_token_id)
-        texts = tok.batch_decode(completion * cmask + tok.pad_token_id * (1 - cmask), skip_special_tokens=True)
+        cmask, texts = decode_completions(tok, completion)
         experts = None
         if routed:
             full = enc["input_ids"].shape[1] + width

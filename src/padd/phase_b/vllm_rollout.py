@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 import torch
 
-from padd.distributed import full_tensor
-from padd.phase_b.rollout import Rollout, completion_mask_from
+from padd.distributed import whole_state_dict
+from padd.phase_b.rollout import Rollout, decode_completions, pad_prompts_left
 
 
 def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -33,7 +33,7 @@ def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]
     """
     from transformers.core_model_loading import revert_weight_conversion
 
-    state = {name: full_tensor(t.detach()) for name, t in model.state_dict().items()}
+    state = whole_state_dict(model)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return list(revert_weight_conversion(model, state).items())
@@ -121,9 +121,7 @@ class VLLMRollout:
         if not torch.cuda.is_available():
             raise RuntimeError("the vllm rollout backend needs a CUDA GPU; use --rollout transformers on CPU")
         self.tokenizer, self.progress, self.moe_layers = tokenizer, progress, moe_layer_indices(model)
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        pad_prompts_left(tokenizer)
         engine_args = dict(
             model=student_dir,
             dtype=dtype,
@@ -178,8 +176,7 @@ class VLLMRollout:
         completion = torch.full((len(completions), width), tok.pad_token_id, dtype=torch.long)
         for i, ids in enumerate(completions):
             completion[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        cmask = completion_mask_from(completion, tok.eos_token_id, tok.pad_token_id)
-        texts = tok.batch_decode(completion * cmask + tok.pad_token_id * (1 - cmask), skip_special_tokens=True)
+        cmask, texts = decode_completions(tok, completion)
         prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)
         prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0)
         experts = None
