@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from padd.cli import main
-from padd.phase_b.vllm_rollout import checkpoint_weights, engine_routing, moe_layer_indices
-from padd.routing import moe_gates
+from padd.phase_b.vllm_rollout import checkpoint_weights, engine_routing
+from padd.routing import moe_gates, moe_layer_indices
 from test_routing import tiny_student
 
 needs_vllm_gpu = pytest.mark.skipif(
@@ -51,7 +51,7 @@ def test_engine_routing_keeps_the_moe_layers_of_per_decoder_layer_arrays():
     assert engine_routing([arr, None], [2, 2], [1, 1], 2, 3, [1, 2]) is None
 
 
-def test_moe_layer_indices_skip_leading_dense_layers(llama_teacher):
+def test_moe_layer_indices_cover_every_layer_of_a_stage1_student(llama_teacher):
     student = tiny_student(llama_teacher)
     assert moe_layer_indices(student) == list(range(student.config.num_hidden_layers))
 

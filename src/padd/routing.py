@@ -12,9 +12,14 @@ from collections.abc import Iterator
 import torch
 
 
+def moe_layer_indices(model: torch.nn.Module) -> list[int]:
+    """Decoder-layer index of every MoE layer, in order (leading dense layers have no router)."""
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+
+
 def moe_gates(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The router module of every MoE layer, in layer order."""
-    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    return [model.model.layers[i].mlp.gate for i in moe_layer_indices(model)]
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torch
 
 from padd.distributed import whole_state_dict
 from padd.phase_b.rollout import Rollout, decode_completions, pad_prompts_left
+from padd.routing import moe_layer_indices
 
 
 def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -37,12 +38,6 @@ def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return list(revert_weight_conversion(model, state).items())
-
-
-def moe_layer_indices(model: torch.nn.Module) -> list[int]:
-    """Decoder-layer index of each MoE layer, in `padd.routing.moe_gates` order (leading dense layers
-    have no router)."""
-    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
 
 
 def engine_routing(
