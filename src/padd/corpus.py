@@ -61,9 +61,10 @@ def open_stream(spec: str, split: str = "train") -> Iterable[dict]:
 def _world_texts(skills: list[str], split: str, per_skill: int = 4000) -> Iterator[str]:
     """The world's tasks as the teacher reads them (prompt, then solution), skills interleaved."""
     from padd.data import build_prompt
-    from padd.world.tasks import generate
+    from padd.world.tasks import iter_tasks
 
-    streams = [generate(s, split, per_skill, allow_fewer=True) for s in skills]
+    # lazily: a reader that needs a few thousand tokens draws only the problems it reads
+    streams = [iter_tasks(s, split, max_tries=100 * per_skill + 1000) for s in skills]
     for rows in zip(*streams, strict=False):
         for row in rows:
             yield build_prompt(None, row["problem"]) + " " + row["solution"]

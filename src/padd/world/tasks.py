@@ -4,17 +4,24 @@ Five math skills of rising difficulty and one non-math skill for the broad-skill
 split is a hash of its problem text, so train and test never share a problem, whatever the seed
 or the sizes asked for. Rows use the MATH-500 layout (`problem`, `solution`, `answer`) that
 `padd.data` reads, plus `skill`.
+
+Three splits, fixed by a hash of the problem text: `test` (the benchmarks), `val` (where settings
+are chosen) and `train` (the teacher's data and Phase B's prompts), disjoint whatever the seed or
+sizes asked for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TEST_SHARE = 0.1  # share of the problem space that belongs to the test split
+VAL_SHARE = 0.05  # share that belongs to the validation split (carved out of what was train)
+SPLITS = ("train", "val", "test")
 
 
 def _digits_add(a: int, b: int) -> list[str]:
@@ -113,9 +120,35 @@ BROAD_SKILLS = ("reverse",)
 
 
 def split_of(problem: str) -> str:
-    """The split a problem belongs to, fixed by its text alone."""
-    h = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "big")
-    return "test" if h % 1000 < TEST_SHARE * 1000 else "train"
+    """The split a problem belongs to (train, val or test), fixed by its text alone."""
+    h = int.from_bytes(hashlib.sha256(problem.encode()).digest()[:8], "big") % 1000
+    if h < TEST_SHARE * 1000:
+        return "test"
+    return "val" if h < (TEST_SHARE + VAL_SHARE) * 1000 else "train"
+
+
+def iter_tasks(skill: str, split: str, seed: int = 0, *, max_tries: int | None = None) -> Iterator[dict]:
+    """Distinct tasks of `skill` in `split`, lazily, in a fixed order for (skill, split, seed); stops
+    after `max_tries` draws (a split of a small skill holds only so many problems)."""
+    if skill not in SKILLS:
+        raise ValueError(f"unknown skill {skill!r}; the world has {', '.join(SKILLS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    rng = random.Random(f"{skill}/{split}/{seed}")
+    seen, tries = set(), 0
+    while max_tries is None or tries < max_tries:
+        tries += 1
+        problem, steps, answer = SKILLS[skill](rng)
+        if problem in seen or split_of(problem) != split:
+            continue
+        seen.add(problem)
+        yield {
+            "problem": problem,
+            "solution": f"{steps} The answer is \\boxed{{{answer}}}.",
+            "answer": answer,
+            "skill": skill,
+            "id": f"{skill}-{split}-{len(seen) - 1}",
+        }
 
 
 def generate(skill: str, split: str, n: int, seed: int = 0, *, allow_fewer: bool = False) -> list[dict]:
@@ -123,31 +156,10 @@ def generate(skill: str, split: str, n: int, seed: int = 0, *, allow_fewer: bool
 
     With allow_fewer, a skill whose problem space is smaller than n gives what it has.
     """
-    if skill not in SKILLS:
-        raise ValueError(f"unknown skill {skill!r}; the world has {', '.join(SKILLS)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, got {split!r}")
-    rng = random.Random(f"{skill}/{split}/{seed}")
-    rows, seen, tries = [], set(), 0
-    while len(rows) < n:
-        tries += 1
-        if tries > 20 * n + 1000:
-            if allow_fewer:
-                break
-            raise ValueError(f"skill {skill!r} has fewer than {n} distinct {split} problems")
-        problem, steps, answer = SKILLS[skill](rng)
-        if problem in seen or split_of(problem) != split:
-            continue
-        seen.add(problem)
-        rows.append(
-            {
-                "problem": problem,
-                "solution": f"{steps} The answer is \\boxed{{{answer}}}.",
-                "answer": answer,
-                "skill": skill,
-                "id": f"{skill}-{split}-{len(rows)}",
-            }
-        )
+    # the val split holds 5% of the space: ~20 draws per row
+    rows = list(itertools.islice(iter_tasks(skill, split, seed, max_tries=100 * n + 1000), n))
+    if len(rows) < n and not allow_fewer:
+        raise ValueError(f"skill {skill!r} has fewer than {n} distinct {split} problems")
     return rows
 
 
