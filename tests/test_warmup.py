@@ -89,3 +89,54 @@ def test_bf16_warmup_lowers_the_kl(tmp_path, student, qwen2_teacher, corpus_file
     assert warmup(student, qwen2_teacher, corpus_file, tmp_path / "bf16", "--precision", "bf16") == 0
     record = json.loads((tmp_path / "bf16" / "padd_warmup.json").read_text())
     assert record["last_kl"] < record["first_kl"] and record["config"]["precision"] == "bf16"
+
+
+def test_router_fit_is_measured_under_the_routing_phase_b_runs(tmp_path, student, qwen2_teacher, corpus_file):
+    """The distill start is fitted layer by layer under the routing of the layers before it, and
+    padd_warmup.json reports its fit on the hidden states of the saved student routing with every
+    fitted router: recomputed here from the saved checkpoint, the numbers must agree."""
+    from transformers import AutoTokenizer
+
+    from padd.corpus import iter_texts, sample_windows
+    from padd.routing import RouterRecorder, router_log_scores
+
+    out = tmp_path / "fit"
+    assert warmup(student, qwen2_teacher, corpus_file, out, "--router-init", "distill", "--router-tokens", "512") == 0
+    record = json.loads((out / "padd_warmup.json").read_text())
+    tok = AutoTokenizer.from_pretrained(out)
+    windows = sample_windows(iter_texts(str(corpus_file)), tok, n_tokens=2048, seq_len=64, seed=0)
+    probe = windows[: 512 // 64]
+    clusters = [torch.tensor(la["experts"]) for la in json.loads((out / "padd_stage1.json").read_text())["layers"]]
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(qwen2_teacher).eval()
+    masses = []
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: masses.append(a[0].reshape(-1, a[0].shape[-1])))
+        for layer in teacher.model.layers
+    ]
+    with torch.no_grad(), RouterRecorder(saved, keep_inputs=True) as rec:
+        teacher(input_ids=probe)
+        saved(input_ids=probe)
+    for h in hooks:
+        h.remove()
+    fits = []
+    for gate, h, act, experts in zip(moe_gates(saved), rec.inputs, masses, clusters, strict=True):
+        q = act.abs()[:, experts].sum(-1)
+        q = q / q.sum(-1, keepdim=True)
+        p_log = router_log_scores(h @ gate.weight.detach().T)
+        fits.append(float((q * (q.log() - p_log)).sum(-1).mean()))
+    assert sum(fits) / len(fits) == pytest.approx(record["router_fit_kl"], rel=1e-4)
+    assert record["router_fit_kl_per_layer"] == pytest.approx(fits, rel=1e-4)
+    assert all(f < record["router_fit_kl_flat"] for f in fits)
+
+
+def test_epochs_zero_sets_only_the_router_start(tmp_path, student, qwen2_teacher, corpus_file):
+    """--epochs 0 keeps every expert as it is and writes the router start alone."""
+    out = tmp_path / "restart"
+    assert warmup(student, qwen2_teacher, corpus_file, out, "--epochs", "0", "--router-init", "distill") == 0
+    before, after = (dict(AutoModelForCausalLM.from_pretrained(d).named_parameters()) for d in (student, out))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".gate." in n for n in changed)
+    record = json.loads((out / "padd_warmup.json").read_text())
+    assert record["steps"] == 0 and record["router_init"] == "distill"
+    assert warmup(student, qwen2_teacher, corpus_file, tmp_path / "bad", "--epochs", "-1") == 2

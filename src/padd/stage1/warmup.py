@@ -24,7 +24,7 @@ from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_trainin
 from padd.io import atomic_save_dir, check_out_dir
 from padd.phase_b.losses import distill_kl_loss
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
-from padd.routing import moe_gates, router_log_scores, uniform_random_routing
+from padd.routing import RouterRecorder, moe_gates, router_log_scores, uniform_random_routing
 from padd.stage1.decompose import STAGE1_FILE
 from padd.vocab import common_vocab_size
 
@@ -41,84 +41,112 @@ def expert_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @torch.no_grad()
-def collect_router_targets(
-    student, teacher, windows: torch.Tensor, clusters: list[torch.Tensor], batch_size: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per MoE layer: the student's router inputs h [N, H] and the teacher's cluster-mass shares [N, E].
+def teacher_cluster_masses(teacher, windows: torch.Tensor, clusters: list[torch.Tensor], batch_size: int) -> list:
+    """Per MoE layer, each token's share of the teacher's activation mass in each cluster: [N, E].
 
-    clusters[l]: [E, S] teacher neuron indices of each expert of MoE layer l (from padd_stage1.json).
+    clusters[l]: [E, S] teacher neuron indices of each expert of MoE layer l (from padd_stage1.json);
+    MoE layer l is decoder layer `moe_layers[l]` of the student, the same index in the teacher.
     """
-    moe_layers = [i for i, layer in enumerate(student.model.layers) if hasattr(layer.mlp, "gate")]
-    inputs: list[list[torch.Tensor]] = [[] for _ in moe_layers]
-    masses: list[list[torch.Tensor]] = [[] for _ in moe_layers]
-    hooks = []
-    for j, i in enumerate(moe_layers):
-        hooks.append(
-            student.model.layers[i].mlp.gate.register_forward_pre_hook(
-                lambda m, a, j=j: inputs[j].append(a[0].reshape(-1, a[0].shape[-1]).float())
-            )
+    masses: list[list[torch.Tensor]] = [[] for _ in clusters]
+    layers = teacher.model.layers[len(teacher.model.layers) - len(clusters) :]  # leading dense layers skipped
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a, j=j: masses[j].append(a[0].reshape(-1, a[0].shape[-1]).float().abs()[:, clusters[j]].sum(-1))
         )
-        hooks.append(
-            teacher.model.layers[i].mlp.down_proj.register_forward_pre_hook(
-                lambda m, a, j=j: masses[j].append(
-                    a[0].reshape(-1, a[0].shape[-1]).float().abs()[:, clusters[j]].sum(-1)
-                )
-            )
-        )
+        for j, layer in enumerate(layers)
+    ]
     try:
+        device = next(teacher.parameters()).device
         for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(next(student.parameters()).device)
-            student(input_ids=batch, use_cache=False)
-            teacher(input_ids=batch, use_cache=False)
+            teacher(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    h = [torch.cat(x) for x in inputs]
-    q = [torch.cat(m) for m in masses]
-    return h, [m / m.sum(-1, keepdim=True).clamp_min(1e-12) for m in q]
+    total = [torch.cat(m) for m in masses]
+    return [m / m.sum(-1, keepdim=True).clamp_min(1e-12) for m in total]
 
 
-def init_router(student, method: str, *, seed: int, targets=None, steps: int = 300, lr: float = 0.05) -> dict:
-    """Set every router's weights for Phase B; returns a summary (with how well the router fits the teacher's
-    cluster masses for the fitted inits)."""
+@torch.no_grad()
+def router_inputs(student, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Per MoE layer, the router's input h [N, H] on `windows`, the student routing with its routers
+    as they are now (each layer's input depends on the routing of the layers before it)."""
+    device = next(student.parameters()).device
+    inputs: list[list[torch.Tensor]] = []
+    for start in range(0, windows.shape[0], batch_size):
+        with RouterRecorder(student, keep_inputs=True, keep_logits=False) as rec:
+            student(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        inputs.append([h.float() for h in rec.inputs])
+    return [torch.cat(per_layer) for per_layer in zip(*inputs, strict=True)]
+
+
+def init_router(
+    student, method: str, *, seed: int, probe=None, masses=None, batch_size: int = 8, steps: int = 300, lr: float = 0.05
+) -> dict:
+    """Set every router's weights for Phase B; returns a summary with how well the start predicts the
+    teacher's cluster masses (`masses`, when given), measured under the routing Phase B will use.
+
+    A fitted start (centroid / distill) is fitted layer by layer: layer l's router inputs are
+    collected with layers 0..l-1 already routing by their fitted routers, as Phase B will run them.
+    (Collecting them all at once under the uniform start would fit the later layers to the hidden
+    states of a routing that no phase ever runs.)
+
+    Args:
+        probe: [N, T] token windows the fit is computed on; masses: per MoE layer [N·T, E]
+            (`teacher_cluster_masses` on the same windows).
+    """
     gen = torch.Generator().manual_seed(seed)
     gates = moe_gates(student)
     summary: dict = {"router_init": method}
     with torch.no_grad():
         for gate in gates:  # ties between experts are broken at random, not by expert index
             gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 1e-3)
-    if method == "uniform":
+    if method != "uniform":
+        for layer, (gate, q) in enumerate(zip(gates, masses, strict=True)):
+            h = router_inputs(student, probe, batch_size)[layer]
+            with torch.no_grad():
+                gate.weight.copy_(_fitted_router(method, gate.weight.detach().float(), h, q, steps=steps, lr=lr))
+    if masses is None:
         return summary
-    h_all, q_all = targets
-    for gate, h, q in zip(gates, h_all, q_all, strict=True):
-        if method == "centroid":
-            dominant = q.argmax(-1)
-            unit = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            with torch.no_grad():
-                for e in range(gate.weight.shape[0]):
-                    members = unit[dominant == e]
-                    if len(members):
-                        centroid = members.mean(0)
-                        gate.weight[e] = centroid / centroid.norm().clamp_min(1e-12) * 4.0
-        else:  # distill: minimise KL(q ‖ p), p the normalised sigmoid scores of W h
-            weight = gate.weight.detach().clone().float().requires_grad_()
-            opt = torch.optim.Adam([weight], lr=lr)
-            for _ in range(steps):
-                loss = _router_fit_kl(h, q, weight)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                gate.weight.copy_(weight)
-    with torch.no_grad():  # how well each start predicts the teacher's cluster masses, against a flat router
-        fit = [float(_router_fit_kl(h, q, g.weight.float())) for g, h, q in zip(gates, h_all, q_all, strict=True)]
+    # how well the start predicts the teacher's cluster masses, against a flat router, on the inputs
+    # of a forward that routes with every layer's start: what Phase B begins from
+    h_all = router_inputs(student, probe, batch_size)
+    with torch.no_grad():
+        fit = [float(_router_fit_kl(h, q, g.weight.float())) for g, h, q in zip(gates, h_all, masses, strict=True)]
         flat = [
-            float(_router_fit_kl(h, q, torch.zeros_like(g.weight, dtype=torch.float32)))
-            for g, h, q in zip(gates, h_all, q_all, strict=True)
+            float(_router_fit_kl(h, q, torch.zeros_like(h[:1]).expand(q.shape[1], -1)))
+            for h, q in zip(h_all, masses, strict=True)
         ]
     summary["router_fit_kl"] = sum(fit) / len(fit)
+    summary["router_fit_kl_per_layer"] = fit
     summary["router_fit_kl_flat"] = sum(flat) / len(flat)
     return summary
+
+
+def _fitted_router(method: str, weight: torch.Tensor, h: torch.Tensor, q: torch.Tensor, *, steps: int, lr: float):
+    """A router weight [E, H] fitted to inputs h [N, H] and cluster-mass shares q [N, E]: `centroid`
+    points each expert's row at the mean (unit) input of the tokens whose dominant cluster it is;
+    `distill` minimises KL(q ‖ p), p the normalised sigmoid scores of W h."""
+    if method == "centroid":
+        weight = weight.clone()
+        dominant = q.argmax(-1)
+        unit = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        for e in range(weight.shape[0]):
+            members = unit[dominant == e]
+            if len(members):
+                centroid = members.mean(0)
+                weight[e] = centroid / centroid.norm().clamp_min(1e-12) * 4.0
+        return weight
+    if method != "distill":
+        raise ValueError(f"router init must be one of {', '.join(ROUTER_INITS)}, got {method!r}")
+    weight = weight.clone().requires_grad_()
+    opt = torch.optim.Adam([weight], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = _router_fit_kl(h, q, weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return weight.detach()
 
 
 def _router_fit_kl(h: torch.Tensor, q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -135,6 +163,8 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     check_out_dir(out, cfg.overwrite)
     ranks = setup(cfg.device)
     device = ranks.device(cfg.device)
+    if cfg.epochs < 0:
+        raise ValueError(f"--epochs {cfg.epochs}: give 0 (router start only) or more passes")
     if cfg.router_init not in ROUTER_INITS:
         raise ValueError(f"--router-init must be one of {', '.join(ROUTER_INITS)}")
     stage1_file = Path(cfg.student) / STAGE1_FILE
@@ -149,6 +179,8 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     windows = sample_windows(
         iter_texts(cfg.corpus, cfg.text_field, cfg.split),
         s_tok,
+        # the same sample with or without training, so that a start set by --epochs 0 on a warmed-up
+        # student is the one the full warm-up would have fitted
         n_tokens=cfg.tokens,
         seq_len=cfg.seq_len,
         seed=cfg.seed,
@@ -201,13 +233,13 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         p.requires_grad_(True)
     warm_s = time.perf_counter() - t0
 
-    targets = None
-    if cfg.router_init != "uniform":
+    probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
+    masses = None
+    if stage1_file.exists():  # the start's fit to the teacher's clusters is reported for every init
         layers = [la for la in json.loads(stage1_file.read_text())["layers"] if not la.get("dense")]
         clusters = [torch.tensor(la["experts"], device=device) for la in layers]
-        probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
-        targets = collect_router_targets(student, teacher, probe, clusters, cfg.batch_size)
-    router = init_router(student, cfg.router_init, seed=cfg.seed, targets=targets)
+        masses = teacher_cluster_masses(teacher, probe, clusters, cfg.batch_size)
+    router = init_router(student, cfg.router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
     record = {
         "student": str(Path(cfg.student).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()),
@@ -232,8 +264,11 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     if ranks.main:
         atomic_save_dir(out, write)
     ranks.barrier()
-    console.print(
-        f"warm-up: {step} steps over {record['tokens']} tokens, KL {record['first_kl']:.4f} -> "
-        f"{record['last_kl']:.4f} in {warm_s:.1f}s; router init {cfg.router_init}; written to {out}"
+    trained = (
+        f"{step} steps over {record['tokens']} tokens, KL {record['first_kl']:.4f} -> {record['last_kl']:.4f}"
+        if log
+        else "no training (--epochs 0)"
     )
+    fit = f" (fit to the teacher's clusters: KL {router['router_fit_kl']:.4f})" if "router_fit_kl" in router else ""
+    console.print(f"warm-up: {trained} in {warm_s:.1f}s; router start {cfg.router_init}{fit}; written to {out}")
     return record
