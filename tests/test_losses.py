@@ -11,6 +11,8 @@ from padd.phase_b.losses import (
     group_advantages,
     pr_grpo_loss,
     routing_shift,
+    rspo_gmpo_loss,
+    token_logps,
     update_advantage_ema,
     update_routing_bias,
 )
@@ -184,11 +186,11 @@ def test_routing_shift_reference():
 
 def test_bias_update_pushes_overloaded_expert_down_and_balances_load():
     bias = torch.zeros(4)
-    load = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    load = torch.tensor([0.7, 0.1, 0.1, 0.1]) * 4  # relative to the uniform share
     new = update_routing_bias(bias, load, torch.zeros(4), eta=0.1, gamma=0.0, clip=1.0)
     assert new[0] < 0 and (new[1:] > 0).all() and float(new.sum()) == pytest.approx(0.0, abs=1e-7)
     rewarded = update_routing_bias(
-        bias, torch.full((4,), 0.25), torch.tensor([0.0, 1.0, 0.0, -1.0]), eta=0.1, gamma=0.5, clip=0.3
+        bias, torch.ones(4), torch.tensor([0.0, 1.0, 0.0, -1.0]), eta=0.1, gamma=0.5, clip=0.3
     )
     assert rewarded.tolist() == pytest.approx([0.0, 0.3, 0.0, -0.3])  # clipped at 0.3
 
@@ -199,8 +201,8 @@ def test_bias_loop_balances_a_skewed_router():
     scores = torch.sigmoid(torch.randn(2000, 4, generator=g) + torch.tensor([1.5, 0.0, 0.0, -0.5]))
     bias = torch.zeros(4)
     for _ in range(300):
-        load = torch.bincount((scores + bias).argmax(-1), minlength=4).float() / 2000
-        bias = update_routing_bias(bias, load, torch.zeros(4), eta=0.05, gamma=0.0, clip=2.0)
+        load = torch.bincount((scores + bias).argmax(-1), minlength=4).float() / 2000 * 4
+        bias = update_routing_bias(bias, load, torch.zeros(4), eta=0.0125, gamma=0.0, clip=2.0)
     assert load.max() / load.mean() < 1.1
 
 
@@ -208,3 +210,82 @@ def test_advantage_ema_keeps_unrouted_experts():
     ema = torch.tensor([0.5, -0.5, 0.0])
     new = update_advantage_ema(ema, torch.tensor([2.0, 0.0, -3.0]), torch.tensor([2, 0, 3]), decay=0.5)
     assert new.tolist() == pytest.approx([0.75, -0.5, -0.5])
+
+
+def test_bias_rules_on_relative_loads():
+    """Loads are relative to the uniform share: a balanced layer leaves the bias alone, and the sign
+    rule (DeepSeek-V3) moves each expert by exactly η."""
+    bias = torch.tensor([0.1, -0.1, 0.0, 0.0])
+    same = update_routing_bias(bias, torch.ones(4), torch.zeros(4), eta=0.5, gamma=0.0, clip=1.0)
+    assert torch.equal(same, bias)
+    load = torch.tensor([2.0, 1.5, 0.5, 0.0])
+    sign = update_routing_bias(torch.zeros(4), load, torch.zeros(4), eta=0.01, gamma=0.0, clip=1.0, rule="sign")
+    assert sign.tolist() == pytest.approx([-0.01, -0.01, 0.01, 0.01])
+    prop = update_routing_bias(torch.zeros(4), load, torch.zeros(4), eta=0.01, gamma=0.0, clip=1.0)
+    assert prop.tolist() == pytest.approx([-0.01, -0.005, 0.005, 0.01])
+    with pytest.raises(ValueError, match="rule"):
+        update_routing_bias(bias, load, bias, eta=0.1, gamma=0.0, clip=1.0, rule="aux-loss")
+
+
+def test_token_logps_at_the_sampling_temperature():
+    g = torch.Generator().manual_seed(7)
+    logits, targets = torch.randn(3, 4, 11, generator=g), torch.randint(0, 11, (3, 4), generator=g)
+    at = token_logps(logits, targets, temperature=0.8)
+    expected = torch.log_softmax(logits / 0.8, -1).gather(-1, targets[..., None]).squeeze(-1)
+    assert torch.allclose(at, expected, atol=1e-6)
+    assert not torch.allclose(at, token_logps(logits, targets), atol=1e-3)
+
+
+def reference_rspo(logp, old, adv, mask, shift, floor, eps_low, eps_high):
+    """RSPO = GMPO + router shift, written out per sequence (arXiv 2510.23027 on arXiv 2507.20673):
+    w̃_t = ρ_t·max(e^{-Γ_t}, floor); per token, for A >= 0 keep min(w̃, clip(w̃)), for A < 0 max(w̃, clip(w̃))
+    with clip to (e^{-eps_low}, e^{eps_high}); S = (Π_t kept_t)^{1/|o|}; J = mean_i S_i A_i."""
+    total = 0.0
+    for i in range(logp.shape[0]):
+        a = float(adv[i])
+        log_kept, n = 0.0, 0
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            w = math.exp(float(logp[i, t] - old[i, t])) * max(math.exp(-float(shift[i, t])), floor)
+            c = min(max(w, math.exp(-eps_low)), math.exp(eps_high))
+            kept = min(w, c) if a > 0 else (max(w, c) if a < 0 else 1.0)
+            log_kept += math.log(kept)
+            n += 1
+        total += math.exp(log_kept / n) * a
+    return -total / logp.shape[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rspo_gmpo_matches_its_papers_formula(seed):
+    logp, old, adv, mask, shift = random_batch(seed=seed)
+    shift = shift * 0.6
+    loss, stats = rspo_gmpo_loss(logp, old, adv, mask, shift, floor=0.8, eps_low=0.4, eps_high=0.4)
+    assert loss.item() == pytest.approx(reference_rspo(logp.detach(), old, adv, mask, shift, 0.8, 0.4, 0.4), rel=1e-5)
+    assert 0.8 <= stats["rs_weight_mean"] <= 1.0 and 0.0 <= stats["clip_frac"] <= 1.0
+    # the weight carries no gradient, and a clipped token none either
+    shift = shift.requires_grad_()
+    loss, _ = rspo_gmpo_loss(logp, old, adv, mask, shift, floor=0.8)
+    assert torch.autograd.grad(loss, shift, allow_unused=True)[0] is None
+
+
+def test_rspo_weight_lowers_the_ratio_of_shifted_tokens_only_down_to_its_floor():
+    logp, old, adv, mask, _ = random_batch(seed=9)
+    old = logp.detach().clone()  # on-policy: every ratio 1
+    none, _ = rspo_gmpo_loss(logp, old, adv, mask, torch.zeros_like(old), eps_low=10, eps_high=10)
+    huge, stats = rspo_gmpo_loss(logp, old, adv, mask, torch.full_like(old, 50.0), floor=0.8, eps_low=10, eps_high=10)
+    assert none.item() == pytest.approx(-float(adv.mean()), rel=1e-6)
+    assert huge.item() == pytest.approx(-0.8 * float(adv.mean()), rel=1e-5) and stats[
+        "rs_weight_mean"
+    ] == pytest.approx(0.8)
+
+
+def test_pr_damping_is_reported_on_negative_advantage_tokens():
+    logp, old, adv, mask, shift = random_batch(seed=11)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    _, stats = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, lam=3.0)
+    negative = (adv < 0)[:, None].expand_as(mask) & mask.bool()
+    damping = torch.exp(-3.0 * shift)[negative]
+    assert stats["pr_damping_mean"] == pytest.approx(float(damping.mean()), rel=1e-6)
+    assert stats["pr_damping_median"] == pytest.approx(float(damping.median()), rel=1e-6)
+    assert "pr_damping_mean" not in pr_grpo_loss(logp, old, adv, mask)[1]

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from padd.cli import main
-from padd.config import TrainConfig
+from padd.config import ConfigError, TrainConfig
 from padd.phase_b.objective import objective_of
 
 FAST = [
@@ -37,6 +37,17 @@ def student(llama_student):
     return llama_student
 
 
+@pytest.fixture(scope="module")
+def routed_student(tmp_path_factory, llama_student, llama_teacher, corpus_file):
+    """The decomposed student with the uniform router start (tiny random weights): no exact ties,
+    so a router update changes its normalised scores (from an all-zero router, AdamW's first step
+    can move every row alike and leave them uniform)."""
+    out = tmp_path_factory.mktemp("routed") / "student"
+    args = ["warmup", "--student", str(llama_student), "--teacher", str(llama_teacher), "--corpus", str(corpus_file)]
+    assert main([*args, "--out", str(out), "--epochs", "0", "--tokens", "256", "--seq-len", "64", "--no-progress"]) == 0
+    return out
+
+
 def train(student, teacher, out, *extra):
     return main(
         ["train", "--student", str(student), "--teacher", str(teacher), "--out", str(out), *FAST, *map(str, extra)]
@@ -47,20 +58,61 @@ def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_objectives_of_methods_and_ablations():
-    def obj(**kw):
-        return objective_of(TrainConfig(student="s", teacher="t", data="d", out="o", **kw))
+def _objective(**kw):
+    return objective_of(TrainConfig(student="s", teacher="t", data="d", out="o", **kw))
 
-    padd = obj(method="padd", lam=0.5, kd_coef=0.2, gamma=0.01)
-    assert (padd.policy, padd.lam, padd.kd_coef, padd.gamma, padd.level) == (True, 0.5, 0.2, 0.01, "token")
-    grpo = obj(method="grpo")
-    assert (grpo.lam, grpo.kd_coef, grpo.gamma, grpo.rspo_floor) == (0.0, 0.0, 0.0, None) and grpo.eta > 0
-    assert obj(method="gspo").level == "sequence" and obj(method="rspo").rspo_floor == 0.5
-    assert not obj(method="online-kd").policy and obj(method="online-kd").kd_coef == 1.0
-    assert obj(method="padd", no_kd=True).kd_coef == 0 and obj(method="padd", no_pr=True).lam == 0
-    assert obj(method="padd", no_reward_balance=True).gamma == 0
-    with pytest.raises(ValueError, match="trains nothing"):
-        obj(method="online-kd", no_kd=True)
+
+def test_objectives_of_methods_and_ablations():
+    padd = _objective(method="padd", lam=0.5, kd_coef=0.2, gamma=0.01)
+    assert (padd.policy, padd.lam, padd.kd, padd.kd_coef, padd.gamma) == ("grpo", 0.5, "adaptive", 0.2, 0.01)
+    grpo = _objective(method="grpo")
+    assert (grpo.policy, grpo.lam, grpo.kd, grpo.gamma, grpo.rspo_floor) == ("grpo", 0.0, None, 0.0, None)
+    assert grpo.eta > 0
+    assert _objective(method="gspo").policy == "gspo" and _objective(method="rspo").rspo_floor == 0.8
+    assert _objective(method="padd", no_kd=True).kd is None and _objective(method="padd", no_pr=True).lam == 0
+    assert _objective(method="padd", no_reward_balance=True).gamma == 0
+
+
+def test_gspo_clips_at_its_papers_range():
+    gspo = _objective(method="gspo")
+    assert (gspo.eps_low, gspo.eps_high) == (3e-4, 4e-4)
+    assert (_objective(method="grpo").eps_low, _objective(method="grpo").eps_high) == (0.2, 0.2)
+
+
+def test_online_kd_is_pure_kd_at_temperature_one_with_its_own_weight():
+    online = _objective(method="online-kd")
+    assert (online.policy, online.kd, online.kd_coef) == (None, "fixed", 1.0)
+    assert _objective(method="online-kd", kd_coef=0.3).kd_coef == 0.3
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"method": "grpo", "kd_coef": 0.3}, "--kd-coef"),
+        ({"method": "grpo", "lam": 2.0}, "--lam"),
+        ({"method": "gspo", "gamma": 0.1}, "--gamma"),
+        ({"method": "online-kd", "tau": 2.0}, "--tau"),
+        ({"method": "online-kd", "eps_low": 0.1}, "--eps-low"),
+        ({"method": "rspo", "shift_norm": "running-mean"}, "--shift-norm"),
+        ({"method": "padd", "rspo_floor": 0.5}, "--rspo-floor"),
+        ({"method": "padd", "no_kd": True, "kd_coef": 0.3}, "--kd-coef"),
+        ({"method": "padd", "no_pr": True, "lam": 3.0}, "--lam"),
+        ({"method": "padd", "no_reward_balance": True, "adv_ema": 0.5}, "--adv-ema"),
+        ({"method": "grpo", "no_kd": True}, "--no-kd"),
+        ({"method": "padd", "vllm_gpu_memory": 0.5}, "--vllm-gpu-memory"),
+    ],
+)
+def test_an_option_the_method_does_not_use_is_refused(flags, named):
+    with pytest.raises(ConfigError, match=named) as err:
+        _objective(**flags)
+    assert flags["method"] in str(err.value) or named in ("--vllm-gpu-memory", "--no-kd")
+
+
+def test_grpo_with_kd_coef_fails_on_the_command_line(tmp_path, capsys):
+    args = ["train", "--student", "s", "--teacher", "t", "--data", "world", "--out", str(tmp_path / "o")]
+    assert main([*args, "--method", "grpo", "--kd-coef", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--method grpo does not use --kd-coef" in err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("method", ["padd", "grpo", "gspo", "rspo", "online-kd"])
@@ -117,12 +169,12 @@ def test_bf16_precision_trains_float32_weights_against_a_bf16_teacher(tmp_path, 
     assert any(not torch.equal(after[k], before[k]) for k in before)
 
 
-def test_gamma_anchor_previous_sees_the_last_step_in_on_policy_runs(tmp_path, student, llama_teacher):
+def test_gamma_anchor_previous_sees_the_last_step_in_on_policy_runs(tmp_path, routed_student, llama_teacher):
     """With one update per batch the rollout-time router is the current one, so Γ is 0 against it;
     anchored on the router before the last optimizer step, Γ measures that step's shift."""
     flags = ("--steps", "3", "--updates-per-batch", "1", "--lr", "1e-2", "--method", "padd")
-    assert train(student, llama_teacher, tmp_path / "rollout", *flags) == 0
-    assert train(student, llama_teacher, tmp_path / "prev", *flags, "--gamma-anchor", "previous") == 0
+    assert train(routed_student, llama_teacher, tmp_path / "rollout", *flags) == 0
+    assert train(routed_student, llama_teacher, tmp_path / "prev", *flags, "--gamma-anchor", "previous") == 0
     rollout, prev = rows(tmp_path / "rollout"), rows(tmp_path / "prev")
     assert all(r["gamma_token_mean"] < 1e-6 for r in rollout)
     assert prev[0]["gamma_token_mean"] < 1e-6  # no step before the first
@@ -208,3 +260,93 @@ def test_non_finite_loss_stops_with_the_term_named(tmp_path, student, llama_teac
                 steps=1,
             )
         )
+
+
+def test_policy_logps_are_the_samplers_at_a_temperature_other_than_one(tmp_path, routed_student, llama_teacher):
+    """Rollouts sampled at 0.8: π_old must be log softmax(logits / 0.8), the distribution each
+    token was drawn from (at temperature 1 the gap would be of order 0.1 here)."""
+    run = tmp_path / "t08"
+    assert (
+        train(routed_student, llama_teacher, run, "--steps", "2", "--temperature", "0.8", "--max-new-tokens", "8") == 0
+    )
+    log = rows(run)
+    assert all(r["sampler_logp_gap"] <= 1e-4 for r in log)
+    assert json.loads((run / "train_config.json").read_text())["temperature"] == 0.8
+
+
+def test_router_shift_compares_both_routers_on_the_same_inputs(tmp_path, routed_student, llama_teacher):
+    """Routers frozen, everything else trained hard: the second mini-batch sees other hidden states
+    than the rollout did, but the same router weights, so Γ must be exactly 0 (scores recorded on
+    rollout-time inputs would count the hidden-state change as a router shift)."""
+    from padd.phase_b.loop import Trainer
+    from padd.routing import moe_gates, router_weights
+
+    cfg = TrainConfig(
+        student=str(routed_student),
+        teacher=str(llama_teacher),
+        data="world:add+reverse",
+        world_size=20,
+        prompts_per_step=4,
+        group_size=2,
+        max_new_tokens=6,
+        out=str(tmp_path / "frozen"),
+        method="padd",
+        lr=1e-2,
+        eta=0.0,
+        updates_per_batch=2,
+        progress=False,
+    )
+    trainer = Trainer(cfg)
+    for gate in moe_gates(trainer.student):
+        gate.weight.requires_grad_(False)
+    before = router_weights(trainer.student)
+    embed = trainer.student.model.embed_tokens.weight.detach().clone()
+    log = trainer.step() + trainer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(trainer.student), strict=True))
+    assert not torch.equal(embed, trainer.student.model.embed_tokens.weight)
+    assert [r["minibatch"] for r in log] == [0, 1, 0, 1]
+    assert all(r["gamma_token_mean"] == 0.0 and r["gamma_token_p99"] == 0.0 for r in log)
+
+
+@pytest.fixture
+def varied_rewards(monkeypatch):
+    """The tiny test models never answer a world problem right, so every advantage would be 0; a
+    verifier that accepts completions of even length gives the groups mixed rewards (the real
+    grader is tested on its own in test_world_data_grade)."""
+    import padd.phase_b.loop as loop
+
+    monkeypatch.setattr(loop, "grade", lambda text, answer: len(text) % 2 == 0)
+
+
+def test_stage_three_and_four_log_what_shows_they_act(tmp_path, routed_student, llama_teacher, varied_rewards):
+    """PADD logs III's damping and Γ's quantiles, IV's per-layer bias spread, the score gaps the bias
+    must bridge and the share of selections it changed; the sign rule moves every bias by η."""
+    run = tmp_path / "acting"
+    flags = ("--steps", "2", "--lr", "1e-2", "--lam", "50", "--balance-rule", "sign", "--eta", "0.01", "--gamma", "0")
+    assert train(routed_student, llama_teacher, run, *flags) == 0
+    log = rows(run)
+    for key in ("pr_damping_mean", "pr_damping_median", "gamma_token_p50", "gamma_token_p90", "gamma_token_p99"):
+        assert key in log[-1], key
+    off_policy = [r for r in log if r["minibatch"] == 1]
+    assert all(r["gamma_token_p90"] > 0 for r in off_policy)
+    damped = [r["pr_damping_mean"] for r in off_policy if r["pr_negative_frac"] > 0]
+    assert damped and all(0.0 < d < 1.0 for d in damped)
+    assert all(len(r["bias_spread"]) == len(r["load_cv"]) == 2 for r in log)
+    assert all(0.0 <= r["bias_changed_frac"] <= 1.0 and r["router_gap_median"] >= 0 for r in log)
+    # the sign rule moves each bias by exactly η per step (no clipping this early): spreads of 2η·steps at most
+    assert log[0]["bias_spread_mean"] == pytest.approx(0.02, abs=1e-6)
+    assert max(r["bias_spread_mean"] for r in log) <= 0.02 * len(log) + 1e-6
+    with open(run / "train_config.json") as f:
+        assert json.load(f)["balance_rule"] == "sign"
+
+
+def test_running_mean_shift_norm_makes_lambda_scale_free(tmp_path, routed_student, llama_teacher, varied_rewards):
+    """With --shift-norm running-mean, Γ is divided by its running mean: λ = 1 damps a typical A<0
+    token by about exp(-1) whatever the learning rate, where the raw Γ (~1e-3 here) would not act."""
+    run = tmp_path / "norm"
+    flags = ("--steps", "3", "--lr", "1e-2", "--lam", "1", "--shift-norm", "running-mean")
+    assert train(routed_student, llama_teacher, run, *flags) == 0
+    off_policy = [r for r in rows(run) if r["minibatch"] == 1]
+    assert all(r["shift_scale"] > 0 for r in off_policy)
+    damped = [r["pr_damping_mean"] for r in off_policy if r["pr_negative_frac"] > 0]
+    assert damped and all(0.01 < d < 0.9 for d in damped)

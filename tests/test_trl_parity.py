@@ -72,3 +72,33 @@ def test_matches_trl_grpo_and_gspo(level, seed):
     g_ours = torch.autograd.grad(ours, logp)[0]
     g_theirs = torch.autograd.grad(theirs, logp)[0]
     assert torch.allclose(g_ours, g_theirs, atol=1e-7)
+
+
+def test_policy_logps_match_trl_at_a_sampling_temperature(llama_student):
+    """π_θ at the sampling temperature: our forward over a rollout, log softmax(logits / 0.8), against
+    TRL's own per-token log-probabilities (GRPOTrainer with temperature 0.8, its fused LM head) for
+    the same MoE student and tokens."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from padd.phase_b.loop import forward_completion
+    from padd.phase_b.losses import token_logps
+    from padd.phase_b.rollout import Rollout
+
+    model = AutoModelForCausalLM.from_pretrained(llama_student).eval()
+    g = torch.Generator().manual_seed(0)
+    prompt, completion = torch.randint(3, 60, (3, 5), generator=g), torch.randint(3, 60, (3, 4), generator=g)
+    rollout = Rollout(prompt, torch.ones_like(prompt), completion, torch.ones_like(completion), ["", "", ""])
+    with torch.no_grad():
+        ours = token_logps(forward_completion(model, rollout, "cpu", model.config.vocab_size), completion, 0.8)
+        add_fused_lm_head(model, temperature=0.8)
+        fake = SimpleNamespace(accelerator=SimpleNamespace(autocast=nullcontext, is_main_process=True))
+        theirs, _, _ = trl_grpo.GRPOTrainer._get_per_token_logps_and_entropies(
+            fake, model, rollout.input_ids, rollout.attention_mask, logits_to_keep=completion.shape[1]
+        )
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(
+        ours, token_logps(forward_completion(model, rollout, "cpu", model.config.vocab_size), completion), atol=1e-3
+    )

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from padd.methods import default_help
+
 REQUIRED: Any = dataclasses.MISSING
 
 
@@ -38,7 +40,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(tp: Any) -> tuple[type, bool]:
+def base_type(tp: Any) -> tuple[type, bool]:
     """(scalar type, optional?) of a field annotation such as `int | None`."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -52,7 +54,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML file of defaults for these flags")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, optional = _base_type(hints[f.name])
+        tp, optional = base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
         if f.metadata.get("required"):
             help_ += " (required)"
@@ -141,6 +143,7 @@ class DemoConfig:
 
     out: str = opt("runs/demo", "run directory (running again continues an interrupted demo)")
     eval_per_skill: int | None = opt(None, "test problems per world skill in each evaluation (default: the preset's)")
+    teacher_seed: int = opt(0, "seed of the teacher's data, initialisation and batches")
     overwrite: bool = opt(False, "delete an existing run directory and start anew")
     progress: bool = opt(True, "show progress bars")
 
@@ -155,6 +158,7 @@ class EvalConfig:
         None,
         "comma-separated benchmark SPECs: world, world:SKILL, a file/folder, a dataset (default: every world skill)",
     )
+    split: str = opt("test", "split of world and datasets benchmarks (the world's val split is for choosing settings)")
     samples: int = opt(1, "sampled completions per problem for avg@k / pass@k (1: greedy only)")
     temperature: float = opt(0.6, "sampling temperature of the k samples")
     max_new_tokens: int = opt(256, "generation budget per completion")
@@ -180,6 +184,13 @@ class ReproduceConfig:
         "all", "ablation rows: comma-separated of no-stage1,no-kd,no-pr,no-balance,no-kd-pr-balance, all or none"
     )
     teacher: str | None = opt(None, "use this teacher checkpoint instead of the preset's")
+    teacher_seed: int = opt(0, "seed of a preset teacher's data, initialisation and batches (not with --teacher)")
+    eval_split: str = opt(
+        "test", "split every row is evaluated on: val to choose settings, test to report", choices=("test", "val")
+    )
+    sweep: str | None = opt(
+        None, "extra rows of one method at other values of one option: METHOD:OPTION=V1,V2 (e.g. padd:lam=0,100)"
+    )
     steps: int | None = opt(None, "Phase B rollout batches per run (default: the preset's)")
     eval_per_skill: int | None = opt(None, "world test problems per skill in each evaluation (default: the preset's)")
     device: str = opt("cpu", "device of every stage", choices=("cpu", "cuda"))
@@ -212,7 +223,7 @@ class WarmupConfig:
     teacher: str = req("the dense teacher it was decomposed from")
     corpus: str = req("text corpus (same forms as padd decompose --corpus, world included)")
     out: str = req("output directory of the warmed-up student")
-    epochs: int = opt(1, "passes over the token sample")
+    epochs: int = opt(1, "passes over the token sample (0: only set the router start of a warmed-up student)")
     tokens: int = opt(65536, "tokens sampled from the corpus for the warm-up")
     seq_len: int = opt(256, "tokens per training window")
     batch_size: int = opt(8, "windows per optimizer step")
@@ -255,19 +266,41 @@ class TrainConfig:
     lr: float = opt(1e-5, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    temperature: float = opt(
+        1.0, "sampling temperature of the rollouts; the policy's log-probabilities use the same (0: greedy)"
+    )
     max_new_tokens: int = opt(160, "generation budget per completion")
-    lam: float = opt(1.0, "PR-GRPO damping λ of exp(-λΓ) on negative-advantage tokens (III)")
-    kd_coef: float = opt(0.1, "weight α of the adaptive KD loss (II)")
-    tau: float = opt(1.0, "KD temperature scale τ of T = max(τΦ(A), T_min)")
-    t_min: float = opt(0.05, "KD temperature floor T_min")
-    eps_low: float = opt(0.2, "lower clip range of the ratio")
-    eps_high: float = opt(0.2, "upper clip range of the ratio")
+    # Options of some methods only (padd.methods holds their per-method defaults; elsewhere an error).
+    eps_low: float | None = opt(None, "lower clip range of the ratio" + default_help("eps_low"))
+    eps_high: float | None = opt(None, "upper clip range of the ratio" + default_help("eps_high"))
+    lam: float | None = opt(
+        None, "PR-GRPO damping λ of exp(-λΓ) on negative-advantage tokens (III)" + default_help("lam")
+    )
+    shift_norm: str | None = opt(
+        None,
+        "III: Γ as measured, or divided by a running mean of Γ so that λ is scale-free" + default_help("shift_norm"),
+        choices=("none", "running-mean"),
+    )
+    kd_coef: float | None = opt(None, "weight α of the KD loss (II)" + default_help("kd_coef"))
+    tau: float | None = opt(None, "KD temperature scale τ of T = max(τΦ(A), T_min)" + default_help("tau"))
+    t_min: float | None = opt(None, "KD temperature floor T_min" + default_help("t_min"))
+    gamma: float | None = opt(None, "reward term γ of the routing-bias update (IV)" + default_help("gamma"))
+    adv_ema: float | None = opt(None, "EMA decay of the per-expert advantage m_e (IV)" + default_help("adv_ema"))
+    rspo_floor: float | None = opt(None, "RSPO: floor of its router-shift weight exp(-Γ)" + default_help("rspo_floor"))
+    rspo_base: str | None = opt(
+        None,
+        "RSPO: the paper's GMPO sequence ratio, or GRPO's token ratio, under the router-shift weight"
+        + default_help("rspo_base"),
+        choices=("gmpo", "grpo"),
+    )
+    # Stage IV's load-balancing rule, shared by every method.
     eta: float = opt(1e-3, "load-balance rate η of the routing-bias update (IV)")
-    gamma: float = opt(1e-3, "reward term γ of the routing-bias update (IV)")
+    balance_rule: str = opt(
+        "proportional",
+        "IV's load term: -η(f - f̄) with f the load relative to the uniform share, or DeepSeek-V3's -η·sign(f - f̄)",
+        choices=("proportional", "sign"),
+    )
     bias_clip: float = opt(1.0, "bound of |routing bias|")
-    adv_ema: float = opt(0.9, "EMA decay of the per-expert advantage m_e")
-    rspo_floor: float = opt(0.5, "RSPO: floor of its exp(-Γ) weight (method rspo only)")
     gamma_anchor: str = opt(
         "rollout",
         "router Γ is measured against: the rollout-time router, or the router before the last optimizer "
@@ -282,11 +315,13 @@ class TrainConfig:
         "rollout engine: generate on the training model, or a vLLM engine colocated on each GPU (padd[vllm])",
         choices=("transformers", "vllm"),
     )
-    vllm_gpu_memory: float = opt(0.3, "vllm rollouts: share of GPU memory the engine may take (weights + KV cache)")
+    vllm_gpu_memory: float | None = opt(
+        None, "vllm rollouts: share of GPU memory the engine may take (weights + KV cache; default 0.3)"
+    )
     vllm_max_model_len: int | None = opt(None, "vllm rollouts: longest prompt + completion (default: 2048 + budget)")
-    no_kd: bool = opt(False, "ablation: drop II (α = 0)")
-    no_pr: bool = opt(False, "ablation: drop III's damping (λ = 0)")
-    no_reward_balance: bool = opt(False, "ablation: drop IV's reward term (γ = 0, plain balancing)")
+    no_kd: bool = opt(False, "padd ablation: drop II (α = 0)")
+    no_pr: bool = opt(False, "padd ablation: drop III's damping (λ = 0)")
+    no_reward_balance: bool = opt(False, "padd ablation: drop IV's reward term (γ = 0, plain balancing)")
     world_size: int = opt(2000, "problems per skill when --data is a world name")
     save_every: int = opt(50, "checkpoint every N rollout batches (0: only at the end)")
     resume: bool = opt(False, "continue from the run directory's last checkpoint")

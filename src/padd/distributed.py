@@ -39,6 +39,18 @@ class Dist:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum of `tensor` over all ranks, in place (and returned); a no-op in a single process."""
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over all ranks (float64, one collective), by name."""
+        names = list(values)
+        summed = self.all_reduce_sum(torch.tensor([float(values[k]) for k in names], dtype=torch.float64))
+        return dict(zip(names, summed.tolist(), strict=True))
+
     def reduce_sum(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
         """Sum `tensor` over all ranks into rank `dst`'s copy (others keep a partial sum)."""
         if self.world > 1:

@@ -55,7 +55,7 @@ def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
     """Greedy Pass@1 (and avg@k, pass@k with k samples) on one benchmark SPEC, keeping every completion."""
     problems = load_problems(
         spec,
-        split="test",
+        split=cfg.split,
         world_size=cfg.world_size,
         limit=cfg.limit,
         problem_field=cfg.problem_field,

@@ -107,6 +107,13 @@ class RouterRecorder:
         topk = torch.stack(self.topk).view(n_layers, *batch_shape, -1)
         return logp, topk
 
+    def selections(self, batch_shape: tuple[int, int]) -> torch.Tensor:
+        """Top-K experts [L, B, T, K] of the last forward over [B, T] tokens (works without keep_logits)."""
+        n_layers = len(self.gates)
+        if len(self.topk) != n_layers:
+            raise RuntimeError(f"recorded {len(self.topk)} router calls, expected {n_layers}: run exactly one forward")
+        return torch.stack(self.topk).view(n_layers, *batch_shape, -1)
+
     def log_scores_under(self, weights: list[torch.Tensor], batch_shape: tuple[int, int]) -> torch.Tensor:
         """log normalised scores [L, B, T, E] that routers with `weights` ([E, H] per layer) would give
         the recorded inputs (needs keep_inputs)."""
@@ -114,6 +121,85 @@ class RouterRecorder:
             raise RuntimeError("log_scores_under needs one recorded forward with keep_inputs=True")
         logp = [router_log_scores(h.float() @ w.float().T) for h, w in zip(self.inputs, weights, strict=True)]
         return torch.stack(logp).view(len(weights), *batch_shape, -1)
+
+
+class RouterShiftMeter:
+    """Per-token router shift Γ (SPEC §4 III, RSPO's definition) measured during one forward.
+
+    Both routers are evaluated on that forward's own router inputs h: at MoE layer l, the mean over
+    the rollout-time top-K experts `topk_old[l]` of |log p_now(e|h) - log p_anchor(e|h)|, p the
+    normalised router scores, the anchor being the rollout-time router (or the router before the
+    last optimizer step). Then the mean over layers. Comparing scores recorded on rollout-time
+    inputs would also count every change of the hidden states in earlier layers.
+
+    Positions: the forward runs over [N, P + C] tokens; Γ is kept for the C positions whose logits
+    predict the completion tokens (P - 1 ... P + C - 2), the routing that produced each token's
+    probability. Only [L, N, C] values are kept, never the router inputs.
+
+    Args:
+        anchor: per MoE layer, the anchor router's weight [E, H] (whole, not sharded).
+        topk_old: [L, N, C, K] experts selected at rollout time at those positions.
+        n_prompt: P, the width of the left-padded prompts.
+    """
+
+    def __init__(self, model: torch.nn.Module, anchor: list[torch.Tensor], topk_old: torch.Tensor, n_prompt: int):
+        self.gates = moe_gates(model)
+        if len(anchor) != len(self.gates) or topk_old.shape[0] != len(self.gates):
+            raise ValueError(f"{len(anchor)} anchor routers / {topk_old.shape[0]} top-K layers for {len(self.gates)}")
+        self.anchor, self.topk_old, self.n_prompt = anchor, topk_old, n_prompt
+        self.per_layer: list[torch.Tensor | None] = [None] * len(self.gates)
+        self._handles: list = []
+
+    def _hook(self, layer: int):
+        def fn(gate, inputs, output):
+            with torch.no_grad():
+                n, c = self.topk_old.shape[1:3]
+                h = inputs[0].reshape(-1, inputs[0].shape[-1])
+                now = output[0].detach()  # the router's own float32 logits on h
+                # the same op as the router's (F.linear in float32): equal weights give Γ = 0 exactly
+                old = torch.nn.functional.linear(h.float(), self.anchor[layer].to(h.device).float())
+                p = self.n_prompt
+                now, old = (router_log_scores(x).view(n, -1, x.shape[-1])[:, p - 1 : p + c - 1] for x in (now, old))
+                index = self.topk_old[layer].to(h.device).long()
+                self.per_layer[layer] = (now - old).abs().gather(-1, index).mean(-1)  # [N, C]
+
+        return fn
+
+    def token_gamma(self) -> torch.Tensor:
+        """[N, C] Γ, the mean over MoE layers, of the last forward."""
+        if any(x is None for x in self.per_layer):
+            raise RuntimeError("RouterShiftMeter: run one forward inside the context first")
+        return torch.stack(self.per_layer).mean(0)
+
+    def __enter__(self) -> RouterShiftMeter:
+        self.per_layer = [None] * len(self.gates)
+        self._handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def selection_stats(logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far the selection-only bias is from acting, and how often it acts (Glm4Moe's top-K on
+    sigmoid scores + bias, one group).
+
+    Args:
+        logits: [N, E] router logits of N tokens; bias: [E] e_score_correction_bias; top_k: K < E.
+
+    Returns:
+        (gap [N]: the K-th minus the (K+1)-th sigmoid score, the bias spread needed to swap them;
+        changed [N] bool: the biased top-K set differs from the unbiased one).
+    """
+    scores = logits.float().sigmoid()
+    ranked = scores.topk(top_k + 1, dim=-1).values
+    gap = ranked[:, top_k - 1] - ranked[:, top_k]
+    plain = scores.topk(top_k, dim=-1).indices.sort(-1).values
+    biased = (scores + bias.to(scores.device).float()).topk(top_k, dim=-1).indices.sort(-1).values
+    return gap, (plain != biased).any(-1)
 
 
 class RoutingReplay:

@@ -13,7 +13,9 @@ from padd.routing import expert_load, moe_gates
 class BiasBalancer:
     """Applies SPEC §4 IV after each optimizer step: b ← clip(b - η(f - f̄) + γ·m) per MoE layer.
 
-    `gamma = 0` is plain (loss-free) load balancing; `eta = gamma = 0` leaves the bias alone.
+    f is each expert's load relative to the uniform share (balanced: 1), so η acts at the same
+    strength whatever the number of experts. `gamma = 0` is plain (loss-free) load balancing;
+    `eta = gamma = 0` leaves the bias alone; `rule="sign"` is DeepSeek-V3's -η·sign(f - f̄).
     """
 
     def __init__(
@@ -24,12 +26,13 @@ class BiasBalancer:
         gamma: float,
         clip: float,
         ema_decay: float = 0.9,
+        rule: str = "proportional",
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """`reduce` sums the load statistics over data-parallel ranks, so every rank applies one bias."""
         self.gates = moe_gates(model)
         self.reduce = reduce
-        self.eta, self.gamma, self.clip, self.ema_decay = eta, gamma, clip, ema_decay
+        self.eta, self.gamma, self.clip, self.ema_decay, self.rule = eta, gamma, clip, ema_decay, rule
         n_experts = self.gates[0].num_experts if self.gates else 0
         self.adv_ema = torch.zeros(len(self.gates), n_experts)
 
@@ -48,7 +51,7 @@ class BiasBalancer:
         if self.reduce is not None:
             both = self.reduce(torch.stack([counts, adv_sum]))
             counts, adv_sum = both[0], both[1]
-        load = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+        load = counts / counts.sum(-1, keepdim=True).clamp_min(1.0) * n_experts  # [L, E], balanced = 1
         self.adv_ema = update_advantage_ema(self.adv_ema, adv_sum.cpu(), counts.cpu(), self.ema_decay)
         biases = []
         for layer, gate in enumerate(self.gates):
@@ -59,11 +62,19 @@ class BiasBalancer:
                 eta=self.eta,
                 gamma=self.gamma,
                 clip=self.clip,
+                rule=self.rule,
             )
             gate.e_score_correction_bias.copy_(new)
             biases.append(new)
-        stacked = torch.stack(biases) if biases else torch.zeros(1)
-        return {"bias_min": float(stacked.min()), "bias_max": float(stacked.max()), "load": load.cpu()}
+        stacked = torch.stack(biases) if biases else torch.zeros(1, 1)  # [L, E]
+        spread = stacked.max(-1).values - stacked.min(-1).values  # [L]
+        return {
+            "bias_min": float(stacked.min()),
+            "bias_max": float(stacked.max()),
+            "bias_spread": spread.tolist(),
+            "bias_spread_mean": float(spread.mean()),
+            "load": load.cpu(),
+        }
 
     def state_dict(self) -> dict:
         return {"adv_ema": self.adv_ema.clone()}

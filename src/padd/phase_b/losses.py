@@ -30,6 +30,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     return ((grouped - grouped.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] per position: [B, T, V], [B, T] -> [B, T].
+
+    The policy's log-probabilities at the temperature the rollouts were sampled with, as TRL computes
+    them: at T != 1, log softmax of the raw logits is not the distribution the tokens were drawn from.
+    """
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    return torch.log_softmax(scaled, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
 def pr_grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -55,26 +65,34 @@ def pr_grpo_loss(
         mask: [B, T] 1 on completion tokens.
         router_shift: [B, T] per-token Γ (see `routing_shift`); needed when lam != 0.
         level: "token" (GRPO) or "sequence" (GSPO: the ratio is exp of the masked mean log-ratio).
-        rspo_floor: the RSPO baseline instead of PR-GRPO: ρ' = ρ·max(exp(-Γ), floor) on every token
-            (lam is then unused).
+        rspo_floor: RSPO's router-shift weight on GRPO's token ratio instead of PR-GRPO's damping:
+            ρ' = ρ·max(exp(-Γ), floor) on every token (lam is then unused); `rspo_gmpo_loss` is the
+            RSPO paper's own method.
+
+    Returns:
+        (loss, stats): stats has `clip_frac`, `ratio_mean` and, with lam != 0, `pr_damping_mean` and
+        `pr_damping_median` of the factor exp(-lam·Γ) over the A < 0 completion tokens (1.0 if
+        none), and `pr_negative_frac`, their share of the completion tokens.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
     mask = mask.to(logp.dtype)
-    log_ratio = logp - old_logp.detach()
-    adv = advantages.to(logp.dtype)[:, None]
+    log_ratio = logp - old_logp.detach()  # [B, T]
+    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
     if (lam or rspo_floor is not None) and router_shift is None:
         raise ValueError("lam != 0 or rspo_floor needs router_shift")
+    damping = None
     if rspo_floor is not None:
         log_ratio = log_ratio - router_shift.detach().to(logp.dtype).clamp_max(-math.log(rspo_floor))
     elif lam:
-        damp = lam * router_shift.detach().to(logp.dtype) * (adv < 0).to(logp.dtype)
-        log_ratio = log_ratio - damp
+        negative = (adv < 0).to(logp.dtype).expand_as(logp)  # [B, T]
+        log_ratio = log_ratio - lam * router_shift.detach().to(logp.dtype) * negative
+        damping = torch.exp(-lam * router_shift.detach().float())[(negative * mask).bool()]
     if level == "sequence":
         log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp_min(1.0))[:, None].expand_as(logp)
     ratio = log_ratio.exp()
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, T]
     n_tokens = mask.sum().clamp_min(1.0)
     loss = (per_token * mask).sum() / n_tokens
     with torch.no_grad():
@@ -82,6 +100,59 @@ def pr_grpo_loss(
         stats = {
             "clip_frac": float((is_clipped.to(mask.dtype) * mask).sum() / n_tokens),
             "ratio_mean": float((ratio * mask).sum() / n_tokens),
+        }
+        if damping is not None:  # 1.0 when no token has A < 0 (pr_negative_frac = 0): nothing was damped
+            stats["pr_damping_mean"] = float(damping.mean()) if damping.numel() else 1.0
+            stats["pr_damping_median"] = float(damping.median()) if damping.numel() else 1.0
+            stats["pr_negative_frac"] = float(damping.numel() / n_tokens)
+    return loss, stats
+
+
+def rspo_gmpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    router_shift: torch.Tensor,
+    *,
+    floor: float = 0.8,
+    eps_low: float = 0.4,
+    eps_high: float = 0.4,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """RSPO, the main method of arXiv 2510.23027 ("GMPO + RS"): GMPO's geometric-mean sequence ratio
+    with token-level clipping, each token's ratio first rescaled by the router-shift weight.
+
+    Per token, w̃ = ρ·sg[max(exp(-Γ), floor)] (RSPO: "applies stop-gradient and a lower-bound floor,
+    and softly rescales importance ratios prior to clipping and aggregation"). Then GMPO (arXiv
+    2507.20673; its reference code, callsys/GMPO): with Δ = log w̃, clip in log space one-sidedly by
+    the sign of the advantage, Δ' = sgn(A)·min(sgn(A)·Δ, sgn(A)·clamp(Δ, -eps_low, eps_high)); the
+    sequence ratio is the geometric mean S_i = exp(mean_t Δ'), and J = mean_i S_i·A_i. The loss is -J.
+    GMPO clips at (e^-0.4, e^0.4); RSPO's floor value is not stated in its abstract, 0.8 is the
+    value of the public implementations.
+
+    Args:
+        logp, old_logp: [B, T] log π_θ (with grad) and log π_old of the sampled tokens.
+        advantages: [B]; mask: [B, T] 1 on completion tokens; router_shift: [B, T] per-token Γ.
+
+    Returns:
+        (loss, stats): the mean over the B sequences; stats `clip_frac` (clipped tokens among the
+        unmasked ones), `ratio_mean` (mean S_i) and `rs_weight_mean` (mean router-shift weight).
+    """
+    mask = mask.to(logp.dtype)
+    weight = torch.exp(-router_shift.detach().float()).clamp_min(floor).to(logp.dtype)  # [B, T]
+    delta = logp - old_logp.detach() + weight.log()  # [B, T] log w̃
+    sign = torch.sign(advantages.to(logp.dtype))[:, None]  # [B, 1]
+    clamped = delta.clamp(-eps_low, eps_high)
+    delta_clipped = sign * torch.minimum(sign * delta, sign * clamped)  # [B, T]
+    lengths = mask.sum(1).clamp_min(1.0)  # [B]
+    seq_ratio = torch.exp((delta_clipped * mask).sum(1) / lengths)  # [B]
+    loss = -(seq_ratio * advantages.to(logp.dtype)).mean()
+    with torch.no_grad():
+        n_tokens = mask.sum().clamp_min(1.0)
+        stats = {
+            "clip_frac": float(((delta != clamped).to(mask.dtype) * mask).sum() / n_tokens),
+            "ratio_mean": float(seq_ratio.mean()),
+            "rs_weight_mean": float((weight * mask).sum() / n_tokens),
         }
     return loss, stats
 
@@ -191,21 +262,29 @@ def update_routing_bias(
     eta: float,
     gamma: float,
     clip: float,
+    rule: str = "proportional",
 ) -> torch.Tensor:
     """Reward-augmented load balance (SPEC §4 IV): b ← clip(b - η(f - f̄) + γ·m, ±clip).
 
-    Overloaded experts are pushed down, experts on high-advantage paths pulled up.
+    Overloaded experts are pushed down, experts on high-advantage paths pulled up. `rule="sign"`
+    is DeepSeek-V3's update, -η·sign(f - f̄), in place of the proportional load term.
 
     Args:
         bias: [..., E] e_score_correction_bias per layer.
-        load: [..., E] f_e, each expert's share of the routed (token, slot) pairs.
+        load: [..., E] f_e, each expert's load relative to the uniform share (its share of the routed
+            (token, slot) pairs times E), so a balanced layer has f_e = f̄ = 1.
         adv_ema: [..., E] m_e, EMA of the mean advantage of the tokens routed to e.
 
     Returns:
         the new bias (a new tensor, same shape and dtype).
     """
+    if rule not in ("proportional", "sign"):
+        raise ValueError(f"rule must be 'proportional' or 'sign', got {rule!r}")
     f = load.to(torch.float32)
-    new = bias.float() - eta * (f - f.mean(-1, keepdim=True)) + gamma * adv_ema.float()
+    excess = f - f.mean(-1, keepdim=True)
+    if rule == "sign":
+        excess = torch.sign(excess)
+    new = bias.float() - eta * excess + gamma * adv_ema.float()
     return new.clamp(-clip, clip).to(bias.dtype)
 
 

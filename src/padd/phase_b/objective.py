@@ -2,43 +2,88 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from padd.config import TrainConfig
+from padd.config import ConfigError, TrainConfig
+from padd.methods import ABLATION_SWITCHES, METHOD_ONLY_OPTIONS, options_of
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What one update optimises: the policy term (III or a baseline's), KD (II), the bias rule (IV)."""
+    """What one update optimises: the policy term (III or a baseline's), KD (II), the bias rule (IV).
 
-    policy: bool
-    level: str
+    policy: "grpo" (token ratio; PR-GRPO when lam > 0), "gspo" (sequence ratio), "rspo" (RSPO's
+    router-shift weight on `rspo_base`'s ratio) or None (no RL term: online KD).
+    kd: "adaptive" (II: T = max(τΦ(A), T_min)), "fixed" (temperature 1) or None.
+    """
+
+    policy: str | None
+    eps_low: float
+    eps_high: float
     lam: float
+    shift_norm: str
     rspo_floor: float | None
+    rspo_base: str | None
+    kd: str | None
     kd_coef: float
+    tau: float
+    t_min: float
     eta: float
     gamma: float
+    adv_ema: float
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its method's defaults filled in (padd.methods), after refusing every option the
+    method, its ablation switches or its rollout backend would leave without effect."""
+    switches = {name: getattr(cfg, name) for name in ABLATION_SWITCHES}
+    if cfg.method != "padd" and (on := [s for s, v in switches.items() if v]):
+        raise ConfigError(f"{', '.join(map(_flag, on))}: an ablation of padd; --method {cfg.method} has no such stage")
+    used = options_of(cfg.method, switches)
+    given_unused = [n for n in METHOD_ONLY_OPTIONS if getattr(cfg, n) is not None and n not in used]
+    if given_unused:
+        why = f"--method {cfg.method}" + "".join(f" {_flag(s)}" for s, v in switches.items() if v)
+        raise ConfigError(
+            f"{why} does not use {', '.join(map(_flag, given_unused))}; drop it "
+            f"(it reads: {', '.join(map(_flag, used)) or 'none of the method options'})"
+        )
+    if cfg.rollout != "vllm" and (vllm := [n for n in ("vllm_gpu_memory", "vllm_max_model_len") if getattr(cfg, n)]):
+        raise ConfigError(f"{', '.join(map(_flag, vllm))} only act with --rollout vllm")
+    filled = {name: default for name, default in used.items() if getattr(cfg, name) is None}
+    if cfg.rollout == "vllm" and cfg.vllm_gpu_memory is None:
+        filled["vllm_gpu_memory"] = 0.3
+    return dataclasses.replace(cfg, **filled)
 
 
 def objective_of(cfg: TrainConfig) -> Objective:
-    """The method's objective, then the ablation switches on top."""
-    base = dict(policy=True, level="token", lam=0.0, rspo_floor=None, kd_coef=0.0, eta=cfg.eta, gamma=0.0)
-    if cfg.method == "padd":
-        base.update(lam=cfg.lam, kd_coef=cfg.kd_coef, gamma=cfg.gamma)
-    elif cfg.method == "gspo":
-        base.update(level="sequence")
-    elif cfg.method == "rspo":
-        base.update(rspo_floor=cfg.rspo_floor)
-    elif cfg.method == "online-kd":
-        base.update(policy=False, kd_coef=1.0)
-    elif cfg.method != "grpo":
-        raise ValueError(f"unknown method {cfg.method!r}")
-    if cfg.no_kd:
-        base["kd_coef"] = 0.0
-    if cfg.no_pr:
-        base["lam"] = 0.0
-    if cfg.no_reward_balance:
-        base["gamma"] = 0.0
-    if not base["policy"] and not base["kd_coef"]:
-        raise ValueError("online-kd without KD trains nothing: drop --no-kd")
-    return Objective(**base)
+    """The objective of a config (resolved here if it was not already)."""
+    cfg = resolve(cfg)
+    m = cfg.method
+    kd = None
+    if m == "online-kd":
+        if not cfg.kd_coef:
+            raise ConfigError("--method online-kd with --kd-coef 0 trains nothing")
+        kd = "fixed"
+    elif m == "padd" and cfg.kd_coef:  # None under --no-kd
+        kd = "adaptive"
+    return Objective(
+        policy={"padd": "grpo", "grpo": "grpo", "gspo": "gspo", "rspo": "rspo", "online-kd": None}[m],
+        eps_low=cfg.eps_low or 0.0,
+        eps_high=cfg.eps_high or 0.0,
+        lam=cfg.lam or 0.0,
+        shift_norm=cfg.shift_norm or "none",
+        rspo_floor=cfg.rspo_floor,
+        rspo_base=cfg.rspo_base,
+        kd=kd,
+        kd_coef=cfg.kd_coef or 0.0,
+        tau=cfg.tau or 1.0,
+        t_min=cfg.t_min or 0.0,
+        eta=cfg.eta,
+        gamma=cfg.gamma or 0.0,
+        adv_ema=cfg.adv_ema or 0.9,
+    )

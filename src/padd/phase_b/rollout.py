@@ -25,6 +25,8 @@ class Rollout:
 
     routed_experts: [L, N, P + C, K] (int16) experts the engine selected in each MoE layer for each input
     token, -1 where it made none (the last completion token is never fed back), or None.
+    sampler_logps: [N, C] (float32) the log-probability each completion token was drawn with, from the
+    engine's own processed scores (temperature applied), or None if the engine gave none.
     """
 
     prompt_ids: torch.Tensor
@@ -33,6 +35,7 @@ class Rollout:
     completion_mask: torch.Tensor
     texts: list[str]
     routed_experts: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -50,6 +53,7 @@ class Rollout:
             self.completion_mask[index],
             [self.texts[int(i)] for i in index],
             None if self.routed_experts is None else self.routed_experts[:, index],
+            None if self.sampler_logps is None else self.sampler_logps[index],
         )
 
 
@@ -59,6 +63,39 @@ class RolloutBackend(Protocol):
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights."""
+
+
+class SampledTokenLogprobs:
+    """A `generate` logits processor, placed last, that keeps the log-probability each sampled token
+    was drawn with: log softmax of the fully processed scores at the step that drew it.
+
+    generate calls the processors once per new token before sampling it, so the token drawn at a
+    step is read from `input_ids` at the next call (and from the output after the last). Only one
+    step's [B, V] scores are held, never the whole [B, C, V].
+    """
+
+    def __init__(self):
+        self.pending: torch.Tensor | None = None  # [B, V] log-probabilities of the step not yet read
+        self.logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._read(input_ids[:, -1:])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _read(self, drawn: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.logps.append(self.pending.gather(-1, drawn).squeeze(-1))
+            self.pending = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[B, C] log-probabilities of the C generated tokens, given generate's output sequences."""
+        self._read(sequences[:, -1:])
+        return (
+            torch.stack(self.logps, dim=1)
+            if self.logps
+            else sequences.new_zeros((len(sequences), 0), dtype=torch.float32)
+        )
 
 
 def completion_mask_from(completion_ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -112,21 +149,29 @@ class TransformersRollout:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
         flat = [p for p in prompts for _ in range(group_size)]
         enc = tok(flat, return_tensors="pt", padding=True, add_special_tokens=False)
         was_training = model.training
         model.eval()
-        chunks, routed = [], []
+        chunks, routed, sampled = [], [], []
         bar = tqdm(total=len(flat), desc="generate", unit="seq", disable=not self.progress)
         new_tokens, start = 0, time.perf_counter()
         for i in range(0, len(flat), self.batch_size):
             ids = enc["input_ids"][i : i + self.batch_size].to(device)
             mask = enc["attention_mask"][i : i + self.batch_size].to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            # Our own temperature warper, then the recorder: generate adds no warper of its own at
+            # temperature 1 with top_k = 0 and top_p = 1, so the recorder sees the scores it samples from.
+            recorder_logps = SampledTokenLogprobs()
+            processors = [recorder_logps]
+            sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
             if temperature <= 0:
                 sampling = {"do_sample": False}
+            elif temperature != 1.0:
+                processors.insert(0, TemperatureLogitsWarper(temperature))
             # top-K only, kept on the device (no host sync per step) until the call ends
             recorder = RouterRecorder(model, keep_logits=False) if self.record_routing else None
             with recorder or contextlib.nullcontext():
@@ -137,9 +182,11 @@ class TransformersRollout:
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
                     synced_gpus=self.synced,
+                    logits_processor=LogitsProcessorList(processors),
                     **sampling,
                 )
             chunks.append(out[:, ids.shape[1] :].cpu())
+            sampled.append(recorder_logps.finish(out).cpu())
             if recorder is not None and recorder.gates:
                 routed.append(_per_token(recorder, len(ids), out.shape[1]))
             new_tokens += int(completion_mask_from(chunks[-1], tok.eos_token_id, tok.pad_token_id).sum())
@@ -151,12 +198,13 @@ class TransformersRollout:
         completion = torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id) for c in chunks]
         )
+        sampler_logps = torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1])) for s in sampled])
         cmask, texts = decode_completions(tok, completion)
         experts = None
         if routed:
             full = enc["input_ids"].shape[1] + width
             experts = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, full - r.shape[2]), value=-1) for r in routed], 1)
-        return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts, experts)
+        return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts, experts, sampler_logps)
 
 
 def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bool) -> RolloutBackend:
@@ -171,7 +219,7 @@ def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bo
         tokenizer,
         model,
         dtype="bfloat16" if cfg.precision == "bf16" else "float32",
-        gpu_memory_utilization=cfg.vllm_gpu_memory,
+        gpu_memory_utilization=cfg.vllm_gpu_memory,  # resolved: 0.3 unless given
         max_model_len=cfg.vllm_max_model_len or 2048 + cfg.max_new_tokens,
         require_routing=cfg.routing_replay,
         seed=cfg.seed * 1_000_003 + rank,

@@ -75,6 +75,19 @@ def engine_routing(
     return out
 
 
+def sampled_logprobs(token_ids: list, logprobs: list, width: int) -> torch.Tensor | None:
+    """[N, width] log-probability of each sampled token from vLLM's per-position {token: Logprob}
+    dicts (SamplingParams(logprobs=0) returns the sampled token's own), 0 past a completion's end;
+    None when the engine returned none."""
+    if any(lp is None for lp in logprobs):
+        return None
+    out = torch.zeros(len(token_ids), width)
+    for i, (ids, per_position) in enumerate(zip(token_ids, logprobs, strict=True)):
+        for j, (token, entry) in enumerate(zip(ids, per_position, strict=True)):
+            out[i, j] = entry[token].logprob
+    return out
+
+
 def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
     """Runs inside vLLM's worker (in this process): overwrite the engine's weights in place."""
     try:
@@ -124,6 +137,8 @@ class VLLMRollout:
             max_model_len=max_model_len,
             seed=seed,
             enable_prefix_caching=True,
+            # the sampled token's log-probability after temperature, as the trainer's π_old uses it
+            logprobs_mode="processed_logprobs",
         )
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"
@@ -157,6 +172,7 @@ class VLLMRollout:
             max_tokens=max_new_tokens,
             stop_token_ids=[tok.eos_token_id],
             detokenize=False,
+            logprobs=0,  # the sampled token's own log-probability only
             # drawn from torch's generator, which the loop seeds per batch: resumed runs sample alike
             seed=int(torch.randint(2**31 - 1, ())),
         )
@@ -172,6 +188,7 @@ class VLLMRollout:
         for i, ids in enumerate(completions):
             completion[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         cmask, texts = decode_completions(tok, completion)
+        sampler_logps = sampled_logprobs([c.token_ids for c in samples], [c.logprobs for c in samples], width)
         prompt_ids = enc.input_ids.repeat_interleave(group_size, 0)
         prompt_mask = enc.attention_mask.repeat_interleave(group_size, 0)
         experts = None
@@ -190,4 +207,4 @@ class VLLMRollout:
                     "--routing-replay: vLLM returned no routed experts; it records them only with Model Runner V2 "
                     "(do not set VLLM_USE_V2_MODEL_RUNNER=0; see vLLM's log for why V1 was chosen)"
                 )
-        return Rollout(prompt_ids, prompt_mask, completion, cmask, texts, experts)
+        return Rollout(prompt_ids, prompt_mask, completion, cmask, texts, experts, sampler_logps)
