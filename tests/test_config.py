@@ -55,6 +55,28 @@ def test_built_in_study_presets_load_and_reject_unknown_keys(tmp_path):
     bad.write_text("teacher: tiny\ndecompose: {out: x}\n")
     with pytest.raises(ConfigError, match="decompose cannot set"):
         load_study(str(bad))
+    # a method's own options go under methods: METHOD, and only options that method reads
+    bad.write_text("teacher: tiny\ntrain: {kd_coef: 0.3}\n")
+    with pytest.raises(ConfigError, match="method options go under methods"):
+        load_study(str(bad))
+    bad.write_text("teacher: tiny\nmethods: {grpo: {kd_coef: 0.3}}\n")
+    with pytest.raises(ConfigError, match="grpo does not use \\['kd_coef'\\]"):
+        load_study(str(bad))
+    bad.write_text("teacher: tiny\nmethods: {ppo: {}}\n")
+    with pytest.raises(ConfigError, match="unknown method 'ppo'"):
+        load_study(str(bad))
+
+
+def test_sweep_specs():
+    from padd.study import parse_sweep
+
+    study = load_study("tiny")
+    assert parse_sweep("padd:lam=0,30,3e2", study) == ("padd", "lam", [0.0, 30.0, 300.0])
+    assert parse_sweep("padd:kd-coef=0.3", study) == ("padd", "kd_coef", [0.3])
+    assert parse_sweep("grpo:lr=1e-4", study)[1] == "lr"  # an option every method shares
+    for spec, message in [("padd-lam=1", "METHOD:OPTION"), ("grpo:lam=1", "does not use"), ("ppo:lr=1", "unknown")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_sweep(spec, study)
 
 
 def test_shipped_presets_load():

@@ -52,3 +52,24 @@ def test_dominant_cluster():
     acts = torch.tensor([[1.0, -3.0, 0.5, 0.1], [0.0, 0.1, -2.0, 2.0]])
     experts = torch.tensor([[0, 1], [2, 3]])
     assert dominant_cluster(acts, experts).tolist() == [0, 1]
+
+
+def test_paired_bootstrap_difference_and_interval():
+    from padd.metrics import paired_bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.tensor([0] * 30 + [1] * 10)  # unequal benchmarks: the mean is over groups
+    a = (torch.rand(3, 40, generator=g) < 0.8).float()
+    b = (torch.rand(3, 40, generator=g) < 0.3).float()
+    diff, lo, hi = paired_bootstrap(a, b, groups, n_boot=2000)
+    per_group = lambda x: (x[:, :30].double().mean() + x[:, 30:].double().mean()) / 2  # noqa: E731
+    assert diff == pytest.approx(float(per_group(a) - per_group(b)), abs=1e-9)
+    assert 0 < lo < diff < hi
+    same = paired_bootstrap(a, a, groups, n_boot=500)
+    assert same == (0.0, 0.0, 0.0)
+    # one teacher run against three student runs; a reversed comparison flips the interval
+    teacher = torch.ones(1, 40)
+    d, lo2, hi2 = paired_bootstrap(b, teacher, groups, n_boot=500)
+    assert hi2 < 0 and d == pytest.approx(float(per_group(b)) - 1.0)
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:, :10], groups)

@@ -28,7 +28,14 @@ def study_run(tmp_path_factory, llama_teacher):
     preset = root / "micro.yaml"
     preset.write_text(MICRO.format(teacher=llama_teacher))
     run = root / "run"
-    flags = dict(preset=preset, out=run, seeds=2, methods="base,grpo,padd", ablations="no-stage1,no-kd")
+    flags = dict(
+        preset=preset,
+        out=run,
+        seeds=2,
+        methods="base,grpo,padd",
+        ablations="no-stage1,no-kd,other-start",
+        sweep="padd:lam=0",
+    )
     assert padd("reproduce", progress=False, **flags) == 0
     return run, flags
 
@@ -43,16 +50,24 @@ def test_every_cell_ran_and_the_tables_come_from_the_run_files(study_run):
     cells = json.loads((run / "cells.json").read_text())
     for name in ("stage1-cluster", "stage1-random", "warmup-cluster", "warmup-random", "eval/teacher", "eval/base"):
         assert name in cells
-    for row in ("grpo", "padd", "no-stage1", "no-kd"):
+    for name in (
+        "warmup-cluster-distill",
+        "warmup-random-distill",
+        "analysis/cluster-distill",
+        "analysis/random-uniform",
+    ):
+        assert name in cells
+    for row in ("grpo", "padd", "no-stage1", "no-kd", "other-start", "padd@lam=0.0"):
         for seed in (0, 1):
             assert f"train/{row}-s{seed}" in cells and f"eval/{row}-s{seed}" in cells
             assert (run / "train" / f"{row}-s{seed}" / "student" / "config.json").exists()
     assert cells["stage1-cluster"]["result"]["max_logit_gap_all_experts"] < 1e-4
 
     report = (run / "report.md").read_text()
-    for section in ("Table 1", "Ablations", "Broad skills", "Expert specialisation", "Routing stability", "claims"):
+    sections = ("Table 1", "Ablations", "Sweep: padd", "Broad skills", "Do the stages act?", "Expert specialisation")
+    for section in (*sections, "Routing stability", "claims"):
         assert section in report
-    for plot in ("gamma", "rewards", "load", "nmi_esi", "pass_vs_flops"):
+    for plot in ("gamma", "rewards", "load", "load_cv", "nmi_esi", "pass_vs_flops"):
         assert (run / "plots" / f"{plot}.png").stat().st_size > 1000
         assert f"plots/{plot}.png" in report
 
@@ -70,8 +85,18 @@ def test_every_cell_ran_and_the_tables_come_from_the_run_files(study_run):
     padd_flops = json.loads((run / "eval" / "padd-s0.json").read_text())["flops_per_token@1024"]
     assert _cell_value(report, "PADD", 4) == f"{padd_flops / teacher['flops_per_token@1024']:.2f}"
     # NMI of the cluster-init student, from its analysis file
-    nmi = json.loads((run / "analysis" / "cluster.json").read_text())["nmi"]
-    assert re.search(rf"\| cluster \| {nmi:.3f} \|", report)
+    nmi = json.loads((run / "analysis" / "cluster-uniform.json").read_text())["nmi"]
+    assert re.search(rf"\| cluster-uniform \| {nmi:.3f} \|", report)
+    # the other-start row trains from the other (distill) start, every other row from the preset's (uniform)
+    configs = {
+        row: json.loads((run / "train" / f"{row}-s0" / "train_config.json").read_text())
+        for row in ("padd", "other-start")
+    }
+    assert configs["padd"]["student"].endswith("warmup-cluster") and configs["other-start"]["student"].endswith(
+        "warmup-cluster-distill"
+    )
+    # verdicts come with a paired-bootstrap interval
+    assert re.search(r"PADD beats Vanilla GRPO .*\*\*(supported|refuted|not separated)\*\*.*95% CI \[", report)
     # Γ_step of PADD (last step and mean over steps and seeds), from its metrics
     gammas = [
         [json.loads(x)["gamma_step"] for x in (run / "train" / f"padd-s{s}" / "metrics.jsonl").read_text().splitlines()]

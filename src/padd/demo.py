@@ -1,8 +1,10 @@
-"""`padd demo`: `padd reproduce --preset tiny` with one seed and the main rows (Teacher, Base, GRPO, PADD).
+"""`padd demo`: `padd reproduce --preset tiny` with one seed and the main rows (Teacher, Base,
+GRPO, Online KD, PADD).
 
 It trains the tiny teacher on the miniature world, runs Stage I with the cluster init, warms the
-experts up, trains vanilla GRPO and PADD from the same start on the same budget, evaluates every
-row, and writes report.md with its plots; the table is printed at the end.
+experts up, trains vanilla GRPO, Online KD (the pure-distillation baseline PADD must beat) and PADD
+from the same start on the same budget, evaluates every row, and writes report.md with its plots;
+the table is printed at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from rich.console import Console
 from padd.config import DemoConfig, ReproduceConfig
 from padd.study import run_reproduce
 
-DEMO_METHODS = "base,grpo,padd"
+DEMO_METHODS = "base,grpo,online-kd,padd"
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
@@ -27,6 +29,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             methods=DEMO_METHODS,
             ablations="none",
             eval_per_skill=cfg.eval_per_skill,
+            teacher_seed=cfg.teacher_seed,
             overwrite=cfg.overwrite,
             progress=cfg.progress,
         ),

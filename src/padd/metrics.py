@@ -5,6 +5,7 @@
 - `router_shift`: Γ_step, the L2 norm of the change of all router weights between two steps.
 - `load_stats`: coefficient of variation and max/mean of per-expert loads.
 - `dominant_cluster`: each token's teacher cluster with the largest activation mass (NMI/ESI labels).
+- `paired_bootstrap`: the accuracy difference of two models on the same problems, with an interval.
 """
 
 from __future__ import annotations
@@ -123,3 +124,49 @@ def dominant_cluster(activations: torch.Tensor, experts: torch.Tensor) -> torch.
     """
     mass = activations.abs()[:, experts].sum(-1)  # [T, C]
     return mass.argmax(-1)
+
+
+def paired_bootstrap(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Difference in accuracy of two models on the same problems, with a paired bootstrap interval.
+
+    Accuracy is the mean over groups (benchmarks) of the per-group mean over problems and runs, as a
+    table's average column is. Each replicate resamples the problems within each group, the same
+    problems for both sides, and the runs (seeds) with replacement: paired by index when both sides
+    have the same number of runs, else each side on its own (a single run, e.g. the teacher's
+    greedy evaluation, stays as it is).
+
+    Args:
+        a, b: [runs, P] 0/1 correctness of each run on the P problems (runs may differ between a, b).
+        groups: [P] group index of each problem.
+
+    Returns:
+        (difference of means a - b, lower, upper) of the `level` percentile interval.
+    """
+    if a.shape[1] != b.shape[1] or groups.shape[0] != a.shape[1]:
+        raise ValueError(f"a {tuple(a.shape)}, b {tuple(b.shape)} and groups {tuple(groups.shape)} disagree on P")
+    a, b = a.double(), b.double()
+    gen = torch.Generator().manual_seed(seed)
+
+    def accuracy(x: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+        """x: [..., P] per-problem accuracy -> [...] mean over groups of the mean over their columns."""
+        return torch.stack([x[..., c].mean(-1) for c in columns]).mean(0)
+
+    members = [torch.nonzero(groups == g).squeeze(1) for g in torch.unique(groups)]
+    diff = float(accuracy(a.mean(0), members) - accuracy(b.mean(0), members))
+    # resampled problems, the same for both sides: per group [n_boot, n_g] column indices
+    columns = [m[torch.randint(len(m), (n_boot, len(m)), generator=gen)] for m in members]
+    runs_a = torch.randint(a.shape[0], (n_boot, a.shape[0]), generator=gen)
+    runs_b = runs_a if a.shape[0] == b.shape[0] else torch.randint(b.shape[0], (n_boot, b.shape[0]), generator=gen)
+    mean_a, mean_b = a[runs_a].mean(1), b[runs_b].mean(1)  # [n_boot, P]
+    reps = torch.stack([(mean_a.gather(1, c) - mean_b.gather(1, c)).mean(1) for c in columns]).mean(0)  # [n_boot]
+    tail = (1.0 - level) / 2
+    lo, hi = torch.quantile(reps, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return diff, lo, hi

@@ -11,7 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLOURS = {"padd": "tab:blue", "grpo": "tab:red", "gspo": "tab:orange", "rspo": "tab:purple", "online-kd": "tab:green"}
+COLOURS = {
+    "padd": "tab:blue",
+    "grpo": "tab:red",
+    "gspo": "tab:orange",
+    "rspo": "tab:purple",
+    "online-kd": "tab:green",
+    "no-balance": "tab:cyan",
+    "no-bias": "tab:gray",
+    "no-pr": "tab:olive",
+}
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -65,6 +74,25 @@ def reward_curves(curves: dict[str, np.ndarray], labels: dict[str, str], path: P
     ax.set_ylabel("mean reward (moving average of 5)")
     ax.set_title("Phase B reward")
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def series_curves(curves: dict[str, np.ndarray], labels: dict[str, str], ylabel: str, path: Path) -> None:
+    """One metric per optimizer step for several rows (mean over seeds, band over min-max, moving
+    average of 5). curves: row -> [seeds, steps]."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row, values in curves.items():
+        steps = np.arange(1, values.shape[1] + 1)
+        colour = COLOURS.get(row)
+        ax.plot(steps, _smooth(values.mean(0), 5), label=labels.get(row, row), color=colour, lw=1.2)
+        if values.shape[0] > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.12, lw=0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -1,7 +1,10 @@
 """`report.md` and its plots, read only from a study run's own files (see padd.study for the layout).
 
 Every number in the report comes from eval/*.json, analysis/*.json, train/*/metrics.jsonl and
-cells.json; rows or columns whose files are missing are left out, never filled in.
+cells.json; rows or columns whose files are missing are left out, never filled in. Claims are
+judged by a paired bootstrap over the same test problems (and seeds): "supported" when the 95%
+interval of the difference lies on the claimed side of zero, "refuted" when it lies on the other
+side, "not separated" when it spans zero.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from padd import plots
+from padd.metrics import paired_bootstrap
 from padd.study import ABLATIONS, METHODS, ROW_LABELS
+
+STAGE_ROWS = ("padd", "no-pr", "no-balance", "no-bias", "grpo", "online-kd")  # the "stages act" table
 
 
 @dataclass
@@ -26,13 +33,13 @@ class RunFiles:
     manifest: dict
     cells: dict
     evals: dict[str, dict]  # eval name (teacher, base, padd-s0, ...) -> padd eval report
-    analysis: dict[str, dict]  # cluster, random, padd-s0, ... -> padd.analysis result
+    analysis: dict[str, dict]  # cluster-uniform, random-uniform, padd-s0, ... -> padd.analysis result
     metrics: dict[str, list[dict]]  # train run name -> metrics.jsonl rows
 
     @classmethod
     def read(cls, run: Path) -> RunFiles:
         def jsons(folder: str) -> dict[str, dict]:
-            return {p.stem: json.loads(p.read_text()) for p in sorted((run / folder).glob("*.json"))}
+            return {p.name[: -len(".json")]: json.loads(p.read_text()) for p in sorted((run / folder).glob("*.json"))}
 
         metrics = {}
         for path in sorted((run / "train").glob("*/metrics.jsonl")):
@@ -53,6 +60,34 @@ class RunFiles:
         per_run = [[100 * self.evals[n]["benchmarks"][b]["pass@1"] for b in benches] for n in self.names(row)]
         return [sum(v) / len(v) for v in per_run]
 
+    def correctness(self, row: str, benches: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """([runs, P] greedy 0/1 verdicts, [P] benchmark index, [P] problem ids) over `benches`."""
+        runs, ids, groups = [], None, []
+        for name in self.names(row):
+            verdicts, these = [], []
+            for g, bench in enumerate(benches):
+                rows = self.evals[name]["benchmarks"][bench]["rows"]
+                verdicts += [float(r["greedy_correct"]) for r in rows]
+                these += [r["source"] for r in rows]
+                if ids is None:
+                    groups += [g] * len(rows)
+            if ids is not None and these != ids:
+                raise ValueError(f"{name} was evaluated on other problems than the rows it is compared with")
+            ids = these
+            runs.append(verdicts)
+        return torch.tensor(runs), torch.tensor(groups), ids or []
+
+    def label(self, row: str) -> str:
+        if row == "other-start":
+            other = next(s for s in ("uniform", "distill") if s != self.manifest.get("router_start", "distill"))
+            return f"PADD from the {other} router start"
+        if row in ROW_LABELS:
+            return ROW_LABELS[row]
+        if "@" in row:  # a swept value: padd@lam=100
+            method, setting = row.split("@", 1)
+            return f"{ROW_LABELS.get(method, method)} ({setting.replace('=', ' = ')})"
+        return row
+
 
 def _benches(spec: str) -> list[str]:
     return [b.strip() for b in spec.split(",") if b.strip()]
@@ -62,9 +97,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: list[float], bold: bool = False) -> str:
+def _fmt(values: list[float], bold: bool = False, digits: int = 1) -> str:
     mean, std = _mean_std(values)
-    text = f"{mean:.1f}" + (f" ± {std:.1f}" if len(values) > 1 else "")
+    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
     return f"**{text}**" if bold else text
 
 
@@ -81,7 +116,7 @@ def score_table(run: RunFiles, rows: list[str], benches: list[str], *, average: 
         header.append("FLOPs (× teacher)")
     out = [header, ["---"] * len(header)]
     for r in rows:
-        cells = [ROW_LABELS.get(r, r)]
+        cells = [run.label(r)]
         for name, get in columns:
             values = get(r)
             cells.append(_fmt(values, bold=abs(statistics.fmean(values) - best[name]) < 1e-9))
@@ -95,96 +130,233 @@ def _md(table: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in table)
 
 
-def _series(run: RunFiles, row: str, key: str, per: str) -> np.ndarray | None:
-    """[seeds, n] of a metric per optimizer step (per="step") or per rollout batch (per="batch")."""
+def _series(run: RunFiles, row: str, key: str, per: str, reduce=None) -> np.ndarray | None:
+    """[seeds, n] of a metric per optimizer step (per="step") or per rollout batch (per="batch");
+    `reduce` turns a per-layer list into one number (e.g. the mean over layers)."""
     runs = [run.metrics[n] for n in run.names(row) if n in run.metrics]
-    if not runs:
+    if not runs or any(key not in r for rows in runs for r in rows):
         return None
     series = []
     for rows in runs:
+        values = [(reduce(r[key]) if reduce else r[key], r["batch"]) for r in rows]
         if per == "batch":
             seen: dict[int, float] = {}
-            for r in rows:
-                seen.setdefault(r["batch"], r[key])
+            for v, b in values:
+                seen.setdefault(b, v)
             series.append([seen[b] for b in sorted(seen)])
         else:
-            series.append([r[key] for r in rows])
+            series.append([v for v, _ in values])
     n = min(len(s) for s in series)
     return np.array([s[:n] for s in series], dtype=float)
+
+
+def _off_policy(run: RunFiles, row: str, key: str) -> list[float]:
+    """`key` on the updates where the router had moved since Γ's anchor (Γ > 0) and, for III's
+    damping, some token had a negative advantage; over all seeds."""
+    return [
+        r[key]
+        for n in run.names(row)
+        for r in run.metrics.get(n, [])
+        if key in r and r.get("gamma_token_mean", 0.0) > 0 and r.get("pr_negative_frac", 1.0) > 0
+    ]
+
+
+def _verdict(diff: float, lo: float, hi: float) -> str:
+    if lo > 0:
+        return "**supported**"
+    if hi < 0:
+        return "**refuted**"
+    return "**not separated**"
+
+
+def compare(run: RunFiles, a: str, b: str, benches: list[str]) -> tuple[float, float, float] | None:
+    """Pass@1 difference a − b in points on the same problems, with its 95% paired-bootstrap interval."""
+    if not (run.names(a) and run.names(b)):
+        return None
+    (xa, groups, _), (xb, _, _) = run.correctness(a, benches), run.correctness(b, benches)
+    diff, lo, hi = paired_bootstrap(xa, xb, groups)
+    return 100 * diff, 100 * lo, 100 * hi
+
+
+def _interval(d: tuple[float, float, float]) -> str:
+    return f"{d[0]:+.1f} points (95% CI [{d[1]:+.1f}, {d[2]:+.1f}])"
+
+
+def _per_seed_means(run: RunFiles, row: str, key: str) -> list[float]:
+    return [statistics.fmean(r[key] for r in run.metrics[n]) for n in run.names(row) if n in run.metrics]
 
 
 def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
     """The paper's claims this run can test, each with its verdict and the numbers behind it."""
     out = []
 
-    def avg(row: str) -> tuple[float, float] | None:
-        return _mean_std(run.average(row, benches)) if run.names(row) else None
+    def avg(row: str) -> str:
+        return _fmt(run.average(row, benches))
 
-    one_seed = len(run.manifest["seeds"]) < 2
-
-    def verdict(margin: float, noise: float, tie_ok: bool = False) -> str:
-        """margin > 0 favours the claim; noise is the larger std over seeds of the two sides."""
-        if margin > noise:
-            return "**supported**" + (" (one seed: no noise estimate)" if one_seed else "")
-        if margin > 0 or (tie_ok and margin == 0):
-            return "**not separated from noise** (the claimed direction, by ≤ 1 std over seeds)"
-        if margin == 0:
-            return "**not supported** (tied)"
-        return "**not supported**" + (" (within noise)" if -margin <= noise else "")
-
-    padd, teacher = avg("padd"), avg("teacher")
-    if padd and teacher:
-        diff = padd[0] - teacher[0]
+    if d := compare(run, "padd", "teacher", benches):
         out.append(
-            f"- *The MoE student reasons as well as or better than its dense teacher:* "
-            f"{verdict(diff, padd[1], tie_ok=True)}: PADD {padd[0]:.1f} vs teacher {teacher[0]:.1f} average Pass@1."
+            f"- *The MoE student reasons as well as or better than its dense teacher:* {_verdict(*d)}: "
+            f"PADD {avg('padd')} vs teacher {avg('teacher')}; PADD − teacher {_interval(d)}."
         )
-    baselines = [m for m in METHODS if m != "padd" and avg(m)]
-    if padd and baselines:
-        best = max(baselines, key=lambda m: avg(m)[0])
-        diff = padd[0] - avg(best)[0]
-        noise = max(padd[1], avg(best)[1])
+    for baseline in (m for m in METHODS if m not in ("padd", "base")):
+        if d := compare(run, "padd", baseline, benches):
+            out.append(
+                f"- *PADD beats {ROW_LABELS[baseline]} on the same initialisation and budget:* {_verdict(*d)}: "
+                f"{avg('padd')} vs {avg(baseline)}; difference {_interval(d)}."
+            )
+    if d := compare(run, "padd", "base", benches):
+        out.append(f"- *Phase B improves on the Stage I student (Base):* {_verdict(*d)}: difference {_interval(d)}.")
+    for abl in ABLATIONS:
+        if abl == "other-start":
+            if d := compare(run, "padd", abl, benches):
+                start = run.manifest.get("router_start", "distill")
+                out.append(
+                    f"- *The {start} router start the rows use beats the other one ({run.label(abl)}):* "
+                    f"{_verdict(*d)}: {avg('padd')} vs {avg(abl)}; difference {_interval(d)}."
+                )
+        elif d := compare(run, "padd", abl, benches):
+            out.append(
+                f"- *{run.label(abl)} loses accuracy against full PADD:* {_verdict(*d)}: "
+                f"{avg(abl)} vs {avg('padd')}; PADD − ablation {_interval(d)}."
+            )
+    out += _alignment_claims(run)
+    g_padd, g_grpo = _per_seed_means(run, "padd", "gamma_step"), _per_seed_means(run, "grpo", "gamma_step")
+    if g_padd and g_grpo and statistics.fmean(g_grpo) > 0:
+        lower = 100 * (1 - statistics.fmean(g_padd) / statistics.fmean(g_grpo))
+        pairs = list(zip(g_padd, g_grpo, strict=False))
+        if lower >= 10 and all(p < g for p, g in pairs):
+            word = "**supported**"
+        elif all(p > g for p, g in pairs):
+            word = "**refuted**"
+        else:
+            word = "**not separated**"
         out.append(
-            f"- *PADD beats every baseline on the same initialisation and budget:* {verdict(diff, noise)}: "
-            f"PADD {padd[0]:.1f} vs the best baseline ({ROW_LABELS[best]}) {avg(best)[0]:.1f}."
-        )
-    if "cluster" in run.analysis and "random" in run.analysis:
-        c, r = run.analysis["cluster"], run.analysis["random"]
-        ok = c["nmi"] > r["nmi"] and c["esi"] > r["esi"]
-        out.append(
-            f"- *Stage I aligns experts with the teacher's modules (higher NMI and ESI than random upcycling):* "
-            f"{'**supported**' if ok else '**not supported**'}: NMI {c['nmi']:.3f} vs {r['nmi']:.3f}, "
-            f"ESI {c['esi']:.3f} vs {r['esi']:.3f}."
-        )
-    g_padd, g_grpo = _series(run, "padd", "gamma_step", "step"), _series(run, "grpo", "gamma_step", "step")
-    if g_padd is not None and g_grpo is not None:
-        a, b = float(g_padd.mean()), float(g_grpo.mean())
-        lower = 100 * (1 - a / b) if b else 0.0
-        # A reduction of a few percent is within step-to-step variation; the paper reports 47%.
-        word = "**supported**" if lower >= 10 else ("**marginal** (under 10%)" if lower > 0 else "**not supported**")
-        out.append(
-            f"- *PR-GRPO lowers the router shift Γ against vanilla GRPO (paper: 47% lower):* {word}: "
-            f"mean Γ_step {a:.3g} vs {b:.3g} ({abs(lower):.0f}% {'lower' if lower > 0 else 'higher'})."
+            f"- *PR-GRPO lowers the router shift Γ_step against vanilla GRPO (paper: 47% lower):* {word}: "
+            f"mean Γ_step {_fmt(g_padd, digits=4)} vs {_fmt(g_grpo, digits=4)} over seeds "
+            f"({abs(lower):.0f}% {'lower' if lower > 0 else 'higher'}; supported needs ≥ 10% lower in every seed)."
         )
     if "teacher" in run.evals and run.names("padd"):
         ratio = run.evals[run.names("padd")[0]]["flops_per_token@1024"] / run.evals["teacher"]["flops_per_token@1024"]
         out.append(f"- *The student runs at a fraction of the teacher's compute (paper: 0.47×):* {ratio:.2f}× here.")
-    for abl in ABLATIONS:
-        if padd and avg(abl):
-            diff = padd[0] - avg(abl)[0]
-            out.append(
-                f"- *{ROW_LABELS[abl]} loses accuracy against full PADD:* "
-                f"{verdict(diff, max(padd[1], avg(abl)[1]))}: {avg(abl)[0]:.1f} vs {padd[0]:.1f}."
-            )
-    if broad and run.names("padd") and run.names("base"):
-        p = statistics.fmean(v for b in broad for v in run.scores("padd", b))
-        base = statistics.fmean(v for b in broad for v in run.scores("base", b))
-        kept = "**supported**" if p >= base - 1.0 else "**not supported**"
+    if broad and (d := compare(run, "padd", "base", broad)):
+        word = "**refuted** (a significant drop)" if d[2] < 0 else "**supported** (no significant drop)"
         out.append(
-            f"- *Math-only Phase B does not erode broad skills:* {kept}: PADD {p:.1f} vs Base {base:.1f} "
-            f"on {', '.join(broad)} (supported when PADD is within 1 point of Base or above)."
+            f"- *Math-only Phase B does not erode broad skills:* {word}: PADD − Base on {', '.join(broad)} "
+            f"{_interval(d)}."
         )
     return out
+
+
+def _alignment_claims(run: RunFiles) -> list[str]:
+    """Stage I's NMI / ESI claim: at the paper's uniform router start (before Phase B, and after it
+    for PADD against PADD −I), with the fitted start's numbers beside it."""
+    out = []
+    c, r = run.analysis.get("cluster-uniform"), run.analysis.get("random-uniform")
+    if c and r:
+        out.append(
+            f"- *Stage I aligns experts with the teacher's modules, warmed-up students at the uniform router "
+            f"start (primary; paper: NMI 0.030 vs 0.013):* NMI {c['nmi']:.3f} vs {r['nmi']:.3f}, ESI {c['esi']:.3f} "
+            f"vs {r['esi']:.3f} (Stage I vs random upcycling; one measurement each)."
+        )
+    padd = [run.analysis[n] for n in run.names("padd") if n in run.analysis]
+    no_stage1 = [run.analysis[n] for n in run.names("no-stage1") if n in run.analysis]
+    if padd and no_stage1:
+        nmi_a, nmi_b = [a["nmi"] for a in padd], [a["nmi"] for a in no_stage1]
+        esi_a, esi_b = [a["esi"] for a in padd], [a["esi"] for a in no_stage1]
+        pairs = list(zip(nmi_a, nmi_b, strict=False)) + list(zip(esi_a, esi_b, strict=False))
+        word = (
+            "**supported**"
+            if all(x > y for x, y in pairs)
+            else ("**refuted**" if all(x < y for x, y in pairs) else "**not separated**")
+        )
+        out.append(
+            f"- *After Phase B from the {run.manifest.get('router_start', 'uniform')} start, PADD against "
+            f"PADD −I:* {word}: "
+            f"NMI {_fmt(nmi_a, digits=3)} vs {_fmt(nmi_b, digits=3)}, "
+            f"ESI {_fmt(esi_a, digits=3)} vs {_fmt(esi_b, digits=3)} "
+            "(supported needs both higher in every seed)."
+        )
+    c, r = run.analysis.get("cluster-distill"), run.analysis.get("random-distill")
+    if c and r:
+        out.append(
+            f"- *Beside it, the fitted (distill) start:* NMI {c['nmi']:.3f} vs {r['nmi']:.3f}, ESI {c['esi']:.3f} vs "
+            f"{r['esi']:.3f}; each router was fitted to its own partition's cluster masses, so this partly "
+            "measures the fit."
+        )
+    return out
+
+
+def stage_table(run: RunFiles, rows: list[str]) -> list[str]:
+    """Markdown: per trained row, the quantities that show stages III and IV act."""
+    header = [
+        "Row",
+        "III damping, median (A<0, off-policy)",
+        "Γ per token p50 / p90",
+        "IV bias spread (end)",
+        "top-K score gap (median)",
+        "selections changed by the bias",
+        "load CV (end, mean over layers)",
+        "Γ_step mean",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        runs = [run.metrics[n] for n in run.names(row) if n in run.metrics]
+        if not runs:
+            continue
+        last = [rows_[-1] for rows_ in runs]
+        damping = _off_policy(run, row, "pr_damping_median")
+        p50, p90 = _off_policy(run, row, "gamma_token_p50"), _off_policy(run, row, "gamma_token_p90")
+        gaps = [r["router_gap_median"] for rows_ in runs for r in rows_ if "router_gap_median" in r]
+        cells = [
+            run.label(row),
+            f"{statistics.median(damping):.2f}" if damping else "–",
+            f"{statistics.median(p50):.2g} / {statistics.median(p90):.2g}" if p50 else "–",
+            _fmt([r["bias_spread_mean"] for r in last], digits=3),
+            f"{statistics.median(gaps):.3f}" if gaps else "–",
+            _fmt([100 * r.get("bias_changed_frac", 0.0) for r in last]) + "%",
+            _fmt([statistics.fmean(r["load_cv"]) for r in last], digits=3),
+            f"{statistics.fmean(r['gamma_step'] for rows_ in runs for r in rows_):.4f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def sweep_lines(run: RunFiles, benches: list[str]) -> list[str]:
+    """The swept option's table: accuracy and what each value did to the routing."""
+    sweep = run.manifest.get("sweep")
+    if not sweep:
+        return []
+    rows = [r for r in run.manifest["sweep_rows"] if run.names(r)]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## Sweep: {sweep['method']} at other values of `{sweep['option']}`",
+        "",
+        f"Split `{run.manifest.get('eval_split', 'test')}`; each row {len(run.manifest['seeds'])} seed(s).",
+        "",
+        "| Value | Avg. Pass@1 | reward, last 10 batches | III damping median (off-policy) | Γ_step mean "
+        "| bias spread (end) | load CV (end) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    own = [(sweep["method"], f"{sweep['base']} (the method's own row)")] if "base" in sweep else []
+    for row, value in [*own, *zip(run.manifest["sweep_rows"], sweep["values"], strict=True)]:
+        if not run.names(row):
+            continue
+        runs = [run.metrics[n] for n in run.names(row) if n in run.metrics]
+        rewards = _series(run, row, "reward_mean", "batch")
+        damping = _off_policy(run, row, "pr_damping_median")
+        cells = [
+            str(value),
+            _fmt(run.average(row, benches)),
+            _fmt(list(rewards[:, -10:].mean(1)), digits=2) if rewards is not None else "–",
+            f"{statistics.median(damping):.2f}" if damping else "–",
+            f"{statistics.fmean(r['gamma_step'] for x in runs for r in x):.4f}",
+            _fmt([x[-1]["bias_spread_mean"] for x in runs], digits=3),
+            _fmt([statistics.fmean(x[-1]["load_cv"]) for x in runs], digits=3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(run_dir: Path, console: Console | None = None) -> Path:
@@ -196,16 +368,18 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
     benches, broad = _benches(study["benches"]), _benches(study["broad"])
     main_rows = ["teacher", *run.manifest["methods"]]
     ablation_rows = ["padd", *run.manifest["ablations"]] if run.manifest["ablations"] else []
+    sweep_rows = run.manifest.get("sweep_rows", [])
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(exist_ok=True)
     seeds = len(run.manifest["seeds"])
+    split = run.manifest.get("eval_split", "test")
 
     lines = [
         "# PADD study report",
         "",
-        f"Preset: teacher `{study['teacher']}`, Phase B data `{study['data']}`, "
-        f"{seeds} seed(s) per trained row, greedy Pass@1 (%) as mean ± std over seeds. "
-        f"Every number below is read from this run's files.",
+        f"Preset: teacher `{study['teacher']}`, Phase B data `{study['data']}`, router start "
+        f"`{run.manifest.get('router_start', 'uniform')}`, {seeds} seed(s) per trained row, greedy Pass@1 (%) on "
+        f"the `{split}` split as mean ± std over seeds. Every number below is read from this run's files.",
         "",
         "## Table 1: main results",
         "",
@@ -213,10 +387,32 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
     ]
     if ablation_rows:
         lines += ["", "## Ablations", "", _md(score_table(run, ablation_rows, benches, average=True, flops=False))]
+    lines += sweep_lines(run, benches)
     if broad:
-        all_rows = [*main_rows, *run.manifest["ablations"]]
+        all_rows = [*main_rows, *run.manifest["ablations"], *sweep_rows]
         lines += ["", "## Broad skills (not trained on in Phase B)", ""]
         lines.append(_md(score_table(run, all_rows, broad, average=len(broad) > 1, flops=False)))
+
+    trained = [r for r in [*run.manifest["methods"], *run.manifest["ablations"], *sweep_rows] if r != "base"]
+    stage_rows = [r for r in (*STAGE_ROWS, *sweep_rows) if r in trained]
+    if stage_rows:
+        lines += [
+            "",
+            "## Do the stages act?",
+            "",
+            "III: the median of exp(−λΓ) on negative-advantage tokens over the updates whose router had moved "
+            "since the rollout (the first mini-batch of each batch is on-policy, Γ = 0). IV: the spread of the "
+            "selection bias (max − min per layer, mean over layers) against the gap between the K-th and "
+            "(K+1)-th router scores it must bridge, and the share of token-layer selections it changed.",
+            "",
+            *stage_table(run, stage_rows),
+        ]
+        cv = {r: s for r in stage_rows if (s := _series(run, r, "load_cv", "step", statistics.fmean)) is not None}
+        if cv:
+            plots.series_curves(
+                cv, {r: run.label(r) for r in cv}, "load CV (mean over MoE layers)", plot_dir / "load_cv.png"
+            )
+            lines += ["", "![load CV per step](plots/load_cv.png)"]
 
     spec_rows = {k: v for k, v in run.analysis.items()}
     if spec_rows:
@@ -224,9 +420,11 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
             "",
             "## Expert specialisation",
             "",
-            "NMI and ESI between each token's teacher co-activation cluster (Stage I's K-Means partition) and "
-            "the student's top-1 expert, on held-out tokens, mean over MoE layers. `cluster` and `random` are "
-            "the warmed-up students before Phase B (PADD's Stage I vs random upcycling).",
+            "NMI and ESI between each token's teacher co-activation cluster (Stage I's K-Means partition) and the "
+            "student's top-1 expert, on held-out tokens, mean over MoE layers. `cluster-*` and `random-*` are the "
+            "warmed-up students before Phase B (Stage I vs random upcycling) at the uniform and the fitted "
+            "(distill) router start; a fitted start was fitted to its own partition's cluster masses, so the "
+            "primary comparison is at the uniform start. Trained rows are listed by run.",
             "",
             "| Model | NMI | ESI | load CV (mean over layers) |",
             "| --- | --- | --- | --- |",
@@ -235,13 +433,13 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
             lines.append(f"| {name} | {a['nmi']:.3f} | {a['esi']:.3f} | {statistics.fmean(a['load_cv']):.3f} |")
         plots.specialisation_bars({n: (a["nmi"], a["esi"]) for n, a in spec_rows.items()}, plot_dir / "nmi_esi.png")
         lines += ["", "![NMI and ESI](plots/nmi_esi.png)"]
-        heat = {n: np.array(a["load"]) for n, a in spec_rows.items() if n in ("cluster", "grpo-s0", "padd-s0")}
+        start = run.manifest.get("router_start", "uniform")
+        shown = {f"cluster-{start}": "Base", "grpo-s0": "Vanilla GRPO (seed 0)", "padd-s0": "PADD (seed 0)"}
+        heat = {n: np.array(a["load"]) for n, a in spec_rows.items() if n in shown}
         if heat:
-            names = {"cluster": "Base", "grpo-s0": "Vanilla GRPO (seed 0)", "padd-s0": "PADD (seed 0)"}
-            plots.load_heatmaps(heat, names, plot_dir / "load.png")
+            plots.load_heatmaps(heat, shown, plot_dir / "load.png")
             lines += ["", "![expert load per layer](plots/load.png)"]
 
-    trained = [r for r in [*run.manifest["methods"], *run.manifest["ablations"]] if r != "base"]
     gamma_rows = {r: s for r in ("padd", "grpo") if (s := _series(run, r, "gamma_step", "step")) is not None}
     if gamma_rows:
         lines += ["", "## Routing stability", "", "| Method | Γ_step at the last step | Γ_step mean | Γ_step p90 |"]
@@ -252,12 +450,12 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
         lines += ["", "![router shift](plots/gamma.png)"]
     rewards = {r: s for r in trained if (s := _series(run, r, "reward_mean", "batch")) is not None}
     if rewards:
-        plots.reward_curves(rewards, ROW_LABELS, plot_dir / "rewards.png")
+        plots.reward_curves(rewards, {r: run.label(r) for r in rewards}, plot_dir / "rewards.png")
         lines += ["", "## Phase B reward", "", "![reward curves](plots/rewards.png)"]
     if "teacher" in run.evals:
         teacher_flops = run.evals["teacher"]["flops_per_token@1024"]
         points = {
-            ROW_LABELS.get(r, r): (
+            run.label(r): (
                 run.evals[run.names(r)[0]]["flops_per_token@1024"] / teacher_flops,
                 statistics.fmean(run.average(r, benches)),
             )
@@ -267,7 +465,16 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
         plots.pass_vs_flops(points, plot_dir / "pass_vs_flops.png")
         lines += ["", "## Accuracy against compute", "", "![Pass@1 vs FLOPs](plots/pass_vs_flops.png)"]
 
-    lines += ["", "## What this run says about the paper's claims", "", *claims(run, benches, broad)]
+    lines += [
+        "",
+        "## What this run says about the paper's claims",
+        "",
+        "Differences in Pass@1 points with a 95% paired-bootstrap interval (the same problems for both sides, "
+        "resampled within each benchmark, and the seeds): **supported** when the interval lies on the claimed "
+        "side of zero, **refuted** when it lies on the other, **not separated** when it spans zero.",
+        "",
+        *claims(run, benches, broad),
+    ]
     stages: dict[str, float] = {}
     for cell in run.cells.values():
         stages[cell["stage"]] = stages.get(cell["stage"], 0.0) + cell["seconds"]
@@ -276,7 +483,7 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
     lines.append(f"| total | {sum(stages.values()):.0f} |")
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    print_table(run, main_rows + [r for r in run.manifest["ablations"]], benches + broad, console)
+    print_table(run, [*main_rows, *run.manifest["ablations"], *sweep_rows], benches + broad, console)
     console.print(f"report: {report}")
     return report
 
@@ -294,7 +501,7 @@ def print_table(run: RunFiles, rows: list[str], benches: list[str], console: Con
             continue
         flops = run.evals[run.names(r)[0]]["flops_per_token@1024"]
         table.add_row(
-            ROW_LABELS.get(r, r),
+            run.label(r),
             *(f"{statistics.fmean(run.scores(r, b)):.1f}" for b in benches),
             f"{flops / teacher_flops:.2f}" if teacher_flops else "",
         )

@@ -8,10 +8,15 @@ and holds the settings of each stage as overrides of that command's config. The 
     teacher/              trained for the built-in presets (or the given checkpoint is used)
     stage1-{init}/        padd decompose, init cluster (PADD) and random (the −I ablation)
     warmup-{init}/        padd warmup
-    train/{row}-s{seed}/  padd train, one run per method or ablation and seed
+    warmup-{init}-{start}/ the same experts with the other router start (padd warmup --epochs 0)
+    train/{row}-s{seed}/  padd train, one run per method, ablation or swept value and seed
     eval/{row}[-s{seed}].json      padd eval of every row on every benchmark
     analysis/{row}[-s{seed}].json  NMI, ESI and expert loads against the teacher's clusters
     report.md, plots/     written by padd.report from the files above
+
+Every row starts from the preset's router start (`warmup.router_init`); the other start (uniform
+or distill) is built beside it for the NMI / ESI comparison at both starts and for the
+`other-start` row, which measures what the choice of start is worth.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import os
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,17 +42,34 @@ from padd.config import (
     TeacherConfig,
     TrainConfig,
     WarmupConfig,
+    base_type,
 )
+from padd.methods import METHOD_ONLY_OPTIONS, METHOD_OPTIONS, options_of
 from padd.world.teacher import PRESETS as TEACHER_PRESETS
 
 METHODS = ("base", "grpo", "gspo", "rspo", "online-kd", "padd")
-# ablation -> (Stage I init, padd train switches)
-ABLATIONS: dict[str, tuple[str, dict]] = {
-    "no-stage1": ("random", {}),
-    "no-kd": ("cluster", {"no_kd": True}),
-    "no-pr": ("cluster", {"no_pr": True}),
-    "no-balance": ("cluster", {"no_reward_balance": True}),
-    "no-kd-pr-balance": ("cluster", {"no_kd": True, "no_pr": True, "no_reward_balance": True}),
+ROUTER_STARTS = ("uniform", "distill")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A PADD row beside the main one: its Stage I init, router start (None: the preset's), padd
+    train switches and settings shared with every method."""
+
+    init: str = "cluster"
+    start: str | None = None
+    switches: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
+
+
+ABLATIONS: dict[str, Variant] = {
+    "no-stage1": Variant(init="random"),
+    "no-kd": Variant(switches={"no_kd": True}),
+    "no-pr": Variant(switches={"no_pr": True}),
+    "no-balance": Variant(switches={"no_reward_balance": True}),
+    "no-bias": Variant(switches={"no_reward_balance": True}, shared={"eta": 0.0}),
+    "no-kd-pr-balance": Variant(switches={"no_kd": True, "no_pr": True, "no_reward_balance": True}),
+    "other-start": Variant(start="other"),  # the router start the preset does not use
 }
 ROW_LABELS = {
     "teacher": "Teacher (dense)",
@@ -59,8 +82,10 @@ ROW_LABELS = {
     "no-stage1": "PADD −I (random upcycling)",
     "no-kd": "PADD −II (no adaptive KD)",
     "no-pr": "PADD −III (no path damping)",
-    "no-balance": "PADD −IV (plain load balance)",
+    "no-balance": "PADD −IV (plain load balance, γ = 0)",
+    "no-bias": "PADD −IV, no bias update (η = γ = 0)",
     "no-kd-pr-balance": "PADD −II–IV",
+    "other-start": "PADD from the other router start",
 }
 # Keys each stage section may not set: the study wires them.
 _WIRED = {"teacher", "student", "corpus", "data", "out", "model", "bench", "init", "method", "seed", "resume"}
@@ -83,7 +108,8 @@ class Study:
     exactness_check: bool = True  # compare student (all experts on) and teacher logits in float32 on CPU
     decompose: dict = field(default_factory=dict)
     warmup: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)  # padd train settings shared by every method
+    methods: dict = field(default_factory=dict)  # method -> its own options (padd.methods), e.g. padd: {lam: 100}
     eval: dict = field(default_factory=dict)
 
 
@@ -99,11 +125,56 @@ def load_study(spec: str) -> Study:
     known = {f.name for f in dataclasses.fields(Study)}
     if unknown := set(raw) - known:
         raise ConfigError(f"{spec}: unknown study keys {sorted(unknown)}; known: {sorted(known)}")
+    method_only = set(METHOD_ONLY_OPTIONS)
     for section, cls in _SECTIONS.items():
         allowed = {f.name for f in dataclasses.fields(cls)} - _WIRED
+        if section == "train":  # method options belong under methods: METHOD; the rows set the switches
+            allowed -= method_only | {"no_kd", "no_pr", "no_reward_balance"}
         if bad := set(raw.get(section) or {}) - allowed:
-            raise ConfigError(f"{spec}: {section} cannot set {sorted(bad)}; it may set {sorted(allowed)}")
-    return Study(**raw)
+            hint = "; method options go under methods: METHOD:" if section == "train" and bad & method_only else ""
+            raise ConfigError(f"{spec}: {section} cannot set {sorted(bad)}{hint}; it may set {sorted(allowed)}")
+    for method, options in (raw.get("methods") or {}).items():
+        if method not in METHOD_OPTIONS:
+            raise ConfigError(f"{spec}: methods: unknown method {method!r}; known: {', '.join(METHOD_OPTIONS)}")
+        if bad := set(options or {}) - set(METHOD_OPTIONS[method]):
+            raise ConfigError(
+                f"{spec}: methods: {method} does not use {sorted(bad)}; it reads {sorted(METHOD_OPTIONS[method])}"
+            )
+    study = Study(**raw)
+    if study.warmup.get("router_init", "uniform") not in ROUTER_STARTS:
+        raise ConfigError(f"{spec}: warmup router_init must be one of {', '.join(ROUTER_STARTS)} in a study")
+    return study
+
+
+def parse_sweep(spec: str | None, study: Study) -> tuple[str, str, list] | None:
+    """`METHOD:OPTION=V1,V2` -> (method, option, values), each value of the option's type; the option
+    must be one the method reads or one every method shares."""
+    if not spec:
+        return None
+    try:
+        head, values = spec.split("=", 1)
+        method, option = head.split(":", 1)
+    except ValueError:
+        raise ConfigError(f"--sweep {spec!r}: write METHOD:OPTION=V1,V2 (e.g. padd:lam=0,100,1000)") from None
+    option = option.replace("-", "_")
+    if method not in METHOD_OPTIONS:
+        raise ConfigError(f"--sweep: unknown method {method!r}; choose from {', '.join(METHOD_OPTIONS)}")
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} - _WIRED - set(METHOD_ONLY_OPTIONS)
+    if option not in options_of(method) and option not in shared:
+        raise ConfigError(f"--sweep: {method} does not use {option!r}")
+    kind, _ = base_type(typing.get_type_hints(TrainConfig)[option])
+    try:
+        parsed = [kind(v.strip()) for v in values.split(",") if v.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--sweep {spec!r}: {option} takes {kind.__name__} values ({err})") from None
+    if not parsed:
+        raise ConfigError(f"--sweep {spec!r}: no values")
+    return method, option, parsed
+
+
+def sweep_row(method: str, option: str, value) -> str:
+    """The row name of one swept value: padd@lam=100."""
+    return f"{method}@{option}={value}"
 
 
 def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -129,11 +200,17 @@ class StudyRun:
             self.study.eval["world_size"] = cfg.eval_per_skill
         self.methods = _split(cfg.methods, METHODS, "methods")
         self.ablations = _split(cfg.ablations, tuple(ABLATIONS), "ablations")
+        self.sweep = parse_sweep(cfg.sweep, self.study)
         self.seeds = list(range(cfg.seeds))
+        self.start = self.study.warmup.get("router_init", "uniform")  # every row's router start
+        if cfg.teacher and cfg.teacher_seed:
+            raise ConfigError("--teacher-seed seeds a teacher trained here; it has no effect with --teacher")
         self.out = Path(cfg.out)
         manifest = {
             "study": dataclasses.asdict(self.study),
             "teacher_override": cfg.teacher,
+            "teacher_seed": cfg.teacher_seed,
+            "eval_split": cfg.eval_split,
         }
         self.manifest_file = self.out / "study.json"
         if self.out.exists() and any(self.out.iterdir()):
@@ -141,7 +218,7 @@ class StudyRun:
                 shutil.rmtree(self.out)
             elif not self.manifest_file.exists():
                 raise FileExistsError(f"--out {self.out} is not a study run; pick another folder or --overwrite")
-            elif json.loads(self.manifest_file.read_text())["study"] != manifest["study"]:
+            elif {k: v for k, v in json.loads(self.manifest_file.read_text()).items() if k in manifest} != manifest:
                 raise ConfigError(
                     f"{self.out} holds a study with other settings; pass --overwrite or another --out to start anew"
                 )
@@ -153,7 +230,21 @@ class StudyRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.cells_file = self.out / "cells.json"
         self.cells: dict = json.loads(self.cells_file.read_text()) if self.cells_file.exists() else {}
-        manifest.update(methods=self.methods, ablations=self.ablations, seeds=self.seeds)
+        manifest.update(
+            methods=self.methods,
+            ablations=self.ablations,
+            seeds=self.seeds,
+            router_start=self.start,
+            sweep=None
+            if self.sweep is None
+            else {
+                "method": self.sweep[0],
+                "option": self.sweep[1],
+                "values": self.sweep[2],
+                "base": self.setting(self.sweep[0], self.sweep[1]),
+            },
+            sweep_rows=self.sweep_rows(),
+        )
         _write_json(self.manifest_file, manifest)
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -176,39 +267,74 @@ class StudyRun:
 
     # -- the study --------------------------------------------------------------------------------
 
-    def rows(self) -> list[tuple[str, str, dict, int | None]]:
-        """(row, Stage I init, padd-train overrides, seed) of every trained or evaluated student."""
-        out = [("base", "cluster", {}, None)] if "base" in self.methods else []
+    def method_settings(self, method: str, switches: dict | None = None) -> dict:
+        """padd train overrides of one method's row: the preset's options for that method, without
+        those its ablation switches turn off."""
+        used = options_of(method, switches)
+        return {k: v for k, v in (self.study.methods.get(method) or {}).items() if k in used}
+
+    def setting(self, method: str, option: str):
+        """The value `method`'s own row trains with: the preset's, else padd.methods', else padd train's."""
+        for source in (self.study.methods.get(method) or {}, self.study.train, METHOD_OPTIONS[method]):
+            if option in source:
+                return source[option]
+        return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == option)
+
+    def sweep_rows(self) -> list[str]:
+        if self.sweep is None:
+            return []
+        method, option, values = self.sweep
+        return [sweep_row(method, option, v) for v in values]
+
+    def rows(self) -> list[tuple[str, str, str, dict, int | None]]:
+        """(row, Stage I init, router start, padd-train overrides, seed) of every trained or evaluated student."""
+        out = [("base", "cluster", self.start, {}, None)] if "base" in self.methods else []
         for seed in self.seeds:
             for m in self.methods:
                 if m != "base":
-                    out.append((m, "cluster", {"method": m}, seed))
+                    out.append((m, "cluster", self.start, {"method": m, **self.method_settings(m)}, seed))
             for a in self.ablations:
-                init, switches = ABLATIONS[a]
-                out.append((a, init, {"method": "padd", **switches}, seed))
+                v = ABLATIONS[a]
+                kw = {"method": "padd", **v.switches, **self.method_settings("padd", v.switches), **v.shared}
+                out.append((a, v.init, self.other_start if v.start == "other" else self.start, kw, seed))
+            if self.sweep is not None:
+                method, option, values = self.sweep
+                for value, row in zip(values, self.sweep_rows(), strict=True):
+                    kw = {"method": method, **self.method_settings(method), option: value}
+                    out.append((row, "cluster", self.start, kw, seed))
         return out
 
-    def inits(self) -> list[str]:
-        """Both Stage I inits, always: the report compares their NMI / ESI even without the −I row."""
-        return ["cluster", "random"]
+    @property
+    def other_start(self) -> str:
+        """The router start the preset does not use (built beside it for NMI / ESI and other-start)."""
+        return next(s for s in ROUTER_STARTS if s != self.start)
 
     def run(self) -> Path:
         from padd.report import write_report
 
         if self.train_teacher:
             self.cell("teacher", "teacher", self._teacher)
-        for init in self.inits():
+        for init in ("cluster", "random"):  # both always: the report compares their NMI / ESI
             self.cell(f"stage1-{init}", "stage I", lambda init=init: self._decompose(init))
             self.cell(f"warmup-{init}", "warm-up", lambda init=init: self._warmup(init))
-            self.cell(f"analysis/{init}", "analysis", lambda init=init: self._analyse(init, self.warm(init)))
+            for start in (self.start, self.other_start):
+                if start != self.start:
+                    self.cell(f"warmup-{init}-{start}", "warm-up", lambda i=init, s=start: self._warmup(i, restart=s))
+                self.cell(
+                    f"analysis/{init}-{start}",
+                    "analysis",
+                    lambda i=init, s=start: self._analyse(f"{i}-{s}", self.warm(i, s)),
+                )
         self.cell("eval/teacher", "eval", lambda: self._eval("teacher", self.teacher))
-        for row, init, train_kw, seed in self.rows():
+        for row, init, start, train_kw, seed in self.rows():
             name = row if seed is None else f"{row}-s{seed}"
             if row == "base":
-                student = self.warm(init)
+                student = self.warm(init, start)
             else:
                 self.cell(
-                    f"train/{name}", "phase B", lambda n=name, i=init, kw=train_kw, s=seed: self._train(n, i, kw, s)
+                    f"train/{name}",
+                    "phase B",
+                    lambda n=name, i=init, st=start, kw=train_kw, s=seed: self._train(n, self.warm(i, st), kw, s),
                 )
                 student = self.out / "train" / name / "student"
             self.cell(f"eval/{name}", "eval", lambda n=name, st=student: self._eval(n, st))
@@ -216,8 +342,10 @@ class StudyRun:
                 self.cell(f"analysis/{name}", "analysis", lambda n=name, st=student: self._analyse(n, st))
         return write_report(self.out, self.console)
 
-    def warm(self, init: str) -> Path:
-        return self.out / f"warmup-{init}"
+    def warm(self, init: str, start: str | None = None) -> Path:
+        """The warmed-up student of one init, with the preset's router start or another one."""
+        start = start or self.start
+        return self.out / (f"warmup-{init}" if start == self.start else f"warmup-{init}-{start}")
 
     def _teacher(self) -> None:
         from padd.world.teacher import train_teacher
@@ -226,6 +354,7 @@ class StudyRun:
             out=str(self.teacher),
             preset=self.study.teacher,
             steps=self.study.teacher_steps,
+            seed=self.cfg.teacher_seed,
             eval_per_skill=0,
             overwrite=True,
             **self._common(),
@@ -257,28 +386,34 @@ class StudyRun:
         self.console.print(f"exactness (top-k = E): max |logit gap| = {gap:.2e}")
         return {"max_logit_gap_all_experts": gap}
 
-    def _warmup(self, init: str) -> None:
+    def _warmup(self, init: str, restart: str | None = None) -> None:
+        """The warm-up of one init; with `restart`, only another router start on its experts."""
         from padd.stage1.warmup import run_warmup
 
+        settings = {**self.study.warmup}
+        source, out = self.out / f"stage1-{init}", self.warm(init)
+        if restart is not None:
+            settings.update(epochs=0, router_init=restart)
+            source, out = self.warm(init), self.warm(init, restart)
         run_warmup(
             WarmupConfig(
-                student=str(self.out / f"stage1-{init}"),
+                student=str(source),
                 teacher=str(self.teacher),
                 corpus=self.study.corpus,
-                out=str(self.warm(init)),
+                out=str(out),
                 overwrite=True,
-                **{**self._common(), **self.study.warmup},
+                **{**self._common(), **settings},
             ),
             self.console,
         )
 
-    def _train(self, name: str, init: str, overrides: dict, seed: int) -> None:
+    def _train(self, name: str, student: Path, overrides: dict, seed: int) -> None:
         from padd.phase_b.loop import run_train
 
         run_dir = self.out / "train" / name
         resume = (run_dir / "checkpoint" / "trainer_state.pt").exists()
         cfg = TrainConfig(
-            student=str(self.warm(init)),
+            student=str(student),
             teacher=str(self.teacher),
             data=self.study.data,
             out=str(run_dir),
@@ -300,6 +435,7 @@ class StudyRun:
                 model=str(model),
                 out=str(tmp),
                 bench=f"{self.study.benches},{self.study.broad}",
+                split=self.cfg.eval_split,
                 **{**self._common(), **settings},
             ),
             self.console,
