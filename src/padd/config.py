@@ -181,7 +181,9 @@ class ReproduceConfig:
     seeds: int = opt(3, "Phase B seeds per method (the teacher, Stage I and warm-up are shared)")
     methods: str = opt("all", "Table 1 rows: comma-separated of base,grpo,gspo,rspo,online-kd,padd, or all")
     ablations: str = opt(
-        "all", "ablation rows: comma-separated of no-stage1,no-kd,no-pr,no-balance,no-kd-pr-balance, all or none"
+        "all",
+        "ablation rows: comma-separated of no-stage1,no-kd,no-pr,no-balance,no-bias,no-kd-pr-balance,"
+        "other-start, all or none",
     )
     teacher: str | None = opt(None, "use this teacher checkpoint instead of the preset's")
     teacher_seed: int = opt(0, "seed of a preset teacher's data, initialisation and batches (not with --teacher)")

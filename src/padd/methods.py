@@ -20,7 +20,7 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
         "kd_coef": 1.0,
         "tau": 1.0,
         "t_min": 0.05,
-        "gamma": 0.01,
+        "gamma": 0.1,
         "adv_ema": 0.9,
     },
     "grpo": {"eps_low": 0.2, "eps_high": 0.2},

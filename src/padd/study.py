@@ -260,6 +260,10 @@ class StudyRun:
         self.cells[name] = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2)}
         if result:
             self.cells[name]["result"] = result
+        # Re-read before writing: two `padd reproduce` processes may share one --out (disjoint rows,
+        # e.g. one per core), and neither may drop the other's finished cells.
+        on_disk = json.loads(self.cells_file.read_text()) if self.cells_file.exists() else {}
+        self.cells = {**on_disk, **self.cells}
         _write_json(self.cells_file, self.cells)
 
     def _common(self) -> dict:
