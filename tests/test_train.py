@@ -274,10 +274,12 @@ def test_policy_logps_are_the_samplers_at_a_temperature_other_than_one(tmp_path,
     assert json.loads((run / "train_config.json").read_text())["temperature"] == 0.8
 
 
-def test_router_shift_compares_both_routers_on_the_same_inputs(tmp_path, routed_student, llama_teacher):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_router_shift_compares_both_routers_on_the_same_inputs(tmp_path, routed_student, llama_teacher, precision):
     """Routers frozen, everything else trained hard: the second mini-batch sees other hidden states
     than the rollout did, but the same router weights, so Γ must be exactly 0 (scores recorded on
-    rollout-time inputs would count the hidden-state change as a router shift)."""
+    rollout-time inputs would count the hidden-state change as a router shift). Under bf16 autocast
+    both routers must still run in float32 (a bf16 anchor would measure rounding, not Γ)."""
     from padd.phase_b.loop import Trainer
     from padd.routing import moe_gates, router_weights
 
@@ -294,6 +296,7 @@ def test_router_shift_compares_both_routers_on_the_same_inputs(tmp_path, routed_
         lr=1e-2,
         eta=0.0,
         updates_per_batch=2,
+        precision=precision,
         progress=False,
     )
     trainer = Trainer(cfg)

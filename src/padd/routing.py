@@ -152,7 +152,9 @@ class RouterShiftMeter:
 
     def _hook(self, layer: int):
         def fn(gate, inputs, output):
-            with torch.no_grad():
+            # autocast off: other hooks (routers_in_fp32's) may have turned it back on by now, and a
+            # bf16 anchor against the float32 router would measure rounding (~1e-2), not Γ (~1e-4)
+            with torch.no_grad(), torch.autocast(inputs[0].device.type, enabled=False):
                 n, c = self.topk_old.shape[1:3]
                 h = inputs[0].reshape(-1, inputs[0].shape[-1])
                 now = output[0].detach()  # the router's own float32 logits on h
