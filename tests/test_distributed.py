@@ -45,6 +45,7 @@ def _args(student, teacher, out) -> list[str]:
         prompts_per_step=4,
         group_size=2,
         updates_per_batch=1,
+        gamma_anchor="previous",  # one update per batch: Γ against the rollout router would be 0
         temperature=0,
         max_new_tokens=6,
         lr=LR,

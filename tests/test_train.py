@@ -1,5 +1,6 @@
 """`padd train`: every method on the same loop, the metrics log, resume after SIGKILL, bad inputs."""
 
+import argparse
 import json
 import os
 import signal
@@ -85,6 +86,22 @@ def test_online_kd_is_pure_kd_at_temperature_one_with_its_own_weight():
     assert _objective(method="online-kd", kd_coef=0.3).kd_coef == 0.3
 
 
+@pytest.mark.parametrize("switch", ["no_kd", "no_pr", "no_reward_balance"])
+def test_ablation_switches_turn_on_from_the_command_line(switch):
+    """argparse's BooleanOptionalAction reads every --no-… flag as False: `--no-kd` once trained with KD."""
+    from padd.config import add_config_arguments, load_config
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    args = ["--student", "s", "--teacher", "t", "--data", "world", "--out", "o", "--" + switch.replace("_", "-")]
+    assert getattr(load_config(TrainConfig, parser.parse_args(args)), switch) is True
+
+
+def test_a_given_zero_is_kept_not_replaced_by_the_default():
+    objective = _objective(method="padd", adv_ema=0.0, tau=0.0, lam=0.0, gamma=0.0)
+    assert (objective.adv_ema, objective.tau, objective.lam, objective.gamma) == (0.0, 0.0, 0.0, 0.0)
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -100,6 +117,8 @@ def test_online_kd_is_pure_kd_at_temperature_one_with_its_own_weight():
         ({"method": "padd", "no_reward_balance": True, "adv_ema": 0.5}, "--adv-ema"),
         ({"method": "grpo", "no_kd": True}, "--no-kd"),
         ({"method": "padd", "vllm_gpu_memory": 0.5}, "--vllm-gpu-memory"),
+        ({"method": "padd", "updates_per_batch": 1}, "--updates-per-batch 1"),
+        ({"method": "rspo", "updates_per_batch": 1}, "--updates-per-batch 1"),
     ],
 )
 def test_an_option_the_method_does_not_use_is_refused(flags, named):
@@ -170,10 +189,12 @@ def test_bf16_precision_trains_float32_weights_against_a_bf16_teacher(tmp_path, 
 
 
 def test_gamma_anchor_previous_sees_the_last_step_in_on_policy_runs(tmp_path, routed_student, llama_teacher):
-    """With one update per batch the rollout-time router is the current one, so Γ is 0 against it;
-    anchored on the router before the last optimizer step, Γ measures that step's shift."""
+    """With one update per batch the rollout-time router is the current one, so Γ would be 0 against
+    it (refused: III would never act); anchored on the router before the last optimizer step, Γ
+    measures that step's shift. --no-pr keeps Γ's measurement with nothing reading it."""
     flags = ("--steps", "3", "--updates-per-batch", "1", "--lr", "1e-2", "--method", "padd")
-    assert train(routed_student, llama_teacher, tmp_path / "rollout", *flags) == 0
+    assert train(routed_student, llama_teacher, tmp_path / "refused", *flags) == 2
+    assert train(routed_student, llama_teacher, tmp_path / "rollout", *flags, "--no-pr") == 0
     assert train(routed_student, llama_teacher, tmp_path / "prev", *flags, "--gamma-anchor", "previous") == 0
     rollout, prev = rows(tmp_path / "rollout"), rows(tmp_path / "prev")
     assert all(r["gamma_token_mean"] < 1e-6 for r in rollout)

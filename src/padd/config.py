@@ -62,7 +62,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help_ += f" (default: {f.default})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": f.name}
         if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            # BooleanOptionalAction reads any flag spelled --no-… as False, so `--no-kd` would turn the
+            # ablation off; switches already named no_… are plain store_true flags
+            action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+            parser.add_argument(_flag(f.name), action=action, **kwargs)
             continue
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]

@@ -57,7 +57,22 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     filled = {name: default for name, default in used.items() if getattr(cfg, name) is None}
     if cfg.rollout == "vllm" and cfg.vllm_gpu_memory is None:
         filled["vllm_gpu_memory"] = 0.3
-    return dataclasses.replace(cfg, **filled)
+    cfg = dataclasses.replace(cfg, **filled)
+    # With one update per rollout batch the rollout-time router is the current one: Γ would be 0 on
+    # every token and stage III (or RSPO's weight) would never act.
+    reads_shift = (cfg.method == "padd" and not cfg.no_pr and cfg.lam) or cfg.method == "rspo"
+    if reads_shift and cfg.updates_per_batch == 1 and cfg.gamma_anchor == "rollout":
+        raise ConfigError(
+            f"--method {cfg.method} with --updates-per-batch 1 measures Γ against the rollout-time router, "
+            "which is the current one: Γ = 0 and the router-shift term never acts; use --updates-per-batch 2 "
+            "or more, or --gamma-anchor previous"
+        )
+    return cfg
+
+
+def _default(value, default):
+    """`value` unless it is None (a given 0 stays 0)."""
+    return default if value is None else value
 
 
 def objective_of(cfg: TrainConfig) -> Objective:
@@ -73,17 +88,17 @@ def objective_of(cfg: TrainConfig) -> Objective:
         kd = "adaptive"
     return Objective(
         policy={"padd": "grpo", "grpo": "grpo", "gspo": "gspo", "rspo": "rspo", "online-kd": None}[m],
-        eps_low=cfg.eps_low or 0.0,
-        eps_high=cfg.eps_high or 0.0,
-        lam=cfg.lam or 0.0,
-        shift_norm=cfg.shift_norm or "none",
+        eps_low=_default(cfg.eps_low, 0.0),
+        eps_high=_default(cfg.eps_high, 0.0),
+        lam=_default(cfg.lam, 0.0),
+        shift_norm=_default(cfg.shift_norm, "none"),
         rspo_floor=cfg.rspo_floor,
         rspo_base=cfg.rspo_base,
         kd=kd,
-        kd_coef=cfg.kd_coef or 0.0,
-        tau=cfg.tau or 1.0,
-        t_min=cfg.t_min or 0.0,
+        kd_coef=_default(cfg.kd_coef, 0.0),
+        tau=_default(cfg.tau, 1.0),
+        t_min=_default(cfg.t_min, 0.0),
         eta=cfg.eta,
-        gamma=cfg.gamma or 0.0,
-        adv_ema=cfg.adv_ema or 0.9,
+        gamma=_default(cfg.gamma, 0.0),
+        adv_ema=_default(cfg.adv_ema, 0.9),
     )
