@@ -135,3 +135,40 @@ def test_bad_settings_fail_clearly(tmp_path, study_run, capsys):
     changed.write_text(flags["preset"].read_text().replace("steps: 2", "steps: 3"))
     assert padd("reproduce", **{**flags, "preset": changed}) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_two_processes_share_one_folder_without_losing_rows_or_cells(tmp_path, study_run):
+    """Disjoint rows run by two `padd reproduce` processes into one --out (one per core): the second
+    invocation's manifest keeps the first one's rows and sweep, and a cell one process finished is
+    neither redone nor dropped by the other, even if that one read cells.json before it finished."""
+    import shutil
+
+    from padd.config import ReproduceConfig
+    from padd.study import StudyRun
+
+    run, flags = study_run
+    shared = tmp_path / "run"
+    shutil.copytree(run, shared)
+    second_rows = {k: v for k, v in flags.items() if k != "sweep"} | {"methods": "base", "ablations": "no-kd"}
+    assert padd("reproduce", progress=False, **{**second_rows, "out": shared}) == 0
+    manifest = json.loads((shared / "study.json").read_text())
+    assert manifest["methods"] == ["base", "grpo", "padd"]
+    assert manifest["ablations"] == ["no-stage1", "no-kd", "other-start"]
+    assert manifest["sweep"]["option"] == "lam" and manifest["sweep_rows"] == ["padd@lam=0.0"]
+    report = (shared / "report.md").read_text()
+    assert "| Vanilla GRPO |" in report and "other values of `lam`" in report
+
+    def make(methods):
+        cfg = ReproduceConfig(preset=str(flags["preset"]), out=str(shared), seeds=2, methods=methods, ablations="none")
+        return StudyRun(cfg)
+
+    first, second = make("grpo"), make("padd")  # both have read cells.json
+    first.cell("analysis/only-first", "analysis", lambda: None)
+
+    def must_not_run():
+        raise AssertionError("a cell the other process finished ran again")
+
+    second.cell("analysis/only-first", "analysis", must_not_run)
+    second.cell("eval/only-second", "eval", lambda: None)
+    cells = json.loads((shared / "cells.json").read_text())
+    assert {"analysis/only-first", "eval/only-second", "train/grpo-s1"} <= set(cells)

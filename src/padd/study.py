@@ -21,7 +21,9 @@ or distill) is built beside it for the NMI / ESI comparison at both starts and f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -228,6 +230,7 @@ class StudyRun:
         if not self.train_teacher and not self.teacher.exists():
             raise FileNotFoundError(f"teacher checkpoint {self.teacher} does not exist")
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock_depth, self._lock_fd = 0, -1
         self.cells_file = self.out / "cells.json"
         self.cells: dict = json.loads(self.cells_file.read_text()) if self.cells_file.exists() else {}
         manifest.update(
@@ -245,26 +248,67 @@ class StudyRun:
             },
             sweep_rows=self.sweep_rows(),
         )
-        _write_json(self.manifest_file, manifest)
+        with self._locked():
+            _write_json(self.manifest_file, self._merged_manifest(manifest))
+
+    def _merged_manifest(self, manifest: dict) -> dict:
+        """The manifest the report reads: the rows of every invocation on this folder (another process
+        may run other rows into it), and the last sweep asked for."""
+        if not self.manifest_file.exists():
+            return manifest
+        before = json.loads(self.manifest_file.read_text())
+        for key, order in (("methods", METHODS), ("ablations", tuple(ABLATIONS))):
+            asked = set(before.get(key, [])) | set(manifest[key])
+            manifest[key] = [row for row in order if row in asked]
+        manifest["seeds"] = sorted(set(before.get("seeds", [])) | set(manifest["seeds"]))
+        if manifest["sweep"] is None and before.get("sweep"):
+            manifest["sweep"], manifest["sweep_rows"] = before["sweep"], before["sweep_rows"]
+        return manifest
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive lock on the run folder (re-entrant within this process): cells that several
+        rows share (teacher, Stage I, warm-ups, analyses) run once when two processes share --out."""
+        if self._lock_depth == 0:
+            self._lock_fd = os.open(self.out / ".lock", os.O_CREAT | os.O_RDWR)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def cell(self, name: str, stage: str, fn) -> None:
-        """Run `fn` unless the cell finished before; record its wall time when it ends."""
-        if name in self.cells:
-            self.console.print(f"[dim]✓ {name} (done, {self.cells[name]['seconds']:.0f}s)")
-            return
-        self.console.rule(name)
-        t0 = time.perf_counter()
-        result = fn()
-        self.cells[name] = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2)}
-        if result:
-            self.cells[name]["result"] = result
-        # Re-read before writing: two `padd reproduce` processes may share one --out (disjoint rows,
-        # e.g. one per core), and neither may drop the other's finished cells.
+        """Run `fn` unless the cell finished before; record its wall time when it ends.
+
+        Two `padd reproduce` processes may share one --out with disjoint rows (one per core): a cell
+        every row needs runs under the folder's lock, and cells.json is re-read before each check
+        and write, so neither process redoes nor drops the other's cells."""
+        shared = not name.startswith(("train/", "eval/"))
+        with self._locked() if shared else contextlib.nullcontext():
+            self._read_cells()
+            if name in self.cells:
+                self.console.print(f"[dim]✓ {name} (done, {self.cells[name]['seconds']:.0f}s)")
+                return
+            self.console.rule(name)
+            t0 = time.perf_counter()
+            result = fn()
+            record = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2)}
+            if result:
+                record["result"] = result
+            with self._locked():
+                self._read_cells()
+                self.cells[name] = record
+                _write_json(self.cells_file, self.cells)
+
+    def _read_cells(self) -> None:
         on_disk = json.loads(self.cells_file.read_text()) if self.cells_file.exists() else {}
-        self.cells = {**on_disk, **self.cells}
-        _write_json(self.cells_file, self.cells)
+        self.cells = {**self.cells, **on_disk}
 
     def _common(self) -> dict:
         return {"device": self.cfg.device, "progress": self.cfg.progress}
