@@ -78,6 +78,10 @@ def test_common_layouts_without_configuration(tmp_path):
     assert load_problems(str(solution_only))[0].answer == "\\sqrt{2}"
     custom = write(tmp_path / "c.jsonl", [{"q": "z?", "a": "5"}])
     assert load_problems(str(custom), problem_field="q", answer_field="a")[0].problem == "z?"
+    # a file is one split: asking it for the world's val split (padd eval --split val) must not
+    # silently evaluate the file's rows
+    with pytest.raises(DataError, match="no 'val' split"):
+        load_problems(str(math500), split="val")
 
 
 def test_parquet_and_json(tmp_path):

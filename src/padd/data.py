@@ -112,7 +112,8 @@ def load_problems(
     """Load a problem set from a SPEC: `world`, `world:SKILL`, a local file or folder, or a `datasets` name.
 
     Args:
-        split: the split of a `datasets` dataset or of the world (`train` / `test`).
+        split: the split of a `datasets` dataset or of the world (`train` / `val` / `test`); a local
+            file is one split already, so only `train` and `test` (the command's default) accept it.
         world_size: problems per skill when SPEC is a world name.
         limit: keep at most this many problems (after skipping malformed rows).
     """
@@ -122,6 +123,11 @@ def load_problems(
         rows = world_rows(spec, split, world_size, seed)
         labelled = [(f"world/{r['id']}", r) for r in rows]
     elif Path(spec).exists():
+        if split not in ("train", "test"):
+            raise DataError(
+                f"{spec} is a local file, which has no {split!r} split: pass that split's own file instead "
+                f"(--split {split} selects a split of the world and of `datasets` benchmarks)"
+            )
         path = Path(spec)
         files = (
             [path]
