@@ -289,3 +289,11 @@ def test_pr_damping_is_reported_on_negative_advantage_tokens():
     assert stats["pr_damping_mean"] == pytest.approx(float(damping.mean()), rel=1e-6)
     assert stats["pr_damping_median"] == pytest.approx(float(damping.median()), rel=1e-6)
     assert "pr_damping_mean" not in pr_grpo_loss(logp, old, adv, mask)[1]
+
+
+def test_rspo_clip_frac_counts_only_what_the_one_sided_clip_changed():
+    """A > 0: Δ = +0.6 is clipped to 0.4, Δ = -0.6 passes (GMPO clips only the side A pushes to)."""
+    old = torch.zeros(1, 2)
+    logp = torch.tensor([[0.6, -0.6]])
+    _, stats = rspo_gmpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2), torch.zeros(1, 2), floor=0.8)
+    assert stats["clip_frac"] == 0.5

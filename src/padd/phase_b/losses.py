@@ -127,8 +127,8 @@ def rspo_gmpo_loss(
     2507.20673; its reference code, callsys/GMPO): with Δ = log w̃, clip in log space one-sidedly by
     the sign of the advantage, Δ' = sgn(A)·min(sgn(A)·Δ, sgn(A)·clamp(Δ, -eps_low, eps_high)); the
     sequence ratio is the geometric mean S_i = exp(mean_t Δ'), and J = mean_i S_i·A_i. The loss is -J.
-    GMPO clips at (e^-0.4, e^0.4); RSPO's floor value is not stated in its abstract, 0.8 is the
-    value of the public implementations.
+    GMPO clips at (e^-0.4, e^0.4). RSPO's text fixes the floor's role, not its value: 0.8 is padd's
+    default (`--rspo-floor`), which bounds the weight's effect to 20%, inside GMPO's clip range.
 
     Args:
         logp, old_logp: [B, T] log π_θ (with grad) and log π_old of the sampled tokens.
@@ -150,7 +150,9 @@ def rspo_gmpo_loss(
     with torch.no_grad():
         n_tokens = mask.sum().clamp_min(1.0)
         stats = {
-            "clip_frac": float(((delta != clamped).to(mask.dtype) * mask).sum() / n_tokens),
+            # clipped: the one-sided clip changed the token's Δ (a Δ beyond the range on the side the
+            # advantage does not push towards passes unclipped)
+            "clip_frac": float(((delta_clipped != delta).to(mask.dtype) * mask).sum() / n_tokens),
             "ratio_mean": float(seq_ratio.mean()),
             "rs_weight_mean": float((weight * mask).sum() / n_tokens),
         }
