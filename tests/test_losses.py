@@ -289,6 +289,9 @@ def test_pr_damping_is_reported_on_negative_advantage_tokens():
     assert stats["pr_damping_mean"] == pytest.approx(float(damping.mean()), rel=1e-6)
     assert stats["pr_damping_median"] == pytest.approx(float(damping.median()), rel=1e-6)
     assert "pr_damping_mean" not in pr_grpo_loss(logp, old, adv, mask)[1]
+    # a damped ratio below 1 - eps on an A < 0 token is clipped: that token keeps no gradient
+    damped_ratio = torch.exp(logp - old - 3.0 * shift).detach()[negative]
+    assert stats["pr_clipped_negative_frac"] == pytest.approx(float((damped_ratio < 0.8).float().mean()), abs=1e-6)
 
 
 def test_rspo_clip_frac_counts_only_what_the_one_sided_clip_changed():

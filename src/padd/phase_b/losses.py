@@ -70,8 +70,9 @@ def pr_grpo_loss(
             RSPO paper's own method.
 
     Returns:
-        (loss, stats): stats has `clip_frac`, `ratio_mean` and, with lam != 0, `pr_damping_mean` and
-        `pr_damping_median` of the factor exp(-lam·Γ) over the A < 0 completion tokens (1.0 if
+        (loss, stats): stats has `clip_frac`, `ratio_mean` and, with lam != 0, `pr_damping_mean`,
+        `pr_damping_median` and `pr_clipped_negative_frac` (the share clipped to zero gradient) of the
+        factor exp(-lam·Γ) over the A < 0 completion tokens (1.0 if
         none), and `pr_negative_frac`, their share of the completion tokens.
     """
     if level not in ("token", "sequence"):
@@ -105,6 +106,10 @@ def pr_grpo_loss(
             stats["pr_damping_mean"] = float(damping.mean()) if damping.numel() else 1.0
             stats["pr_damping_median"] = float(damping.median()) if damping.numel() else 1.0
             stats["pr_negative_frac"] = float(damping.numel() / n_tokens)
+            # A < 0 tokens whose damped ratio fell below 1 - eps_low: clipped, so no gradient at all
+            # (strong damping removes a token rather than weakening it)
+            below = is_clipped[(negative * mask).bool()]
+            stats["pr_clipped_negative_frac"] = float(below.float().mean()) if below.numel() else 0.0
     return loss, stats
 
 
