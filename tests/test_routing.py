@@ -155,3 +155,30 @@ def test_routers_stay_float32_under_bf16_autocast(llama_teacher):
         logits = student(ids).logits
         assert torch.is_autocast_enabled("cpu")  # restored after each router
     assert logits.dtype == torch.bfloat16 and all(lg.dtype == torch.float32 for lg in rec.logits)
+
+
+def test_router_shift_meter_matches_the_reference_on_the_completion_positions(llama_teacher):
+    """Γ from the meter equals RSPO's per-token formula (losses.routing_shift) on log-scores of the
+    current and the anchor router, both on the same forward's router inputs, read at positions
+    P-1 … P+C-2 (the routing that produced each completion token's probability)."""
+    from padd.phase_b.losses import routing_shift
+    from padd.routing import RouterShiftMeter
+
+    student = tiny_student(llama_teacher)
+    n, p, c = 3, 4, 5
+    ids = torch.randint(0, 100, (n, p + c))
+    anchor = [w + 0.05 * torch.randn_like(w) for w in router_weights(student)]
+    topk_old = torch.stack([torch.randperm(4)[:2] for _ in range(2 * n * c)]).view(2, n, c, 2)
+    with torch.no_grad(), RouterRecorder(student, keep_inputs=True) as rec:
+        student(ids)
+        now, _ = rec.stacked((n, p + c))
+        old = rec.log_scores_under(anchor, (n, p + c))
+    window = slice(p - 1, p + c - 1)
+    expected = routing_shift(now[:, :, window], old[:, :, window], topk_old, torch.ones(n, c))
+    with torch.no_grad(), RouterShiftMeter(student, anchor, topk_old, n_prompt=p) as meter:
+        student(ids)
+    torch.testing.assert_close(meter.token_gamma(), expected)
+    assert expected.min() > 0  # the anchor differs, so every position moved
+    with torch.no_grad(), RouterShiftMeter(student, router_weights(student), topk_old, n_prompt=p) as meter:
+        student(ids)
+    assert torch.equal(meter.token_gamma(), torch.zeros(n, c))

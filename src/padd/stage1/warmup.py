@@ -67,15 +67,17 @@ def teacher_cluster_masses(teacher, windows: torch.Tensor, clusters: list[torch.
 
 
 @torch.no_grad()
-def router_inputs(student, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Per MoE layer, the router's input h [N, H] on `windows`, the student routing with its routers
-    as they are now (each layer's input depends on the routing of the layers before it)."""
+def router_inputs(student, windows: torch.Tensor, batch_size: int, layer: int | None = None) -> list[torch.Tensor]:
+    """Per MoE layer (or only MoE layer `layer`), the router's input h [N, H] on `windows`, the
+    student routing with its routers as they are now (each layer's input depends on the routing of
+    the layers before it). Keeping one layer holds N·H floats instead of L·N·H."""
     device = next(student.parameters()).device
     inputs: list[list[torch.Tensor]] = []
     for start in range(0, windows.shape[0], batch_size):
         with RouterRecorder(student, keep_inputs=True, keep_logits=False) as rec:
             student(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-        inputs.append([h.float() for h in rec.inputs])
+        kept = rec.inputs if layer is None else rec.inputs[layer : layer + 1]
+        inputs.append([h.float() for h in kept])
     return [torch.cat(per_layer) for per_layer in zip(*inputs, strict=True)]
 
 
@@ -102,7 +104,7 @@ def init_router(
             gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 1e-3)
     if method != "uniform":
         for layer, (gate, q) in enumerate(zip(gates, masses, strict=True)):
-            h = router_inputs(student, probe, batch_size)[layer]
+            (h,) = router_inputs(student, probe, batch_size, layer=layer)
             with torch.no_grad():
                 gate.weight.copy_(_fitted_router(method, gate.weight.detach().float(), h, q, steps=steps, lr=lr))
     if masses is None:
