@@ -49,7 +49,19 @@ def uniform_random_routing(model: torch.nn.Module, generator: torch.Generator | 
             h.remove()
 
 
-class RouterRecorder:
+class _GateHooks:
+    """Forward hooks on every MoE router for the life of a `with` block (subclasses register them in
+    `__enter__` into `_handles`); leaving the block removes them."""
+
+    _handles: list
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class RouterRecorder(_GateHooks):
     """Record every MoE layer's router output during forwards (a context manager).
 
     After a forward over [B, T] tokens, `logits` holds one [B*T, E] float32 tensor per layer (the raw
@@ -91,11 +103,6 @@ class RouterRecorder:
         self._handles = [g.register_forward_hook(self._hook) for g in self.gates]
         return self
 
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
     def stacked(self, batch_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log normalised router scores [L, B, T, E], top-K experts [L, B, T, K]) of the last forward."""
         n_layers = len(self.gates)
@@ -123,7 +130,7 @@ class RouterRecorder:
         return torch.stack(logp).view(len(weights), *batch_shape, -1)
 
 
-class RouterShiftMeter:
+class RouterShiftMeter(_GateHooks):
     """Per-token router shift Γ (SPEC §4 III, RSPO's definition) measured during one forward.
 
     Both routers are evaluated on that forward's own router inputs h: at MoE layer l, the mean over
@@ -178,11 +185,6 @@ class RouterShiftMeter:
         self._handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
         return self
 
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
 
 @torch.no_grad()
 def selection_stats(logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +206,7 @@ def selection_stats(logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tup
     return gap, (plain != biased).any(-1)
 
 
-class RoutingReplay:
+class RoutingReplay(_GateHooks):
     """Routing replay (R3), a context manager: MoE layers use the expert selection `topk` instead of
     their own, with weights recomputed from the live router scores, so the router keeps its gradient.
 
@@ -251,11 +253,6 @@ class RoutingReplay:
             raise ValueError(f"routing replay got {self.topk.shape[0]} layers of selections for {len(self.gates)}")
         self._handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
         return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def router_log_scores(logits: torch.Tensor) -> torch.Tensor:
