@@ -112,3 +112,42 @@ def test_teacher_refuses_fewer_examples_than_one_batch(tmp_path, capsys):
     out = tmp_path / "t"
     code = padd("teacher", preset="tiny", out=out, steps=1, train_per_skill=2, eval_per_skill=0, progress=False)
     assert code != 0 and "raise --train-per-skill" in capsys.readouterr().err
+
+
+def test_length_sorted_micro_batches_leave_the_whole_batch_gradient():
+    """The teacher runs each batch as length-sorted micro-batches, each padded to its own longest
+    example: the gradient and loss must be those of one backward over the whole padded batch."""
+    import random
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from padd.world.teacher import _batch, accumulate_batch_gradient
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    rng = random.Random(0)
+    examples = []
+    for _ in range(7):  # lengths from 5 to 30 tokens, prompts of 2 to 8
+        n = rng.randint(5, 30)
+        examples.append(([rng.randint(1, 39) for _ in range(n)], rng.randint(2, min(8, n - 1))))
+
+    input_ids, labels, mask = _batch(examples, 0)
+    whole = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    whole.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = accumulate_batch_gradient(model, examples, 0, "cpu", micro_batches=3)
+    assert loss == pytest.approx(whole.item(), rel=1e-5)
+    for p, ref in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)

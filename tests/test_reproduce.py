@@ -172,3 +172,48 @@ def test_two_processes_share_one_folder_without_losing_rows_or_cells(tmp_path, s
     second.cell("eval/only-second", "eval", lambda: None)
     cells = json.loads((shared / "cells.json").read_text())
     assert {"analysis/only-first", "eval/only-second", "train/grpo-s1"} <= set(cells)
+
+
+def test_without_the_init_comparison_only_the_students_the_rows_use_are_warmed_up(tmp_path, study_run):
+    """--no-compare-inits (the demo) skips random upcycling and the other router start unless a row
+    trains from them (PADD −I, other-start)."""
+    from padd.config import ReproduceConfig
+    from padd.study import StudyRun
+
+    _, flags = study_run
+
+    def starts(**kw):
+        cfg = ReproduceConfig(preset=str(flags["preset"]), out=str(tmp_path / "r"), seeds=1, **kw)
+        run = StudyRun(cfg)
+        return run.warm_starts(), run.start, run.other_start
+
+    both, start, other = starts(methods="base,grpo,padd", ablations="none")
+    assert both == {"cluster": [start, other], "random": [start, other]}
+    only, *_ = starts(methods="base,grpo,padd", ablations="none", compare_inits=False)
+    assert only == {"cluster": [start]}
+    needed, *_ = starts(methods="padd", ablations="no-stage1,other-start", compare_inits=False)
+    assert needed == {"cluster": [start, other], "random": [start]}
+
+
+def test_jobs_spread_the_rows_over_processes_and_the_report_is_the_same(tmp_path, study_run):
+    """--jobs 2 redoes the rows in two worker processes; every row's cells come back and the report
+    lists the same rows (the shared cells are not redone)."""
+    import shutil
+
+    run, flags = study_run
+    again = tmp_path / "run"
+    shutil.copytree(run, again)
+    cells = json.loads((again / "cells.json").read_text())
+    rows = {k: v for k, v in cells.items() if k.startswith(("train/grpo", "eval/grpo", "eval/base", "analysis/grpo"))}
+    kept = {k: v for k, v in cells.items() if k not in rows}
+    (again / "cells.json").write_text(json.dumps(kept))
+    for name in rows:
+        target = again / name if name.startswith("train/") else again / f"{name}.json"
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert padd("reproduce", progress=False, **{**flags, "out": again, "jobs": 2}) == 0
+    after = json.loads((again / "cells.json").read_text())
+    assert set(rows) <= set(after)
+    assert {k: after[k] for k in kept} == kept  # shared and untouched cells were not redone
+    table = lambda p: [x for x in (p / "report.md").read_text().splitlines() if x.startswith("| ")][:12]  # noqa: E731
+    assert [x.split("|")[1] for x in table(again)] == [x.split("|")[1] for x in table(run)]
+    assert padd("reproduce", **{**flags, "out": again, "jobs": 0}) == 2

@@ -147,6 +147,7 @@ class DemoConfig:
     out: str = opt("runs/demo", "run directory (running again continues an interrupted demo)")
     eval_per_skill: int | None = opt(None, "test problems per world skill in each evaluation (default: the preset's)")
     teacher_seed: int = opt(0, "seed of the teacher's data, initialisation and batches")
+    jobs: int = opt(2, "processes the trained rows are spread over (one per core on 2 cores)")
     overwrite: bool = opt(False, "delete an existing run directory and start anew")
     progress: bool = opt(True, "show progress bars")
 
@@ -198,6 +199,10 @@ class ReproduceConfig:
     )
     steps: int | None = opt(None, "Phase B rollout batches per run (default: the preset's)")
     eval_per_skill: int | None = opt(None, "world test problems per skill in each evaluation (default: the preset's)")
+    compare_inits: bool = opt(
+        True, "also warm up random upcycling and the other router start, for the report's NMI / ESI comparison"
+    )
+    jobs: int = opt(1, "processes the rows are spread over, each with an equal share of the CPU threads")
     device: str = opt("cpu", "device of every stage", choices=("cpu", "cuda"))
     overwrite: bool = opt(False, "delete an existing run directory and start anew")
     progress: bool = opt(True, "show progress bars")

@@ -30,6 +30,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             ablations="none",
             eval_per_skill=cfg.eval_per_skill,
             teacher_seed=cfg.teacher_seed,
+            compare_inits=False,
+            jobs=cfg.jobs,  # the demo's rows all start from Stage I's student at the preset's start
             overwrite=cfg.overwrite,
             progress=cfg.progress,
         ),

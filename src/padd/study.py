@@ -205,6 +205,8 @@ class StudyRun:
         self.sweep = parse_sweep(cfg.sweep, self.study)
         self.seeds = list(range(cfg.seeds))
         self.start = self.study.warmup.get("router_init", "uniform")  # every row's router start
+        if cfg.jobs < 1:
+            raise ConfigError(f"--jobs {cfg.jobs}: give the number of processes to spread the rows over (1 or more)")
         if cfg.teacher and cfg.teacher_seed:
             raise ConfigError("--teacher-seed seeds a teacher trained here; it has no effect with --teacher")
         self.out = Path(cfg.out)
@@ -362,33 +364,87 @@ class StudyRun:
 
         if self.train_teacher:
             self.cell("teacher", "teacher", self._teacher)
-        for init in ("cluster", "random"):  # both always: the report compares their NMI / ESI
+        for init, starts in self.warm_starts().items():
             self.cell(f"stage1-{init}", "stage I", lambda init=init: self._decompose(init))
             self.cell(f"warmup-{init}", "warm-up", lambda init=init: self._warmup(init))
-            for start in (self.start, self.other_start):
+            for start in starts:
                 if start != self.start:
                     self.cell(f"warmup-{init}-{start}", "warm-up", lambda i=init, s=start: self._warmup(i, restart=s))
-                self.cell(
-                    f"analysis/{init}-{start}",
-                    "analysis",
-                    lambda i=init, s=start: self._analyse(f"{i}-{s}", self.warm(i, s)),
-                )
+                if self.cfg.compare_inits:
+                    self.cell(
+                        f"analysis/{init}-{start}",
+                        "analysis",
+                        lambda i=init, s=start: self._analyse(f"{i}-{s}", self.warm(i, s)),
+                    )
         self.cell("eval/teacher", "eval", lambda: self._eval("teacher", self.teacher))
-        for row, init, start, train_kw, seed in self.rows():
-            name = row if seed is None else f"{row}-s{seed}"
-            if row == "base":
-                student = self.warm(init, start)
-            else:
-                self.cell(
-                    f"train/{name}",
-                    "phase B",
-                    lambda n=name, i=init, st=start, kw=train_kw, s=seed: self._train(n, self.warm(i, st), kw, s),
-                )
-                student = self.out / "train" / name / "student"
-            self.cell(f"eval/{name}", "eval", lambda n=name, st=student: self._eval(n, st))
-            if row != "base":
-                self.cell(f"analysis/{name}", "analysis", lambda n=name, st=student: self._analyse(n, st))
+        rows = self.rows()
+        if self.cfg.jobs > 1 and len(rows) > 1:
+            self._run_rows_in_workers(rows)
+        else:
+            for row in rows:
+                self.run_row(*row)
         return write_report(self.out, self.console)
+
+    def run_row(self, row: str, init: str, start: str, train_kw: dict, seed: int | None) -> None:
+        """Train (unless it is the base row), evaluate and analyse one row of the study."""
+        name = row if seed is None else f"{row}-s{seed}"
+        if row == "base":
+            student = self.warm(init, start)
+        else:
+            self.cell(f"train/{name}", "phase B", lambda: self._train(name, self.warm(init, start), train_kw, seed))
+            student = self.out / "train" / name / "student"
+        self.cell(f"eval/{name}", "eval", lambda: self._eval(name, student))
+        if row != "base":
+            self.cell(f"analysis/{name}", "analysis", lambda: self._analyse(name, student))
+
+    def _run_rows_in_workers(self, rows: list) -> None:
+        """Spread the rows over --jobs processes, each with its share of the CPU threads.
+
+        A small model's decode step is bound by per-operation overhead, not arithmetic, so two
+        single-threaded runs side by side finish sooner than the same two runs one after the other
+        on two threads. Trained rows are dealt out first (they cost about the same), evaluation-only
+        rows after them; the shared cells are already done, so the workers only write their own."""
+        import multiprocessing
+
+        import torch
+
+        jobs = min(self.cfg.jobs, len(rows))
+        ordered = [r for r in rows if r[0] != "base"] + [r for r in rows if r[0] == "base"]
+        shares = [ordered[i::jobs] for i in range(jobs)]
+        threads = max(1, torch.get_num_threads() // jobs)
+        worker_cfg = dataclasses.replace(self.cfg, jobs=1, overwrite=False, progress=False)
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+        workers = [
+            context.Process(target=_row_worker, args=(worker_cfg, share, threads), name=f"padd-rows-{i}")
+            for i, share in enumerate(shares)
+        ]
+        self.console.print(
+            f"{len(rows)} rows over {jobs} processes with {threads} thread(s) each: "
+            + "; ".join(", ".join(_row_name(r) for r in share) for share in shares)
+        )
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        failed = [(w.name, share) for w, share in zip(workers, shares, strict=True) if w.exitcode != 0]
+        if failed:
+            names = "; ".join(f"{n}: {', '.join(_row_name(r) for r in share)}" for n, share in failed)
+            raise RuntimeError(
+                f"row worker(s) failed ({names}); their errors are printed above. Finished cells are kept: "
+                "run the same command again to continue."
+            )
+
+    def warm_starts(self) -> dict[str, list[str]]:
+        """The warmed-up students to build: init -> router starts. Both inits at both starts for the
+        report's NMI / ESI comparison (--compare-inits), else only those the rows train from."""
+        if self.cfg.compare_inits:
+            return {init: [self.start, self.other_start] for init in ("cluster", "random")}
+        needed: dict[str, list[str]] = {"cluster": [self.start]}
+        for _, init, start, _, _ in self.rows():
+            needed.setdefault(init, [self.start])
+            if start not in needed[init]:
+                needed[init].append(start)
+        return needed
 
     def warm(self, init: str, start: str | None = None) -> Path:
         """The warmed-up student of one init, with the preset's router start or another one."""
@@ -522,6 +578,20 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def _row_name(row: tuple) -> str:
+    return row[0] if row[4] is None else f"{row[0]}-s{row[4]}"
+
+
+def _row_worker(cfg: ReproduceConfig, rows: list, threads: int) -> None:
+    """One --jobs process: the given rows of a study whose shared cells are done."""
+    import torch
+
+    torch.set_num_threads(threads)
+    run = StudyRun(cfg)
+    for row in rows:
+        run.run_row(*row)
 
 
 def run_reproduce(cfg: ReproduceConfig, console: Console | None = None) -> Path:
