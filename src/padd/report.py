@@ -421,10 +421,15 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
             "## Expert specialisation",
             "",
             "NMI and ESI between each token's teacher co-activation cluster (Stage I's K-Means partition) and the "
-            "student's top-1 expert, on held-out tokens, mean over MoE layers. `cluster-*` and `random-*` are the "
-            "warmed-up students before Phase B (Stage I vs random upcycling) at the uniform and the fitted "
-            "(distill) router start; a fitted start was fitted to its own partition's cluster masses, so the "
-            "primary comparison is at the uniform start. Trained rows are listed by run.",
+            "student's top-1 expert, on held-out tokens, mean over MoE layers. "
+            + (
+                "`cluster-*` and `random-*` are the warmed-up students before Phase B (Stage I vs random "
+                "upcycling) at the uniform and the fitted (distill) router start; a fitted start was fitted to "
+                "its own partition's cluster masses, so the primary comparison is at the uniform start. "
+                if any(n.startswith(("cluster-", "random-")) for n in spec_rows)
+                else "The warmed-up students before Phase B were not analysed (`--no-compare-inits`). "
+            )
+            + "Trained rows are listed by run.",
             "",
             "| Model | NMI | ESI | load CV (mean over layers) |",
             "| --- | --- | --- | --- |",

@@ -15,8 +15,8 @@ and holds the settings of each stage as overrides of that command's config. The 
     report.md, plots/     written by padd.report from the files above
 
 Every row starts from the preset's router start (`warmup.router_init`); the other start (uniform
-or distill) is built beside it for the NMI / ESI comparison at both starts and for the
-`other-start` row, which measures what the choice of start is worth.
+or distill) is built beside it for the NMI / ESI comparison at both starts (unless
+--no-compare-inits) and for the `other-start` row, which measures what the choice of start is worth.
 """
 
 from __future__ import annotations
@@ -298,9 +298,15 @@ class StudyRun:
                 self.console.print(f"[dim]✓ {name} (done, {self.cells[name]['seconds']:.0f}s)")
                 return
             self.console.rule(name)
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), time.time()
             result = fn()
-            record = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2)}
+            # start and end on the wall clock too: with --jobs, cells overlap and their seconds do not add up
+            record = {
+                "stage": stage,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "started": round(started, 1),
+                "finished": round(time.time(), 1),
+            }
             if result:
                 record["result"] = result
             with self._locked():
