@@ -127,6 +127,23 @@ def test_an_option_the_method_does_not_use_is_refused(flags, named):
     assert flags["method"] in str(err.value) or named in ("--vllm-gpu-memory", "--no-kd")
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"kd_coef": 0.0, "tau": 2.0}, "--kd-coef 0 turns its stage off, so --tau"),
+        ({"kd_coef": 0.0, "t_min": 0.1}, "--kd-coef 0 turns its stage off, so --t-min"),
+        ({"lam": 0.0, "shift_norm": "running-mean"}, "--lam 0 turns its stage off, so --shift-norm"),
+        ({"eta": 0.0, "balance_rule": "sign"}, "--eta 0 turns its stage off, so --balance-rule"),
+        ({"eta": 0.0, "gamma": 0.3}, "--eta 0 turns its stage off, so --gamma"),
+        ({"eta": 0.0, "bias_clip": 0.5}, "--eta 0 turns its stage off, so --bias-clip"),
+    ],
+)
+def test_an_option_a_zero_weight_leaves_without_effect_is_refused(flags, named):
+    with pytest.raises(ConfigError, match=named):
+        _objective(method="padd", **flags)
+    _objective(method="padd", **{k: v for k, v in flags.items() if v != 0})  # fine with the stage on
+
+
 def test_grpo_with_kd_coef_fails_on_the_command_line(tmp_path, capsys):
     args = ["train", "--student", "s", "--teacher", "t", "--data", "world", "--out", str(tmp_path / "o")]
     assert main([*args, "--method", "grpo", "--kd-coef", "0.3"]) == 2

@@ -13,9 +13,12 @@ def test_world_is_deterministic_and_splits_are_disjoint():
     assert generate("add", "train", 50, seed=1) != generate("add", "train", 50, seed=2)
     for skill in SKILLS:
         train = {r["problem"] for r in generate(skill, "train", 400)}
+        val = {r["problem"] for r in generate(skill, "val", 50)}
         test = {r["problem"] for r in generate(skill, "test", 100)}
-        assert len(train) == 400 and len(test) == 100 and not train & test
-        assert all(split_of(p) == "test" for p in test)
+        assert len(train) == 400 and len(val) == 50 and len(test) == 100
+        assert not train & test and not train & val and not val & test
+        assert all(split_of(p) == "test" for p in test) and all(split_of(p) == "val" for p in val)
+        assert all(split_of(p) == "train" for p in train)
     assert len(MATH_SKILLS) >= 5 and set(SKILLS) - set(MATH_SKILLS)
 
 

@@ -34,6 +34,14 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "online-kd": {"kd_coef": 1.0},
 }
 
+# Options a zero value of another leaves without effect: a weight of 0 turns its stage off, so
+# giving both is refused as an unused option is (use the ablation switch to turn a stage off).
+OFF_AT_ZERO: dict[str, tuple[str, ...]] = {
+    "kd_coef": ("tau", "t_min"),  # II off: no KD temperature to shape
+    "lam": ("shift_norm",),  # III off: Γ's scale is never read
+    "eta": ("gamma", "adv_ema", "balance_rule", "bias_clip"),  # IV off: the bias never moves
+}
+
 # PADD's ablation switches and the options each one leaves without effect.
 ABLATION_SWITCHES: dict[str, tuple[str, ...]] = {
     "no_kd": ("kd_coef", "tau", "t_min"),

@@ -46,7 +46,7 @@ from padd.config import (
     WarmupConfig,
     base_type,
 )
-from padd.methods import METHOD_ONLY_OPTIONS, METHOD_OPTIONS, options_of
+from padd.methods import METHOD_ONLY_OPTIONS, METHOD_OPTIONS, OFF_AT_ZERO, options_of
 from padd.world.teacher import PRESETS as TEACHER_PRESETS
 
 METHODS = ("base", "grpo", "gspo", "rspo", "online-kd", "padd")
@@ -356,7 +356,10 @@ class StudyRun:
             if self.sweep is not None:
                 method, option, values = self.sweep
                 for value, row in zip(values, self.sweep_rows(), strict=True):
-                    kw = {"method": method, **self.method_settings(method), option: value}
+                    # at 0 the option turns its stage off: the preset's options of that stage go with it
+                    off = OFF_AT_ZERO.get(option, ()) if value == 0 else ()
+                    kept = {k: v for k, v in self.method_settings(method).items() if k not in off}
+                    kw = {"method": method, **kept, option: value}
                     out.append((row, "cluster", self.start, kw, seed))
         return out
 

@@ -134,6 +134,10 @@ def rspo_gmpo_loss(
     sequence ratio is the geometric mean S_i = exp(mean_t Δ'), and J = mean_i S_i·A_i. The loss is -J.
     GMPO clips at (e^-0.4, e^0.4). RSPO's text fixes the floor's role, not its value: 0.8 is padd's
     default (`--rspo-floor`), which bounds the weight's effect to 20%, inside GMPO's clip range.
+    Checked against the paper's abstract (arXiv 2510.23027v2) and its ACL ARR version (OpenReview
+    ccsSKsiKGy: "a per-token router-shift ratio on the old activated experts", "RSPO (GMPO+RS)");
+    Γ is the mean over layers of the mean |Δ log-score| over the old top-K experts (`padd.routing`).
+    The full text's numbered equations were not available where this was written.
 
     Args:
         logp, old_logp: [B, T] log π_θ (with grad) and log π_old of the sampled tokens.

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from padd.config import ConfigError, TrainConfig
-from padd.methods import ABLATION_SWITCHES, METHOD_ONLY_OPTIONS, options_of
+from padd.methods import ABLATION_SWITCHES, METHOD_ONLY_OPTIONS, OFF_AT_ZERO, options_of
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             f"{why} does not use {', '.join(map(_flag, given_unused))}; drop it "
             f"(it reads: {', '.join(map(_flag, used)) or 'none of the method options'})"
         )
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for option, dependents in OFF_AT_ZERO.items():
+        if getattr(cfg, option) == 0:
+            given = [d for d in dependents if getattr(cfg, d) is not None and getattr(cfg, d) != defaults[d]]
+            if given:
+                raise ConfigError(
+                    f"{_flag(option)} 0 turns its stage off, so {', '.join(map(_flag, given))} would have no "
+                    "effect; drop it (or keep the stage on)"
+                )
     if cfg.rollout != "vllm" and (vllm := [n for n in ("vllm_gpu_memory", "vllm_max_model_len") if getattr(cfg, n)]):
         raise ConfigError(f"{', '.join(map(_flag, vllm))} only act with --rollout vllm")
     filled = {name: default for name, default in used.items() if getattr(cfg, name) is None}
