@@ -147,7 +147,7 @@ class DemoConfig:
     out: str = opt("runs/demo", "run directory (running again continues an interrupted demo)")
     eval_per_skill: int | None = opt(None, "test problems per world skill in each evaluation (default: the preset's)")
     teacher_seed: int = opt(0, "seed of the teacher's data, initialisation and batches")
-    jobs: int = opt(2, "processes the trained rows are spread over (one per core on 2 cores)")
+    jobs: int = opt(3, "processes the trained rows are spread over (its three Phase B runs side by side)")
     overwrite: bool = opt(False, "delete an existing run directory and start anew")
     progress: bool = opt(True, "show progress bars")
 

@@ -52,10 +52,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             f"{why} does not use {', '.join(map(_flag, given_unused))}; drop it "
             f"(it reads: {', '.join(map(_flag, used)) or 'none of the method options'})"
         )
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # a dependent at its default (the method's, else padd train's) changes nothing and is let through
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | dict(used)
     for option, dependents in OFF_AT_ZERO.items():
         if getattr(cfg, option) == 0:
-            given = [d for d in dependents if getattr(cfg, d) is not None and getattr(cfg, d) != defaults[d]]
+            given = [d for d in dependents if getattr(cfg, d) not in (None, defaults[d])]
             if given:
                 raise ConfigError(
                     f"{_flag(option)} 0 turns its stage off, so {', '.join(map(_flag, given))} would have no "

@@ -39,8 +39,8 @@ class TeacherPreset:
 
 
 PRESETS = {
-    # tests and the demo: 404-500 s on 2 CPU cores; half the steps or half the batch leaves a far
-    # weaker teacher (README, "Teacher presets")
+    # tests and the demo: 404-590 s on 2 CPU cores (by the day); half the steps or half the batch
+    # leaves a far weaker teacher (README, "Teacher presets")
     "tiny": TeacherPreset(128, 512, 4, 4, 2, steps=1500, batch_size=32, lr=3e-3, train_per_skill=8000),
     # stronger: about 22 minutes on 2 CPU cores
     "mini": TeacherPreset(192, 768, 6, 6, 2, steps=2000, batch_size=32, lr=2e-3, train_per_skill=40000),
