@@ -3,8 +3,8 @@ GRPO, Online KD, PADD).
 
 It trains the tiny teacher on the miniature world, runs Stage I with the cluster init, warms the
 experts up, trains vanilla GRPO, Online KD (the pure-distillation baseline PADD must beat) and PADD
-from the same start on the same budget, evaluates every row, and writes report.md with its plots;
-the table is printed at the end.
+from the same start on the same budget (the three runs side by side, --jobs 3), evaluates every
+row, and writes report.md with its plots; the table is printed at the end.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             ablations="none",
             eval_per_skill=cfg.eval_per_skill,
             teacher_seed=cfg.teacher_seed,
-            compare_inits=False,
-            jobs=cfg.jobs,  # the demo's rows all start from Stage I's student at the preset's start
+            compare_inits=False,  # the demo's rows all start from Stage I's student at the preset's start
+            jobs=cfg.jobs,
             overwrite=cfg.overwrite,
             progress=cfg.progress,
         ),
