@@ -396,7 +396,7 @@ class StudyRun:
 
     def run_row(self, row: str, init: str, start: str, train_kw: dict, seed: int | None) -> None:
         """Train (unless it is the base row), evaluate and analyse one row of the study."""
-        name = row if seed is None else f"{row}-s{seed}"
+        name = _row_name((row, init, start, train_kw, seed))
         if row == "base":
             student = self.warm(init, start)
         else:
@@ -590,6 +590,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _row_name(row: tuple) -> str:
+    """The run name of a row of StudyRun.rows(): `padd-s0`, or `base` for a row without a seed."""
     return row[0] if row[4] is None else f"{row[0]}-s{row[4]}"
 
 
