@@ -217,3 +217,20 @@ def test_jobs_spread_the_rows_over_processes_and_the_report_is_the_same(tmp_path
     table = lambda p: [x for x in (p / "report.md").read_text().splitlines() if x.startswith("| ")][:12]  # noqa: E731
     assert [x.split("|")[1] for x in table(again)] == [x.split("|")[1] for x in table(run)]
     assert padd("reproduce", **{**flags, "out": again, "jobs": 0}) == 2
+
+
+def test_step_and_warmup_overrides_reach_the_study(tmp_path, study_run):
+    """--steps and --warmup-tokens (the demo's smaller budget) replace the preset's values; without
+    them the preset's stand."""
+    from padd.config import DemoConfig, ReproduceConfig
+    from padd.study import StudyRun
+
+    _, flags = study_run
+    base = dict(preset=str(flags["preset"]), seeds=1)
+    preset = StudyRun(ReproduceConfig(**base, out=str(tmp_path / "preset"))).study
+    assert (preset.train["steps"], preset.warmup["tokens"]) == (2, 512)
+    demo = DemoConfig()
+    changed = StudyRun(
+        ReproduceConfig(**base, out=str(tmp_path / "demo"), steps=demo.steps, warmup_tokens=demo.warmup_tokens)
+    ).study
+    assert (changed.train["steps"], changed.warmup["tokens"]) == (demo.steps, demo.warmup_tokens)

@@ -145,6 +145,8 @@ class DemoConfig:
     """`padd demo`: `padd reproduce --preset tiny` with one seed and the main rows, into one folder."""
 
     out: str = opt("runs/demo", "run directory (running again continues an interrupted demo)")
+    steps: int = opt(40, "Phase B rollout batches per run (the tiny study's 60 would pass 15 minutes on 2 cores)")
+    warmup_tokens: int = opt(262144, "tokens of the expert warm-up (half the tiny study's, for the same reason)")
     eval_per_skill: int | None = opt(None, "test problems per world skill in each evaluation (default: the preset's)")
     teacher_seed: int = opt(0, "seed of the teacher's data, initialisation and batches")
     jobs: int = opt(3, "processes the trained rows are spread over (its three Phase B runs side by side)")
@@ -198,6 +200,7 @@ class ReproduceConfig:
         None, "extra rows of one method at other values of one option: METHOD:OPTION=V1,V2 (e.g. padd:lam=0,100)"
     )
     steps: int | None = opt(None, "Phase B rollout batches per run (default: the preset's)")
+    warmup_tokens: int | None = opt(None, "tokens of the expert warm-up (default: the preset's)")
     eval_per_skill: int | None = opt(None, "world test problems per skill in each evaluation (default: the preset's)")
     compare_inits: bool = opt(
         True, "also warm up random upcycling and the other router start, for the report's NMI / ESI comparison"

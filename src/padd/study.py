@@ -198,6 +198,8 @@ class StudyRun:
         self.study = load_study(cfg.preset)
         if cfg.steps is not None:
             self.study.train["steps"] = cfg.steps
+        if cfg.warmup_tokens is not None:
+            self.study.warmup["tokens"] = cfg.warmup_tokens
         if cfg.eval_per_skill is not None:
             self.study.eval["world_size"] = cfg.eval_per_skill
         self.methods = _split(cfg.methods, METHODS, "methods")
