@@ -48,8 +48,8 @@ def random_teacher(shape: str, out: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from padd.corpus import iter_texts
+    from padd.teacher import PRESETS
     from padd.tiny import build_tokenizer
-    from padd.world.teacher import PRESETS
 
     texts = iter_texts("world")
     tokenizer = build_tokenizer((next(texts) for _ in range(4000)), vocab_size=512)

@@ -95,6 +95,51 @@ def test_shipped_presets_load():
             continue
         cls = COMMANDS[preset.stem.split("-")[0]][0]
         names = {f.name for f in __import__("dataclasses").fields(cls)}
-        cfg = load_config(cls, {"config": preset, **{k: v for k, v in required.items() if k in names}})
+        given = {k: v for k, v in required.items() if k in names} | {"device": "cpu"}  # GPU presets load on CPU
+        cfg = load_config(cls, {"config": preset, **given})
         if cls is DecomposeConfig:
             assert cfg.experts >= cfg.top_k >= 1
+
+
+def test_config_tiny_is_the_commands_section_of_the_tiny_study_preset():
+    """`--config tiny` reads the command's section of the built-in study preset (their one home), with
+    the preset's corpus / problem set; a flag still wins, and a command without a section is refused."""
+    from importlib import resources
+
+    import yaml
+
+    from padd.config import TrainConfig, WarmupConfig, WorldConfig
+
+    preset = yaml.safe_load(resources.files("padd.presets").joinpath("study-tiny.yaml").read_text())
+    decompose = load_config(DecomposeConfig, {"config": "tiny", "teacher": "t", "out": "o"})
+    assert (decompose.experts, decompose.top_k) == (preset["decompose"]["experts"], preset["decompose"]["top_k"])
+    assert decompose.corpus == preset["corpus"]
+    warmup = load_config(WarmupConfig, {"config": "tiny", "student": "s", "teacher": "t", "out": "o"})
+    assert warmup.router_init == preset["warmup"]["router_init"]
+    train = load_config(TrainConfig, {"config": "tiny", "student": "s", "teacher": "t", "out": "o", "steps": 3})
+    assert (train.data, train.steps, train.lr) == (preset["data"], 3, preset["train"]["lr"])
+    with pytest.raises(ConfigError, match="no section"):
+        load_config(WorldConfig, {"config": "tiny", "out": "o"})
+
+
+def test_renamed_options_fail_naming_the_new_ones(tmp_path, capsys):
+    """`gamma` (IV's reward coefficient) and `world_size` (problems per skill) were renamed so that each
+    name means one thing; the old flag or YAML key fails and names the new one."""
+    from padd.cli import main
+    from padd.config import TrainConfig
+
+    base = ["train", "--student", "s", "--teacher", "t", "--data", "world:add", "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit):
+        main([*base, "--gamma", "0.1"])
+    assert "--gamma was renamed --balance-reward-coef" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--world-size", "10"])
+    assert "--world-size was renamed --world-per-skill" in capsys.readouterr().err
+    old = tmp_path / "old.yaml"
+    old.write_text("gamma: 0.1\n")
+    with pytest.raises(ConfigError, match="--gamma is now --balance-reward-coef"):
+        load_config(TrainConfig, {"config": old, "student": "s", "teacher": "t", "data": "d", "out": "o"})
+    preset = tmp_path / "study.yaml"
+    preset.write_text("eval: {world_size: 3}\n")
+    with pytest.raises(ConfigError, match="--world-size is now --world-per-skill"):
+        load_study(str(preset))

@@ -39,7 +39,7 @@ def _args(student, teacher, out) -> list[str]:
         teacher=teacher,
         out=out,
         data="world:add+sub",
-        world_size=20,
+        world_per_skill=20,
         method="padd",
         steps=2,
         prompts_per_step=4,

@@ -51,7 +51,7 @@ def test_teacher_then_eval_end_to_end(tmp_path):
             "eval",
             model=teacher,
             bench="world:add,world:reverse",
-            world_size=3,
+            world_per_skill=3,
             samples=2,
             max_new_tokens=8,
             out=out,
@@ -88,7 +88,7 @@ def test_teacher_then_eval_end_to_end(tmp_path):
             "eval",
             model=student,
             bench="world:mul",
-            world_size=2,
+            world_per_skill=2,
             max_new_tokens=8,
             out=tmp_path / "student.json",
             progress=False,
@@ -122,7 +122,7 @@ def test_length_sorted_micro_batches_leave_the_whole_batch_gradient():
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from padd.world.teacher import _batch, accumulate_batch_gradient
+    from padd.teacher import _batch, accumulate_batch_gradient
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(

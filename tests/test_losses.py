@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from padd.phase_b.losses import (
+from padd.losses import (
     adaptive_kd_loss,
     distill_kl_loss,
     group_advantages,
     pr_grpo_loss,
-    routing_shift,
     rspo_gmpo_loss,
+    token_gamma,
     token_logps,
     update_advantage_ema,
     update_routing_bias,
@@ -56,7 +56,7 @@ def reference_pr_grpo(logp, old, adv, mask, shift, lam, eps_low, eps_high, level
 def test_pr_grpo_matches_reference(level, lam):
     logp, old, adv, mask, shift = random_batch()
     loss, stats = pr_grpo_loss(
-        logp, old, adv, mask, router_shift=shift, lam=lam, eps_low=0.2, eps_high=0.28, level=level
+        logp, old, adv, mask, token_gamma=shift, lam=lam, eps_low=0.2, eps_high=0.28, level=level
     )
     assert loss.item() == pytest.approx(reference_pr_grpo(logp, old, adv, mask, shift, lam, 0.2, 0.28, level), rel=1e-5)
     assert 0.0 <= stats["clip_frac"] <= 1.0
@@ -64,7 +64,7 @@ def test_pr_grpo_matches_reference(level, lam):
 
 def test_lam_zero_is_vanilla_grpo_exactly():
     logp, old, adv, mask, shift = random_batch(seed=3)
-    a, _ = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, lam=0.0)
+    a, _ = pr_grpo_loss(logp, old, adv, mask, token_gamma=shift, lam=0.0)
     b, _ = pr_grpo_loss(logp, old, adv, mask)
     ga = torch.autograd.grad(a, logp)[0]
     gb = torch.autograd.grad(b, logp)[0]
@@ -75,7 +75,7 @@ def test_damping_touches_only_negative_advantage_paths_and_carries_no_gradient()
     logp, old, adv, mask, shift = random_batch(seed=4)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     shift = shift.requires_grad_()
-    damped, _ = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, lam=2.0, eps_low=10, eps_high=10)
+    damped, _ = pr_grpo_loss(logp, old, adv, mask, token_gamma=shift, lam=2.0, eps_low=10, eps_high=10)
     plain, _ = pr_grpo_loss(logp, old, adv, mask, eps_low=10, eps_high=10)
     g_damped = torch.autograd.grad(damped, logp, retain_graph=True)[0]
     g_plain = torch.autograd.grad(plain, logp)[0]
@@ -88,7 +88,7 @@ def test_damping_touches_only_negative_advantage_paths_and_carries_no_gradient()
 def test_rspo_weight_is_floored_and_on_every_token():
     logp, old, adv, mask, shift = random_batch(seed=6)
     shift = shift * 3
-    loss, _ = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, rspo_floor=0.5, eps_low=10, eps_high=10)
+    loss, _ = pr_grpo_loss(logp, old, adv, mask, token_gamma=shift, rspo_floor=0.5, eps_low=10, eps_high=10)
     weight = torch.clamp(torch.exp(-shift), min=0.5)
     ratio = (logp.detach() - old).exp() * weight
     expected = (-(ratio * adv[:, None]) * mask).sum() / mask.sum()
@@ -164,7 +164,7 @@ def test_zero_advantage_means_temperature_tau_over_two():
     assert float(same) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_routing_shift_reference():
+def test_token_gamma_reference():
     g = torch.Generator().manual_seed(5)
     L, B, T, E, K = 3, 2, 4, 6, 2
     now = torch.log_softmax(torch.randn(L, B, T, E, generator=g), -1)
@@ -172,7 +172,7 @@ def test_routing_shift_reference():
     topk = torch.rand(L, B, T, E, generator=g).topk(K, -1).indices
     mask = torch.ones(B, T)
     mask[1, 2:] = 0
-    gamma = routing_shift(now, old, topk, mask)
+    gamma = token_gamma(now, old, topk, mask)
     for b in range(B):
         for t in range(T):
             per_layer = [
@@ -181,16 +181,16 @@ def test_routing_shift_reference():
             ]
             expected = sum(per_layer) / L
             assert float(gamma[b, t]) == pytest.approx(expected * float(mask[b, t]), rel=1e-5)
-    assert float(routing_shift(old, old, topk, mask).abs().max()) == 0.0
+    assert float(token_gamma(old, old, topk, mask).abs().max()) == 0.0
 
 
 def test_bias_update_pushes_overloaded_expert_down_and_balances_load():
     bias = torch.zeros(4)
     load = torch.tensor([0.7, 0.1, 0.1, 0.1]) * 4  # relative to the uniform share
-    new = update_routing_bias(bias, load, torch.zeros(4), eta=0.1, gamma=0.0, clip=1.0)
+    new = update_routing_bias(bias, load, torch.zeros(4), eta=0.1, reward_coef=0.0, clip=1.0)
     assert new[0] < 0 and (new[1:] > 0).all() and float(new.sum()) == pytest.approx(0.0, abs=1e-7)
     rewarded = update_routing_bias(
-        bias, torch.ones(4), torch.tensor([0.0, 1.0, 0.0, -1.0]), eta=0.1, gamma=0.5, clip=0.3
+        bias, torch.ones(4), torch.tensor([0.0, 1.0, 0.0, -1.0]), eta=0.1, reward_coef=0.5, clip=0.3
     )
     assert rewarded.tolist() == pytest.approx([0.0, 0.3, 0.0, -0.3])  # clipped at 0.3
 
@@ -202,7 +202,7 @@ def test_bias_loop_balances_a_skewed_router():
     bias = torch.zeros(4)
     for _ in range(300):
         load = torch.bincount((scores + bias).argmax(-1), minlength=4).float() / 2000 * 4
-        bias = update_routing_bias(bias, load, torch.zeros(4), eta=0.0125, gamma=0.0, clip=2.0)
+        bias = update_routing_bias(bias, load, torch.zeros(4), eta=0.0125, reward_coef=0.0, clip=2.0)
     assert load.max() / load.mean() < 1.1
 
 
@@ -216,15 +216,15 @@ def test_bias_rules_on_relative_loads():
     """Loads are relative to the uniform share: a balanced layer leaves the bias alone, and the sign
     rule (DeepSeek-V3) moves each expert by exactly η."""
     bias = torch.tensor([0.1, -0.1, 0.0, 0.0])
-    same = update_routing_bias(bias, torch.ones(4), torch.zeros(4), eta=0.5, gamma=0.0, clip=1.0)
+    same = update_routing_bias(bias, torch.ones(4), torch.zeros(4), eta=0.5, reward_coef=0.0, clip=1.0)
     assert torch.equal(same, bias)
     load = torch.tensor([2.0, 1.5, 0.5, 0.0])
-    sign = update_routing_bias(torch.zeros(4), load, torch.zeros(4), eta=0.01, gamma=0.0, clip=1.0, rule="sign")
+    sign = update_routing_bias(torch.zeros(4), load, torch.zeros(4), eta=0.01, reward_coef=0.0, clip=1.0, rule="sign")
     assert sign.tolist() == pytest.approx([-0.01, -0.01, 0.01, 0.01])
-    prop = update_routing_bias(torch.zeros(4), load, torch.zeros(4), eta=0.01, gamma=0.0, clip=1.0)
+    prop = update_routing_bias(torch.zeros(4), load, torch.zeros(4), eta=0.01, reward_coef=0.0, clip=1.0)
     assert prop.tolist() == pytest.approx([-0.01, -0.005, 0.005, 0.01])
     with pytest.raises(ValueError, match="rule"):
-        update_routing_bias(bias, load, bias, eta=0.1, gamma=0.0, clip=1.0, rule="aux-loss")
+        update_routing_bias(bias, load, bias, eta=0.1, reward_coef=0.0, clip=1.0, rule="aux-loss")
 
 
 def test_token_logps_at_the_sampling_temperature():
@@ -283,7 +283,7 @@ def test_rspo_weight_lowers_the_ratio_of_shifted_tokens_only_down_to_its_floor()
 def test_pr_damping_is_reported_on_negative_advantage_tokens():
     logp, old, adv, mask, shift = random_batch(seed=11)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
-    _, stats = pr_grpo_loss(logp, old, adv, mask, router_shift=shift, lam=3.0)
+    _, stats = pr_grpo_loss(logp, old, adv, mask, token_gamma=shift, lam=3.0)
     negative = (adv < 0)[:, None].expand_as(mask) & mask.bool()
     damping = torch.exp(-3.0 * shift)[negative]
     assert stats["pr_damping_mean"] == pytest.approx(float(damping.mean()), rel=1e-6)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from padd.metrics import dominant_cluster, esi, load_stats, nmi, router_shift
+from padd.metrics import dominant_cluster, esi, gamma_step, load_stats, nmi
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -31,13 +31,13 @@ def test_esi_hand_computed():
     assert esi(experts, clusters, n_clusters=4) == pytest.approx((1 + 0.5) / 2)
 
 
-def test_router_shift_is_joint_l2_norm():
+def test_gamma_step_is_joint_l2_norm():
     prev = {"a": torch.zeros(2, 3), "b": torch.ones(4, 3)}
     now = {"a": torch.full((2, 3), 1.0), "b": torch.ones(4, 3) + 2.0}
-    assert router_shift(prev, now) == pytest.approx(math.sqrt(6 * 1 + 12 * 4))
-    assert router_shift(list(prev.values()), list(now.values())) == pytest.approx(math.sqrt(54))
+    assert gamma_step(prev, now) == pytest.approx(math.sqrt(6 * 1 + 12 * 4))
+    assert gamma_step(list(prev.values()), list(now.values())) == pytest.approx(math.sqrt(54))
     with pytest.raises(ValueError):
-        router_shift(prev, {"a": now["a"]})
+        gamma_step(prev, {"a": now["a"]})
 
 
 def test_load_stats():

@@ -17,8 +17,8 @@ broad: world:reverse
 analysis_tokens: 256
 decompose: {{experts: 4, top_k: 2, tokens: 512, seq_len: 64}}
 warmup: {{tokens: 512, seq_len: 64, batch_size: 4, lr: 1.0e-3, router_tokens: 256}}
-train: {{steps: 2, prompts_per_step: 2, group_size: 2, max_new_tokens: 6, world_size: 10, save_every: 1}}
-eval: {{world_size: 3, max_new_tokens: 6, batch_size: 8}}
+train: {{steps: 2, prompts_per_step: 2, group_size: 2, max_new_tokens: 6, world_per_skill: 10, save_every: 1}}
+eval: {{world_per_skill: 3, max_new_tokens: 6, batch_size: 8}}
 """
 
 

@@ -126,11 +126,11 @@ def test_generation_records_the_engine_selection_of_every_fed_token(llama_teache
     noise near ties); the last completion token is never fed back, so it has no selection."""
     from transformers import AutoTokenizer
 
-    from padd.phase_b.rollout import TransformersRollout
+    from padd.generation.rollout import TransformersRollout
 
     student = tiny_student(llama_teacher)
     backend = TransformersRollout(student, AutoTokenizer.from_pretrained(llama_teacher), record_routing=True)
-    rollout = backend.generate(["1 + 2 =", "the cat"], 2, temperature=0, max_new_tokens=5)
+    rollout = backend.sample(["1 + 2 =", "the cat"], 2, temperature=0, max_new_tokens=5)
     experts = rollout.routed_experts
     n, width = rollout.input_ids.shape
     assert experts.shape == (2, n, width, 2)
@@ -157,12 +157,12 @@ def test_routers_stay_float32_under_bf16_autocast(llama_teacher):
     assert logits.dtype == torch.bfloat16 and all(lg.dtype == torch.float32 for lg in rec.logits)
 
 
-def test_router_shift_meter_matches_the_reference_on_the_completion_positions(llama_teacher):
-    """Γ from the meter equals RSPO's per-token formula (losses.routing_shift) on log-scores of the
+def test_token_gamma_meter_matches_the_reference_on_the_completion_positions(llama_teacher):
+    """Γ from the meter equals RSPO's per-token formula (losses.token_gamma) on log-scores of the
     current and the anchor router, both on the same forward's router inputs, read at positions
     P-1 … P+C-2 (the routing that produced each completion token's probability)."""
-    from padd.phase_b.losses import routing_shift
-    from padd.routing import RouterShiftMeter
+    from padd.losses import token_gamma
+    from padd.routing import TokenGammaMeter
 
     student = tiny_student(llama_teacher)
     n, p, c = 3, 4, 5
@@ -174,11 +174,11 @@ def test_router_shift_meter_matches_the_reference_on_the_completion_positions(ll
         now, _ = rec.stacked((n, p + c))
         old = rec.log_scores_under(anchor, (n, p + c))
     window = slice(p - 1, p + c - 1)
-    expected = routing_shift(now[:, :, window], old[:, :, window], topk_old, torch.ones(n, c))
-    with torch.no_grad(), RouterShiftMeter(student, anchor, topk_old, n_prompt=p) as meter:
+    expected = token_gamma(now[:, :, window], old[:, :, window], topk_old, torch.ones(n, c))
+    with torch.no_grad(), TokenGammaMeter(student, anchor, topk_old, n_prompt=p) as meter:
         student(ids)
     torch.testing.assert_close(meter.token_gamma(), expected)
     assert expected.min() > 0  # the anchor differs, so every position moved
-    with torch.no_grad(), RouterShiftMeter(student, router_weights(student), topk_old, n_prompt=p) as meter:
+    with torch.no_grad(), TokenGammaMeter(student, router_weights(student), topk_old, n_prompt=p) as meter:
         student(ids)
     assert torch.equal(meter.token_gamma(), torch.zeros(n, c))

@@ -19,7 +19,7 @@ from padd.phase_b.objective import objective_of
 FAST = [
     "--data",
     "world:add+reverse",
-    "--world-size",
+    "--world-per-skill",
     "20",
     "--prompts-per-step",
     "2",
@@ -64,14 +64,20 @@ def _objective(**kw):
 
 
 def test_objectives_of_methods_and_ablations():
-    padd = _objective(method="padd", lam=0.5, kd_coef=0.2, gamma=0.01)
-    assert (padd.policy, padd.lam, padd.kd, padd.kd_coef, padd.gamma) == ("grpo", 0.5, "adaptive", 0.2, 0.01)
+    padd = _objective(method="padd", lam=0.5, kd_coef=0.2, balance_reward_coef=0.01)
+    assert (padd.policy, padd.lam, padd.kd, padd.kd_coef, padd.balance_reward_coef) == (
+        "grpo",
+        0.5,
+        "adaptive",
+        0.2,
+        0.01,
+    )
     grpo = _objective(method="grpo")
-    assert (grpo.policy, grpo.lam, grpo.kd, grpo.gamma, grpo.rspo_floor) == ("grpo", 0.0, None, 0.0, None)
+    assert (grpo.policy, grpo.lam, grpo.kd, grpo.balance_reward_coef, grpo.rspo_floor) == ("grpo", 0.0, None, 0.0, None)
     assert grpo.eta > 0
     assert _objective(method="gspo").policy == "gspo" and _objective(method="rspo").rspo_floor == 0.8
     assert _objective(method="padd", no_kd=True).kd is None and _objective(method="padd", no_pr=True).lam == 0
-    assert _objective(method="padd", no_reward_balance=True).gamma == 0
+    assert _objective(method="padd", no_reward_balance=True).balance_reward_coef == 0
 
 
 def test_gspo_clips_at_its_papers_range():
@@ -98,8 +104,8 @@ def test_ablation_switches_turn_on_from_the_command_line(switch):
 
 
 def test_a_given_zero_is_kept_not_replaced_by_the_default():
-    objective = _objective(method="padd", adv_ema=0.0, tau=0.0, lam=0.0, gamma=0.0)
-    assert (objective.adv_ema, objective.tau, objective.lam, objective.gamma) == (0.0, 0.0, 0.0, 0.0)
+    objective = _objective(method="padd", adv_ema=0.0, tau=0.0, lam=0.0, balance_reward_coef=0.0)
+    assert (objective.adv_ema, objective.tau, objective.lam, objective.balance_reward_coef) == (0.0, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +113,7 @@ def test_a_given_zero_is_kept_not_replaced_by_the_default():
     [
         ({"method": "grpo", "kd_coef": 0.3}, "--kd-coef"),
         ({"method": "grpo", "lam": 2.0}, "--lam"),
-        ({"method": "gspo", "gamma": 0.1}, "--gamma"),
+        ({"method": "gspo", "balance_reward_coef": 0.1}, "--balance-reward-coef"),
         ({"method": "online-kd", "tau": 2.0}, "--tau"),
         ({"method": "online-kd", "eps_low": 0.1}, "--eps-low"),
         ({"method": "rspo", "shift_norm": "running-mean"}, "--shift-norm"),
@@ -134,7 +140,7 @@ def test_an_option_the_method_does_not_use_is_refused(flags, named):
         ({"kd_coef": 0.0, "t_min": 0.1}, "--kd-coef 0 turns its stage off, so --t-min"),
         ({"lam": 0.0, "shift_norm": "running-mean"}, "--lam 0 turns its stage off, so --shift-norm"),
         ({"eta": 0.0, "balance_rule": "sign"}, "--eta 0 turns its stage off, so --balance-rule"),
-        ({"eta": 0.0, "gamma": 0.3}, "--eta 0 turns its stage off, so --gamma"),
+        ({"eta": 0.0, "balance_reward_coef": 0.3}, "--eta 0 turns its stage off, so --balance-reward-coef"),
         ({"eta": 0.0, "bias_clip": 0.5}, "--eta 0 turns its stage off, so --bias-clip"),
     ],
 )
@@ -278,11 +284,12 @@ def test_resume_without_checkpoint_and_mismatched_tokenizer(tmp_path, student, l
 
 def test_non_finite_loss_stops_with_the_term_named(tmp_path, student, llama_teacher, monkeypatch):
     import padd.phase_b.loop as loop
+    import padd.phase_b.objective as objective
 
     def broken_kd(*args, **kwargs):
         return torch.tensor(float("nan"), requires_grad=True), {}
 
-    monkeypatch.setattr(loop, "adaptive_kd_loss", broken_kd)
+    monkeypatch.setattr(objective, "adaptive_kd_loss", broken_kd)
     with pytest.raises(FloatingPointError, match="'kd'.*rollout batch 1"):
         loop.run_train(
             TrainConfig(
@@ -290,7 +297,7 @@ def test_non_finite_loss_stops_with_the_term_named(tmp_path, student, llama_teac
                 teacher=str(llama_teacher),
                 out=str(tmp_path / "nan"),
                 data="world:add",
-                world_size=10,
+                world_per_skill=10,
                 prompts_per_step=2,
                 group_size=2,
                 max_new_tokens=4,
@@ -313,7 +320,7 @@ def test_policy_logps_are_the_samplers_at_a_temperature_other_than_one(tmp_path,
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_router_shift_compares_both_routers_on_the_same_inputs(tmp_path, routed_student, llama_teacher, precision):
+def test_token_gamma_compares_both_routers_on_the_same_inputs(tmp_path, routed_student, llama_teacher, precision):
     """Routers frozen, everything else trained hard: the second mini-batch sees other hidden states
     than the rollout did, but the same router weights, so Γ must be exactly 0 (scores recorded on
     rollout-time inputs would count the hidden-state change as a router shift). Under bf16 autocast
@@ -325,7 +332,7 @@ def test_router_shift_compares_both_routers_on_the_same_inputs(tmp_path, routed_
         student=str(routed_student),
         teacher=str(llama_teacher),
         data="world:add+reverse",
-        world_size=20,
+        world_per_skill=20,
         prompts_per_step=4,
         group_size=2,
         max_new_tokens=6,
@@ -363,7 +370,20 @@ def test_stage_three_and_four_log_what_shows_they_act(tmp_path, routed_student, 
     """PADD logs III's damping and Γ's quantiles, IV's per-layer bias spread, the score gaps the bias
     must bridge and the share of selections it changed; the sign rule moves every bias by η."""
     run = tmp_path / "acting"
-    flags = ("--steps", "2", "--lr", "1e-2", "--lam", "50", "--balance-rule", "sign", "--eta", "0.01", "--gamma", "0")
+    flags = (
+        "--steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lam",
+        "50",
+        "--balance-rule",
+        "sign",
+        "--eta",
+        "0.01",
+        "--balance-reward-coef",
+        "0",
+    )
     assert train(routed_student, llama_teacher, run, *flags) == 0
     log = rows(run)
     for key in ("pr_damping_mean", "pr_damping_median", "gamma_token_p50", "gamma_token_p90", "gamma_token_p99"):

@@ -12,7 +12,7 @@ import torch
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
-from padd.phase_b.losses import pr_grpo_loss  # noqa: E402
+from padd.losses import pr_grpo_loss  # noqa: E402
 
 
 class _Accelerator:
@@ -83,9 +83,9 @@ def test_policy_logps_match_trl_at_a_sampling_temperature(llama_student):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
+    from padd.generation.rollout import Rollout
+    from padd.losses import token_logps
     from padd.phase_b.loop import forward_completion
-    from padd.phase_b.losses import token_logps
-    from padd.phase_b.rollout import Rollout
 
     model = AutoModelForCausalLM.from_pretrained(llama_student).eval()
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from padd.cli import main
-from padd.phase_b.vllm_rollout import checkpoint_weights, engine_routing
+from padd.generation.vllm import checkpoint_weights, engine_routing
 from padd.routing import moe_gates, moe_layer_indices
 from test_routing import tiny_student
 
@@ -71,16 +71,16 @@ def test_vllm_rollouts_on_cpu_say_what_to_do(tmp_path, llama_teacher, capsys):
 def test_vllm_matches_generate_and_follows_weight_sync(llama_student):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from padd.phase_b.rollout import TransformersRollout
-    from padd.phase_b.vllm_rollout import VLLMRollout
+    from padd.generation.rollout import TransformersRollout
+    from padd.generation.vllm import VLLMRollout
     from padd.routing import RoutingReplay
 
     tok = AutoTokenizer.from_pretrained(llama_student)
     model = AutoModelForCausalLM.from_pretrained(llama_student, dtype=torch.float32).cuda().eval()
     engine = VLLMRollout(str(llama_student), tok, model, dtype="float32", gpu_memory_utilization=0.2, seed=0)
     prompts = ["1 + 2 =", "34 + 5 =", "7 + 80 ="]
-    ours = engine.generate(prompts, 2, temperature=0.0, max_new_tokens=8)
-    ref = TransformersRollout(model, tok).generate(prompts, 2, temperature=0.0, max_new_tokens=8)
+    ours = engine.sample(prompts, 2, temperature=0.0, max_new_tokens=8)
+    ref = TransformersRollout(model, tok).sample(prompts, 2, temperature=0.0, max_new_tokens=8)
     assert ours.completion_ids.shape[0] == 6 and torch.equal(ours.prompt_ids, ref.prompt_ids)
     same = [
         torch.equal(a[:4], b[:4]) for a, b in zip(ours.completion_ids, ref.completion_ids[:, :4].cpu(), strict=True)
@@ -98,14 +98,14 @@ def test_vllm_matches_generate_and_follows_weight_sync(llama_student):
         model.lm_head.weight.zero_()
         model.model.embed_tokens.weight.zero_()
     engine.sync_weights(model)
-    after = engine.generate(prompts, 1, temperature=0.0, max_new_tokens=4)
+    after = engine.sample(prompts, 1, temperature=0.0, max_new_tokens=4)
     assert (after.completion_ids == 0).all()
 
 
 @needs_vllm_gpu
 def test_train_with_vllm_rollouts_and_routing_replay(tmp_path, llama_student, llama_teacher):
     run = tmp_path / "run"
-    args = ["--data", "world:add", "--world-size", "20", "--prompts-per-step", "2", "--group-size", "2"]
+    args = ["--data", "world:add", "--world-per-skill", "20", "--prompts-per-step", "2", "--group-size", "2"]
     args += ["--max-new-tokens", "6", "--steps", "2", "--device", "cuda", "--no-progress"]
     args += ["--rollout", "vllm", "--vllm-gpu-memory", "0.2", "--routing-replay"]
     models = ["--student", str(llama_student), "--teacher", str(llama_teacher)]

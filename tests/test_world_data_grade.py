@@ -5,16 +5,16 @@ import pytest
 
 from padd.data import DataError, build_prompt, load_problems
 from padd.grade import extract_answer, grade
-from padd.world.tasks import MATH_SKILLS, SKILLS, generate, split_of, world_rows
+from padd.world.tasks import MATH_SKILLS, SKILLS, make_problems, split_of, world_rows
 
 
 def test_world_is_deterministic_and_splits_are_disjoint():
-    assert generate("add", "train", 50, seed=1) == generate("add", "train", 50, seed=1)
-    assert generate("add", "train", 50, seed=1) != generate("add", "train", 50, seed=2)
+    assert make_problems("add", "train", 50, seed=1) == make_problems("add", "train", 50, seed=1)
+    assert make_problems("add", "train", 50, seed=1) != make_problems("add", "train", 50, seed=2)
     for skill in SKILLS:
-        train = {r["problem"] for r in generate(skill, "train", 400)}
-        val = {r["problem"] for r in generate(skill, "val", 50)}
-        test = {r["problem"] for r in generate(skill, "test", 100)}
+        train = {r["problem"] for r in make_problems(skill, "train", 400)}
+        val = {r["problem"] for r in make_problems(skill, "val", 50)}
+        test = {r["problem"] for r in make_problems(skill, "test", 100)}
         assert len(train) == 400 and len(val) == 50 and len(test) == 100
         assert not train & test and not train & val and not val & test
         assert all(split_of(p) == "test" for p in test) and all(split_of(p) == "val" for p in val)
@@ -24,7 +24,7 @@ def test_world_is_deterministic_and_splits_are_disjoint():
 
 @pytest.mark.parametrize("skill", list(SKILLS))
 def test_every_solution_grades_as_its_own_answer(skill):
-    for row in generate(skill, "test", 30):
+    for row in make_problems(skill, "test", 30):
         assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}.")
         assert grade(row["solution"], row["answer"])
         assert not grade(row["solution"], row["answer"] + "1")
@@ -35,7 +35,7 @@ def test_world_specs():
     assert [r["skill"] for r in rows] == ["mul"] * 5 + ["reverse"] * 5
     with pytest.raises(ValueError, match="unknown world skill"):
         world_rows("world:calculus", "test", 5)
-    assert {p.skill for p in load_problems("world", split="train", world_size=3)} == set(SKILLS)
+    assert {p.skill for p in load_problems("world", split="train", world_per_skill=3)} == set(SKILLS)
 
 
 def test_world_export_reads_back_through_the_loaders(tmp_path):
@@ -61,7 +61,7 @@ def test_world_export_reads_back_through_the_loaders(tmp_path):
     test = load_problems(str(tmp_path / "test.jsonl"))
     assert len(train) == 60 and len(test) == 20 and not {p.problem for p in train} & {p.problem for p in test}
     assert [p.answer for p in load_problems(str(tmp_path / "test" / "word.jsonl"))] == [
-        r["answer"] for r in generate("word", "test", 10)
+        r["answer"] for r in make_problems("word", "test", 10)
     ]
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from padd.metrics import dominant_cluster, esi, load_stats, nmi
-from padd.routing import RouterRecorder, expert_load, moe_gates
+from padd.models import load_causal_lm
+from padd.routing import RouterRecorder, expert_load, moe_gates, moe_layer_indices
 
 
 @torch.no_grad()
@@ -20,12 +21,12 @@ def max_logit_gap_all_experts(teacher_dir, student_dir, input_ids: torch.Tensor)
 
     input_ids: [B, T] token ids (any; exactness holds for every input).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(student_dir)
     cfg.num_experts_per_tok = cfg.n_routed_experts
-    student = AutoModelForCausalLM.from_pretrained(student_dir, config=cfg, dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    student = load_causal_lm(student_dir, config=cfg)
+    teacher = load_causal_lm(teacher_dir)
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
     ids = input_ids % vocab
     return float((student(ids).logits[..., :vocab] - teacher(ids).logits[..., :vocab]).abs().max())
@@ -50,7 +51,7 @@ def expert_specialisation(
         {"nmi", "esi", "nmi_per_layer", "esi_per_layer", "load" ([L][E] shares), "load_cv"}.
     """
     gates = moe_gates(student)
-    moe_layers = [i for i, layer in enumerate(student.model.layers) if hasattr(layer.mlp, "gate")]
+    moe_layers = moe_layer_indices(student)
     if len(clusters) != len(moe_layers):
         raise ValueError(f"{len(clusters)} cluster sets for {len(moe_layers)} MoE layers")
     cluster_labels: list[list[torch.Tensor]] = [[] for _ in moe_layers]

@@ -21,6 +21,7 @@ from padd.config import (
 )
 from padd.corpus import CorpusError
 from padd.data import DataError
+from padd.errors import UserError
 from padd.stage1.build import TeacherError
 from padd.vocab import VocabError
 
@@ -50,7 +51,7 @@ def _reproduce(cfg: ReproduceConfig) -> None:
 
 
 def _teacher(cfg: TeacherConfig) -> None:
-    from padd.world.teacher import train_teacher
+    from padd.teacher import train_teacher
 
     train_teacher(cfg)
 
@@ -89,6 +90,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
 
 # Errors of the user's input: reported as one line, no traceback.
 USER_ERRORS = (
+    UserError,
     ConfigError,
     CorpusError,
     DataError,

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from padd.methods import default_help
+from padd.methods import METHODS, default_help
 
 REQUIRED: Any = dataclasses.MISSING
 
@@ -40,6 +40,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Options renamed so that each name means one thing: `gamma` is Γ (the router shift) only, and
+# `world_size` the process count only. The old names fail, flag or YAML key, naming the new one.
+RENAMED: dict[str, str] = {"gamma": "balance_reward_coef", "world_size": "world_per_skill"}
+
+
+def renamed_hint(name: str) -> str:
+    """' (renamed --balance-reward-coef)' for an old option name, else ''."""
+    return f" ({_flag(name)} is now {_flag(RENAMED[name])})" if name in RENAMED else ""
+
+
+class _Renamed(argparse.Action):
+    """An old flag: parsing it fails with the new name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {_flag(RENAMED[self.dest.removeprefix('renamed_')])}")
+
+
 def base_type(tp: Any) -> tuple[type, bool]:
     """(scalar type, optional?) of a field annotation such as `int | None`."""
     args = typing.get_args(tp)
@@ -51,9 +68,16 @@ def base_type(tp: Any) -> tuple[type, bool]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of dataclass `cls`, plus `--config FILE.yaml`."""
-    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML file of defaults for these flags")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="YAML file of defaults for these flags, or tiny / mini: this command's section of that study preset",
+    )
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    shared = {f.name for f in dataclasses.fields(RunOptions)}
+    # the command's own options first, then the ones every command shares
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
         tp, optional = base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
         if f.metadata.get("required"):
@@ -70,6 +94,29 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kwargs)
+    for old, new in RENAMED.items():
+        if new in {f.name for f in dataclasses.fields(cls)}:
+            parser.add_argument(_flag(old), action=_Renamed, dest=f"renamed_{old}", help=argparse.SUPPRESS)
+
+
+BUILTIN_PRESETS = ("tiny", "mini")  # padd/presets/study-{name}.yaml: the one home of their settings
+
+
+def _preset_section(cls: type, name: str) -> dict:
+    """`--config tiny`: this command's section of a built-in study preset, with the preset's corpus
+    or problem set where the command takes one, so one command runs as that study runs it."""
+    from importlib import resources
+
+    raw = yaml.safe_load(resources.files("padd.presets").joinpath(f"study-{name}.yaml").read_text())
+    section = {"DecomposeConfig": "decompose", "WarmupConfig": "warmup", "TrainConfig": "train", "EvalConfig": "eval"}
+    if cls.__name__ not in section:
+        raise ConfigError(f"--config {name}: the {name} preset has no section for this command; give a YAML file")
+    values = dict(raw.get(section[cls.__name__]) or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in ("corpus", "data"):
+        if key in names and key in raw:
+            values.setdefault(key, raw[key])
+    return values
 
 
 def load_config(cls: type, ns: argparse.Namespace | dict) -> Any:
@@ -79,13 +126,20 @@ def load_config(cls: type, ns: argparse.Namespace | dict) -> Any:
     yaml_path = given.pop("config", None)
     names = {f.name for f in dataclasses.fields(cls)}
     if yaml_path is not None:
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        loaded = _preset_section(cls, str(yaml_path)) if str(yaml_path) in BUILTIN_PRESETS else None
+        if loaded is None:
+            if not Path(yaml_path).is_file():
+                raise ConfigError(f"--config {yaml_path}: no such file; give a YAML file or one of {BUILTIN_PRESETS}")
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of option names to values")
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - names)
         if unknown:
-            raise ConfigError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+            hints = "".join(renamed_hint(k) for k in unknown)
+            raise ConfigError(
+                f"{yaml_path}: unknown option(s) {', '.join(unknown)}{hints}; valid: {', '.join(sorted(names))}"
+            )
         values.update(loaded)
     values.update({k: v for k, v in given.items() if k in names})
     missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required") and f.name not in values]
@@ -103,8 +157,30 @@ def to_dict(cfg: Any) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+def check_device(device: str) -> None:
+    """Fail before anything loads when CUDA is asked for and torch sees none."""
+    if device == "cuda":
+        import torch  # here, not at the top: `padd --help` must not pay for it
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """Options of every command that trains or builds a model, listed after its own in --help."""
+
+    device: str = opt("cpu", "device to run on", choices=("cpu", "cuda"))
+    seed: int = opt(0, "seed of everything the command draws at random (data, initialisation, sampling)")
+    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
+    progress: bool = opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+
+
 @dataclass
-class DecomposeConfig:
+class DecomposeConfig(RunOptions):
     """`padd decompose`: Stage I steps 1-4 and 7 — a dense teacher into a Glm4Moe student."""
 
     teacher: str = req("local transformers checkpoint of a dense causal LM with a gated MLP")
@@ -113,7 +189,6 @@ class DecomposeConfig:
     experts: int = req("routed experts per MoE layer (E); must divide d_ff minus the shared neurons")
     top_k: int = req("experts each token is routed to (K <= E)")
     tokens: int = opt(8192, "tokens sampled from the corpus for the co-activation statistics")
-    seed: int = opt(0, "seed of the token sample, the projection and the clustering")
     init: str = opt(
         "cluster",
         "expert initialisation: co-activation clusters (PADD), random split, or full copies",
@@ -124,7 +199,6 @@ class DecomposeConfig:
         None, "neurons per expert; above (d_ff - shared) / E, clusters grow by their nearest outside neurons"
     )
     dense_layers: int = opt(0, "leading layers kept dense (first_k_dense_replace)")
-    device: str = opt("cpu", "device for the activation pass and the clustering", choices=("cpu", "cuda"))
     dtype: str = opt(
         "auto", "teacher dtype: auto keeps the checkpoint's", choices=("auto", "float32", "bfloat16", "float16")
     )
@@ -136,8 +210,6 @@ class DecomposeConfig:
     batch_size: int = opt(8, "windows per forward of the activation pass")
     proj_dim: int = opt(512, "random-projection width of the neuron features (0: keep all N tokens)")
     kmeans_iters: int = opt(50, "Lloyd iterations of the balanced K-Means")
-    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
-    progress: bool = opt(True, "show progress bars")
 
 
 @dataclass
@@ -170,12 +242,15 @@ class EvalConfig:
     max_new_tokens: int = opt(256, "generation budget per completion")
     batch_size: int = opt(32, "sequences per generate call")
     limit: int | None = opt(None, "at most this many problems per benchmark")
-    world_size: int = opt(200, "problems per skill for world benchmarks")
+    world_per_skill: int = opt(200, "problems per skill for world benchmarks")
     problem_field: str | None = opt(None, "field of the problem text (default: recognised layouts)")
     answer_field: str | None = opt(None, "field of the reference answer (default: recognised layouts)")
     device: str = opt("cpu", "device to run on", choices=("cpu", "cuda"))
     seed: int = opt(0, "seed of the sampling")
     progress: bool = opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 @dataclass
@@ -210,9 +285,12 @@ class ReproduceConfig:
     overwrite: bool = opt(False, "delete an existing run directory and start anew")
     progress: bool = opt(True, "show progress bars")
 
+    def __post_init__(self) -> None:
+        check_device(self.device)
+
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(RunOptions):
     """`padd teacher`: train a small dense teacher from scratch on the miniature world."""
 
     out: str = req("output directory of the teacher checkpoint and tokenizer")
@@ -222,14 +300,10 @@ class TeacherConfig:
     batch_size: int | None = opt(None, "training examples per step (default: the preset's)")
     train_per_skill: int | None = opt(None, "training problems per skill (default: the preset's)")
     eval_per_skill: int = opt(100, "test problems per skill for the final Pass@1 (0: skip it)")
-    device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
-    seed: int = opt(0, "seed of the data, the initialisation and the batches")
-    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
-    progress: bool = opt(True, "show progress bars")
 
 
 @dataclass
-class WarmupConfig:
+class WarmupConfig(RunOptions):
     """`padd warmup`: experts trained behind a frozen uniform router, then the router initialised."""
 
     student: str = req("student checkpoint from padd decompose")
@@ -245,7 +319,6 @@ class WarmupConfig:
     router_tokens: int = opt(4096, "tokens used to fit a centroid / distill router")
     text_field: str | None = opt(None, "corpus field(s) holding the text, comma-separated")
     split: str = opt("train", "split of a datasets corpus")
-    device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
     parallel: str = opt(
         "ddp",
         "under torchrun/accelerate: DDP, or FSDP2 sharding the student's weights, grads and optimizer",
@@ -254,13 +327,10 @@ class WarmupConfig:
     precision: str = opt(
         "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")
     )
-    seed: int = opt(0, "seed of the sample, the random routing and the router init")
-    overwrite: bool = opt(False, "replace an existing non-empty --out directory")
-    progress: bool = opt(True, "show progress bars")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunOptions):
     """`padd train`: Phase B — sample, verify, and update with II + III (+ IV on the routing bias)."""
 
     student: str = req("MoE student checkpoint (after padd warmup)")
@@ -270,7 +340,7 @@ class TrainConfig:
     method: str = opt(
         "padd",
         "which objective: PADD or a baseline on the same loop",
-        choices=("padd", "grpo", "gspo", "rspo", "online-kd"),
+        choices=tuple(METHODS),
     )
     steps: int = opt(100, "rollout batches to train on")
     prompts_per_step: int = opt(8, "prompts sampled per rollout batch")
@@ -297,7 +367,9 @@ class TrainConfig:
     kd_coef: float | None = opt(None, "weight α of the KD loss (II)" + default_help("kd_coef"))
     tau: float | None = opt(None, "KD temperature scale τ of T = max(τΦ(A), T_min)" + default_help("tau"))
     t_min: float | None = opt(None, "KD temperature floor T_min" + default_help("t_min"))
-    gamma: float | None = opt(None, "reward term γ of the routing-bias update (IV)" + default_help("gamma"))
+    balance_reward_coef: float | None = opt(
+        None, "reward term γ of the routing-bias update (IV)" + default_help("balance_reward_coef")
+    )
     adv_ema: float | None = opt(None, "EMA decay of the per-expert advantage m_e (IV)" + default_help("adv_ema"))
     rspo_floor: float | None = opt(None, "RSPO: floor of its router-shift weight exp(-Γ)" + default_help("rspo_floor"))
     rspo_base: str | None = opt(
@@ -335,19 +407,20 @@ class TrainConfig:
     no_kd: bool = opt(False, "padd ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "padd ablation: drop III's damping (λ = 0)")
     no_reward_balance: bool = opt(False, "padd ablation: drop IV's reward term (γ = 0, plain balancing)")
-    world_size: int = opt(2000, "problems per skill when --data is a world name")
+    world_per_skill: int = opt(2000, "problems per skill when --data is a world name")
     save_every: int = opt(50, "checkpoint every N rollout batches (0: only at the end)")
     resume: bool = opt(False, "continue from the run directory's last checkpoint")
-    device: str = opt("cpu", "device to train on", choices=("cpu", "cuda"))
     parallel: str = opt(
         "ddp", "under torchrun/accelerate: DDP, or FSDP2 sharding weights, grads and optimizer", choices=("ddp", "fsdp")
     )
     precision: str = opt(
         "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")
     )
-    seed: int = opt(0, "seed of prompt order, sampling and routing ties")
-    overwrite: bool = opt(False, "replace an existing run directory (without --resume)")
-    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rollout == "vllm" and self.device != "cuda":
+            raise ConfigError("--rollout vllm runs on a GPU: add --device cuda, or use --rollout transformers")
 
 
 @dataclass

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from padd.data import build_prompt
+from padd.world.tasks import iter_tasks, parse_world_spec
+
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _TEXT_FIELDS = ("text", "content", "problem", "question", "prompt")
 # How far past the sample size the reservoir looks: a wider window samples more of the corpus, a
@@ -60,8 +63,6 @@ def open_stream(spec: str, split: str = "train") -> Iterable[dict]:
 
 def _world_texts(skills: list[str], split: str, per_skill: int = 4000) -> Iterator[str]:
     """The world's tasks as the teacher reads them (prompt, then solution), skills interleaved."""
-    from padd.data import build_prompt
-    from padd.world.tasks import iter_tasks
 
     # lazily: a reader that needs a few thousand tokens draws only the problems it reads
     streams = [iter_tasks(s, split, max_tries=100 * per_skill + 1000) for s in skills]
@@ -75,7 +76,6 @@ def iter_texts(spec: str, text_field: str | None = None, split: str = "train") -
 
     `world` / `world:SKILL` stream the miniature world's tasks (prompt and solution).
     """
-    from padd.world.tasks import parse_world_spec
 
     skills = parse_world_spec(spec)
     if skills is not None:
@@ -140,3 +140,10 @@ def sample_windows(
             return torch.tensor([buffer], dtype=torch.long)
         raise CorpusError("the corpus holds no text")
     return torch.tensor(reservoir, dtype=torch.long)
+
+
+def sample_corpus(
+    spec: str, tokenizer, *, n_tokens: int, seq_len: int, seed: int = 0, text_field: str | None = None, split="train"
+) -> torch.LongTensor:
+    """`sample_windows` over the texts of a corpus SPEC: [n_windows, seq_len] token windows."""
+    return sample_windows(iter_texts(spec, text_field, split), tokenizer, n_tokens=n_tokens, seq_len=seq_len, seed=seed)

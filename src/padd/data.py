@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from padd.grade import last_boxed
+from padd.world.tasks import parse_world_spec, world_rows
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def load_problems(
     problem_field: str | None = None,
     answer_field: str | None = None,
     limit: int | None = None,
-    world_size: int = 200,
+    world_per_skill: int = 200,
     seed: int = 0,
 ) -> list[Problem]:
     """Load a problem set from a SPEC: `world`, `world:SKILL`, a local file or folder, or a `datasets` name.
@@ -114,13 +116,12 @@ def load_problems(
     Args:
         split: the split of a `datasets` dataset or of the world (`train` / `val` / `test`); a local
             file is one split already, so only `train` and `test` (the command's default) accept it.
-        world_size: problems per skill when SPEC is a world name.
+        world_per_skill: problems per skill when SPEC is a world name.
         limit: keep at most this many problems (after skipping malformed rows).
     """
-    from padd.world.tasks import parse_world_spec, world_rows
 
     if parse_world_spec(spec) is not None:
-        rows = world_rows(spec, split, world_size, seed)
+        rows = world_rows(spec, split, world_per_skill, seed)
         labelled = [(f"world/{r['id']}", r) for r in rows]
     elif Path(spec).exists():
         if split not in ("train", "test"):
@@ -166,6 +167,19 @@ def load_problems(
     if skipped:
         log.warning("%s: skipped %d malformed row(s), kept %d", spec, skipped, len(problems))
     return problems
+
+
+def batch_problems(problems: list, batch: int, size: int, seed: int, rank: int = 0, world: int = 1) -> list:
+    """This rank's share of rollout batch `batch` (0-based) of `size` problems: a seeded pass over
+    `problems`, reshuffled each epoch; every rank draws the same global batch and keeps its
+    contiguous slice of size // world (whole groups), so a resumed run draws the same batches."""
+    n = len(problems)
+    epoch, offset = divmod(batch * size, n)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    picked = [order[(offset + i) % n] for i in range(size)]
+    share = size // world
+    return [problems[i] for i in picked[rank * share : (rank + 1) * share]]
 
 
 def build_prompt(tokenizer, problem: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,8 +12,10 @@ from rich.table import Table
 from padd.config import to_dict
 from padd.data import build_prompt, load_problems
 from padd.flops import forward_flops_per_token
+from padd.generation.rollout import TransformersRollout
 from padd.grade import grade
-from padd.phase_b.rollout import TransformersRollout
+from padd.io import atomic_write_json
+from padd.models import load_causal_lm
 
 DEFAULT_BENCHES = ("world:add", "world:sub", "world:mul", "world:expr", "world:word", "world:reverse")
 
@@ -28,7 +29,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def generate(
+def complete(
     model,
     tokenizer,
     prompts: list[str],
@@ -47,7 +48,7 @@ def generate(
     """
     torch.manual_seed(seed)
     backend = TransformersRollout(model, tokenizer, batch_size=batch_size, progress=progress)
-    texts = backend.generate(prompts, num_samples, temperature=temperature, max_new_tokens=max_new_tokens).texts
+    texts = backend.sample(prompts, num_samples, temperature=temperature, max_new_tokens=max_new_tokens).texts
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
@@ -56,7 +57,7 @@ def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
     problems = load_problems(
         spec,
         split=cfg.split,
-        world_size=cfg.world_size,
+        world_per_skill=cfg.world_per_skill,
         limit=cfg.limit,
         problem_field=cfg.problem_field,
         answer_field=cfg.answer_field,
@@ -68,7 +69,7 @@ def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
         "seed": cfg.seed,
         "progress": cfg.progress,
     }
-    greedy = generate(model, tokenizer, prompts, **kw)
+    greedy = complete(model, tokenizer, prompts, **kw)
     rows = []
     for p, g in zip(problems, greedy, strict=True):
         rows.append(
@@ -82,7 +83,7 @@ def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
         )
     result = {"n": len(rows), "pass@1": sum(r["greedy_correct"] for r in rows) / len(rows)}
     if cfg.samples > 1:
-        sampled = generate(model, tokenizer, prompts, num_samples=cfg.samples, temperature=cfg.temperature, **kw)
+        sampled = complete(model, tokenizer, prompts, num_samples=cfg.samples, temperature=cfg.temperature, **kw)
         for row, p, comps in zip(rows, problems, sampled, strict=True):
             row["samples"] = comps
             row["samples_correct"] = [grade(c, p.answer) for c in comps]
@@ -95,13 +96,11 @@ def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
 
 def run_eval(cfg, console: Console | None = None) -> dict:
     """Evaluate a model directory on every benchmark of cfg.bench; write cfg.out (JSON) and print a table."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     console = console or Console()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype="auto").to(cfg.device).eval()
+    model = load_causal_lm(cfg.model, dtype="auto", device=cfg.device)
     benches = [b.strip() for b in (cfg.bench or ",".join(DEFAULT_BENCHES)).split(",") if b.strip()]
     results = {b: evaluate_bench(model, tokenizer, b, cfg) for b in benches}
     metric_names = [m for m in next(iter(results.values())) if m not in ("rows", "n")]
@@ -114,7 +113,7 @@ def run_eval(cfg, console: Console | None = None) -> dict:
         "config": to_dict(cfg),
     }
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(report, indent=1))
+    atomic_write_json(Path(cfg.out), report)
     table = Table(title=f"{cfg.model}  ({report['flops_per_token@1024'] / 1e6:.2f} MFLOPs/token @1024)")
     table.add_column("benchmark")
     table.add_column("n", justify="right")

@@ -1,7 +1,8 @@
-"""Output folders: refuse to clobber, and write atomically (temp folder, then rename)."""
+"""Outputs: refuse to clobber a folder, and write folders and JSON files atomically (temp, then rename)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -29,3 +30,12 @@ def atomic_save_dir(out: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write `obj` as indented JSON through a temp file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

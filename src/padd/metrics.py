@@ -2,7 +2,7 @@
 
 - `nmi`: normalised mutual information of two labelings (arithmetic normalisation, as scikit-learn).
 - `esi`: expert specialisation index, mean over experts of 1 - H(teacher cluster | expert) / log C.
-- `router_shift`: Γ_step, the L2 norm of the change of all router weights between two steps.
+- `gamma_step`: Γ_step, the L2 norm of the change of all router weights between two steps.
 - `load_stats`: coefficient of variation and max/mean of per-expert loads.
 - `dominant_cluster`: each token's teacher cluster with the largest activation mass (NMI/ESI labels).
 - `paired_bootstrap`: the accuracy difference of two models on the same problems, with an interval.
@@ -73,7 +73,7 @@ def esi(expert_labels: torch.Tensor, cluster_labels: torch.Tensor, n_clusters: i
     return float((1.0 - h / torch.log(torch.tensor(float(c), dtype=torch.float64))).mean())
 
 
-def router_shift(
+def gamma_step(
     prev_state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
 ) -> float:
@@ -92,6 +92,21 @@ def router_shift(
         pairs = list(zip(prev_state, state, strict=True))
     total = sum(float(((b.double() - a.double().to(b.device)) ** 2).sum()) for a, b in pairs)
     return total**0.5
+
+
+GAMMA_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def token_gamma_stats(values: torch.Tensor) -> dict[str, float]:
+    """Mean and 50/90/99% quantiles of per-token Γ over completion tokens ([n] values): how far the
+    router moved under the tokens stage III damps."""
+    if not values.numel():
+        return {"gamma_token_mean": 0.0}
+    quantiles = torch.quantile(values.float(), torch.tensor(GAMMA_QUANTILES, device=values.device))
+    return {
+        "gamma_token_mean": float(values.float().mean()),
+        **{f"gamma_token_p{round(100 * q)}": float(v) for q, v in zip(GAMMA_QUANTILES, quantiles, strict=True)},
+    }
 
 
 def load_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,16 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLOURS = {
-    "padd": "tab:blue",
-    "grpo": "tab:red",
-    "gspo": "tab:orange",
-    "rspo": "tab:purple",
-    "online-kd": "tab:green",
-    "no-balance": "tab:cyan",
-    "no-bias": "tab:gray",
-    "no-pr": "tab:olive",
-}
+from padd.methods import ROW_COLOURS  # noqa: E402
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -42,7 +33,7 @@ def gamma_curves(curves: dict[str, np.ndarray], labels: dict[str, str], path: Pa
     for row, values in curves.items():
         mean = values.mean(0)
         steps = np.arange(1, len(mean) + 1)
-        colour = COLOURS.get(row)
+        colour = ROW_COLOURS.get(row)
         ax.plot(steps, mean, label=labels.get(row, row), color=colour, lw=1.2)
         if values.shape[0] > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
@@ -68,8 +59,10 @@ def reward_curves(curves: dict[str, np.ndarray], labels: dict[str, str], path: P
     fig, ax = plt.subplots(figsize=(7, 4))
     for row, values in curves.items():
         mean = _smooth(values.mean(0), 5)
-        style = "-" if row in COLOURS else "--"
-        ax.plot(np.arange(1, len(mean) + 1), mean, style, label=labels.get(row, row), color=COLOURS.get(row), lw=1.2)
+        style = "-" if row in ROW_COLOURS else "--"
+        ax.plot(
+            np.arange(1, len(mean) + 1), mean, style, label=labels.get(row, row), color=ROW_COLOURS.get(row), lw=1.2
+        )
     ax.set_xlabel("rollout batch")
     ax.set_ylabel("mean reward (moving average of 5)")
     ax.set_title("Phase B reward")
@@ -85,7 +78,7 @@ def series_curves(curves: dict[str, np.ndarray], labels: dict[str, str], ylabel:
     fig, ax = plt.subplots(figsize=(7, 4))
     for row, values in curves.items():
         steps = np.arange(1, values.shape[1] + 1)
-        colour = COLOURS.get(row)
+        colour = ROW_COLOURS.get(row)
         ax.plot(steps, _smooth(values.mean(0), 5), label=labels.get(row, row), color=colour, lw=1.2)
         if values.shape[0] > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.12, lw=0)

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from padd import plots
+from padd.methods import ABLATIONS, ROW_LABELS, TABLE_ROWS
 from padd.metrics import paired_bootstrap
-from padd.study import ABLATIONS, METHODS, ROW_LABELS
 
 STAGE_ROWS = ("padd", "no-pr", "no-balance", "no-bias", "grpo", "online-kd")  # the "stages act" table
 
@@ -198,7 +198,7 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
             f"- *The MoE student reasons as well as or better than its dense teacher:* {_verdict(*d)}: "
             f"PADD {avg('padd')} vs teacher {avg('teacher')}; PADD − teacher {_interval(d)}."
         )
-    for baseline in (m for m in METHODS if m not in ("padd", "base")):
+    for baseline in (m for m in TABLE_ROWS if m not in ("padd", "base")):
         if d := compare(run, "padd", baseline, benches):
             out.append(
                 f"- *PADD beats {ROW_LABELS[baseline]} on the same initialisation and budget:* {_verdict(*d)}: "

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from padd.distributed import full_tensor
+
 
 def moe_layer_indices(model: torch.nn.Module) -> list[int]:
     """Decoder-layer index of every MoE layer, in order (leading dense layers have no router)."""
@@ -130,7 +132,7 @@ class RouterRecorder(_GateHooks):
         return torch.stack(logp).view(len(weights), *batch_shape, -1)
 
 
-class RouterShiftMeter(_GateHooks):
+class TokenGammaMeter(_GateHooks):
     """Per-token router shift Γ (SPEC §4 III, RSPO's definition) measured during one forward.
 
     Both routers are evaluated on that forward's own router inputs h: at MoE layer l, the mean over
@@ -177,10 +179,10 @@ class RouterShiftMeter(_GateHooks):
     def token_gamma(self) -> torch.Tensor:
         """[N, C] Γ, the mean over MoE layers, of the last forward."""
         if any(x is None for x in self.per_layer):
-            raise RuntimeError("RouterShiftMeter: run one forward inside the context first")
+            raise RuntimeError("TokenGammaMeter: run one forward inside the context first")
         return torch.stack(self.per_layer).mean(0)
 
-    def __enter__(self) -> RouterShiftMeter:
+    def __enter__(self) -> TokenGammaMeter:
         self.per_layer = [None] * len(self.gates)
         self._handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
         return self
@@ -280,6 +282,30 @@ def expert_load(topk: torch.Tensor, n_experts: int, weights: torch.Tensor | None
 def router_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     """Detached copies of every MoE layer's router weight [E, H] (for Γ_step); whole, under FSDP2
     (then a collective)."""
-    from padd.distributed import full_tensor
-
     return [full_tensor(g.weight.detach()).float().clone() for g in moe_gates(model)]
+
+
+@torch.no_grad()
+def bias_action(
+    model: torch.nn.Module, router_logits: list[torch.Tensor], batch_shape: tuple[int, int], positions: slice, valid
+) -> dict[str, float]:
+    """What stage IV's selection bias must bridge and how often it acts, on one forward's tokens.
+
+    Args:
+        router_logits: per MoE layer, the [B·T, E] router logits of a forward over `batch_shape` [B, T].
+        positions: the T positions to count (the completion positions); valid: [B, len(positions)] bool.
+
+    Returns:
+        {"router_gap_median": median top-K score gap, "bias_changed_frac": share of token-layer
+        selections the bias changed}; empty when every expert is selected (nothing to change).
+    """
+    gates = moe_gates(model)
+    if not gates or gates[0].top_k >= gates[0].num_experts or not valid.any():
+        return {}
+    gaps, changed = [], []
+    for gate, logits in zip(gates, router_logits, strict=True):
+        per_token = logits.view(*batch_shape, -1)[:, positions][valid]  # [tokens, E]
+        gap, flip = selection_stats(per_token, gate.e_score_correction_bias, gate.top_k)
+        gaps.append(gap)
+        changed.append(flip.float())
+    return {"router_gap_median": float(torch.cat(gaps).median()), "bias_changed_frac": float(torch.cat(changed).mean())}

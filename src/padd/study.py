@@ -35,7 +35,9 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from transformers import AutoTokenizer
 
+from padd.analysis import expert_specialisation, max_logit_gap_all_experts
 from padd.config import (
     ConfigError,
     DecomposeConfig,
@@ -45,50 +47,22 @@ from padd.config import (
     TrainConfig,
     WarmupConfig,
     base_type,
+    renamed_hint,
 )
-from padd.methods import METHOD_ONLY_OPTIONS, METHOD_OPTIONS, OFF_AT_ZERO, options_of
-from padd.world.teacher import PRESETS as TEACHER_PRESETS
+from padd.corpus import sample_corpus
+from padd.eval import run_eval
+from padd.io import atomic_write_json
+from padd.methods import ABLATIONS, METHOD_ONLY_OPTIONS, METHODS, OFF_AT_ZERO, TABLE_ROWS, options_of
+from padd.models import load_causal_lm
+from padd.phase_b.loop import run_train
+from padd.report import write_report
+from padd.stage1.decompose import STAGE1_FILE, decompose
+from padd.stage1.warmup import run_warmup
+from padd.teacher import PRESETS as TEACHER_PRESETS
+from padd.teacher import train_teacher
 
-METHODS = ("base", "grpo", "gspo", "rspo", "online-kd", "padd")
 ROUTER_STARTS = ("uniform", "distill")
 
-
-@dataclass(frozen=True)
-class Variant:
-    """A PADD row beside the main one: its Stage I init, router start (None: the preset's), padd
-    train switches and settings shared with every method."""
-
-    init: str = "cluster"
-    start: str | None = None
-    switches: dict = field(default_factory=dict)
-    shared: dict = field(default_factory=dict)
-
-
-ABLATIONS: dict[str, Variant] = {
-    "no-stage1": Variant(init="random"),
-    "no-kd": Variant(switches={"no_kd": True}),
-    "no-pr": Variant(switches={"no_pr": True}),
-    "no-balance": Variant(switches={"no_reward_balance": True}),
-    "no-bias": Variant(switches={"no_reward_balance": True}, shared={"eta": 0.0}),
-    "no-kd-pr-balance": Variant(switches={"no_kd": True, "no_pr": True, "no_reward_balance": True}),
-    "other-start": Variant(start="other"),  # the router start the preset does not use
-}
-ROW_LABELS = {
-    "teacher": "Teacher (dense)",
-    "base": "Base (Stage I + warm-up)",
-    "grpo": "Vanilla GRPO",
-    "gspo": "GSPO",
-    "rspo": "RSPO",
-    "online-kd": "Online KD",
-    "padd": "PADD",
-    "no-stage1": "PADD −I (random upcycling)",
-    "no-kd": "PADD −II (no adaptive KD)",
-    "no-pr": "PADD −III (no path damping)",
-    "no-balance": "PADD −IV (plain load balance, γ = 0)",
-    "no-bias": "PADD −IV, no bias update (η = γ = 0)",
-    "no-kd-pr-balance": "PADD −II–IV",
-    "other-start": "PADD from the other router start",
-}
 # Keys each stage section may not set: the study wires them.
 _WIRED = {"teacher", "student", "corpus", "data", "out", "model", "bench", "init", "method", "seed", "resume"}
 _SECTIONS = {"decompose": DecomposeConfig, "warmup": WarmupConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -134,13 +108,16 @@ def load_study(spec: str) -> Study:
             allowed -= method_only | {"no_kd", "no_pr", "no_reward_balance"}
         if bad := set(raw.get(section) or {}) - allowed:
             hint = "; method options go under methods: METHOD:" if section == "train" and bad & method_only else ""
+            hint += "".join(renamed_hint(k) for k in sorted(bad))
             raise ConfigError(f"{spec}: {section} cannot set {sorted(bad)}{hint}; it may set {sorted(allowed)}")
     for method, options in (raw.get("methods") or {}).items():
-        if method not in METHOD_OPTIONS:
-            raise ConfigError(f"{spec}: methods: unknown method {method!r}; known: {', '.join(METHOD_OPTIONS)}")
-        if bad := set(options or {}) - set(METHOD_OPTIONS[method]):
+        if method not in METHODS:
+            raise ConfigError(f"{spec}: methods: unknown method {method!r}; known: {', '.join(METHODS)}")
+        if bad := set(options or {}) - set(METHODS[method].options):
             raise ConfigError(
-                f"{spec}: methods: {method} does not use {sorted(bad)}; it reads {sorted(METHOD_OPTIONS[method])}"
+                f"{spec}: methods: {method} does not use {sorted(bad)}"
+                + "".join(renamed_hint(k) for k in sorted(bad))
+                + f"; it reads {sorted(METHODS[method].options)}"
             )
     study = Study(**raw)
     if study.warmup.get("router_init", "uniform") not in ROUTER_STARTS:
@@ -159,8 +136,8 @@ def parse_sweep(spec: str | None, study: Study) -> tuple[str, str, list] | None:
     except ValueError:
         raise ConfigError(f"--sweep {spec!r}: write METHOD:OPTION=V1,V2 (e.g. padd:lam=0,100,1000)") from None
     option = option.replace("-", "_")
-    if method not in METHOD_OPTIONS:
-        raise ConfigError(f"--sweep: unknown method {method!r}; choose from {', '.join(METHOD_OPTIONS)}")
+    if method not in METHODS:
+        raise ConfigError(f"--sweep: unknown method {method!r}; choose from {', '.join(METHODS)}")
     shared = {f.name for f in dataclasses.fields(TrainConfig)} - _WIRED - set(METHOD_ONLY_OPTIONS)
     if option not in options_of(method) and option not in shared:
         raise ConfigError(f"--sweep: {method} does not use {option!r}")
@@ -201,8 +178,8 @@ class StudyRun:
         if cfg.warmup_tokens is not None:
             self.study.warmup["tokens"] = cfg.warmup_tokens
         if cfg.eval_per_skill is not None:
-            self.study.eval["world_size"] = cfg.eval_per_skill
-        self.methods = _split(cfg.methods, METHODS, "methods")
+            self.study.eval["world_per_skill"] = cfg.eval_per_skill
+        self.methods = _split(cfg.methods, TABLE_ROWS, "methods")
         self.ablations = _split(cfg.ablations, tuple(ABLATIONS), "ablations")
         self.sweep = parse_sweep(cfg.sweep, self.study)
         self.seeds = list(range(cfg.seeds))
@@ -253,7 +230,7 @@ class StudyRun:
             sweep_rows=self.sweep_rows(),
         )
         with self._locked():
-            _write_json(self.manifest_file, self._merged_manifest(manifest))
+            atomic_write_json(self.manifest_file, self._merged_manifest(manifest))
 
     def _merged_manifest(self, manifest: dict) -> dict:
         """The manifest the report reads: the rows of every invocation on this folder (another process
@@ -261,7 +238,7 @@ class StudyRun:
         if not self.manifest_file.exists():
             return manifest
         before = json.loads(self.manifest_file.read_text())
-        for key, order in (("methods", METHODS), ("ablations", tuple(ABLATIONS))):
+        for key, order in (("methods", TABLE_ROWS), ("ablations", tuple(ABLATIONS))):
             asked = set(before.get(key, [])) | set(manifest[key])
             manifest[key] = [row for row in order if row in asked]
         manifest["seeds"] = sorted(set(before.get("seeds", [])) | set(manifest["seeds"]))
@@ -314,7 +291,7 @@ class StudyRun:
             with self._locked():
                 self._read_cells()
                 self.cells[name] = record
-                _write_json(self.cells_file, self.cells)
+                atomic_write_json(self.cells_file, self.cells)
 
     def _read_cells(self) -> None:
         on_disk = json.loads(self.cells_file.read_text()) if self.cells_file.exists() else {}
@@ -333,7 +310,7 @@ class StudyRun:
 
     def setting(self, method: str, option: str):
         """The value `method`'s own row trains with: the preset's, else padd.methods', else padd train's."""
-        for source in (self.study.methods.get(method) or {}, self.study.train, METHOD_OPTIONS[method]):
+        for source in (self.study.methods.get(method) or {}, self.study.train, METHODS[method].options):
             if option in source:
                 return source[option]
         return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == option)
@@ -371,7 +348,6 @@ class StudyRun:
         return next(s for s in ROUTER_STARTS if s != self.start)
 
     def run(self) -> Path:
-        from padd.report import write_report
 
         if self.train_teacher:
             self.cell("teacher", "teacher", self._teacher)
@@ -463,7 +439,6 @@ class StudyRun:
         return self.out / (f"warmup-{init}" if start == self.start else f"warmup-{init}-{start}")
 
     def _teacher(self) -> None:
-        from padd.world.teacher import train_teacher
 
         cfg = TeacherConfig(
             out=str(self.teacher),
@@ -478,9 +453,6 @@ class StudyRun:
 
     def _decompose(self, init: str) -> dict:
         import torch
-
-        from padd.analysis import max_logit_gap_all_experts
-        from padd.stage1.decompose import decompose
 
         settings = {"experts": 8, "top_k": 2, **self.study.decompose}
         decompose(
@@ -503,7 +475,6 @@ class StudyRun:
 
     def _warmup(self, init: str, restart: str | None = None) -> None:
         """The warm-up of one init; with `restart`, only another router start on its experts."""
-        from padd.stage1.warmup import run_warmup
 
         settings = {**self.study.warmup}
         source, out = self.out / f"stage1-{init}", self.warm(init)
@@ -523,7 +494,6 @@ class StudyRun:
         )
 
     def _train(self, name: str, student: Path, overrides: dict, seed: int) -> None:
-        from padd.phase_b.loop import run_train
 
         run_dir = self.out / "train" / name
         resume = (run_dir / "checkpoint" / "trainer_state.pt").exists()
@@ -540,7 +510,6 @@ class StudyRun:
         run_train(cfg, self.console)
 
     def _eval(self, name: str, model: Path) -> None:
-        from padd.eval import run_eval
 
         target = self.out / "eval" / f"{name}.json"
         tmp = target.with_suffix(".json.tmp")
@@ -559,36 +528,23 @@ class StudyRun:
 
     def _analyse(self, name: str, student_dir: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from padd.analysis import expert_specialisation
-        from padd.corpus import iter_texts, sample_windows
-        from padd.stage1.decompose import STAGE1_FILE
 
         partition = json.loads((self.out / "stage1-cluster" / STAGE1_FILE).read_text())
         clusters = [torch.tensor(la["experts"]) for la in partition["layers"] if not la.get("dense")]
         tokenizer = AutoTokenizer.from_pretrained(student_dir)
-        windows = sample_windows(
-            iter_texts(self.study.analysis_corpus or self.study.corpus, None, self.study.analysis_split),
+        windows = sample_corpus(
+            self.study.analysis_corpus or self.study.corpus,
             tokenizer,
             n_tokens=self.study.analysis_tokens,
             seq_len=128,
-            seed=0,
+            split=self.study.analysis_split,
         )
         device = torch.device(self.cfg.device)
-        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
-        teacher = AutoModelForCausalLM.from_pretrained(self.teacher, dtype=torch.float32).to(device).eval()
+        student = load_causal_lm(student_dir, device=device)
+        teacher = load_causal_lm(self.teacher, device=device)
         result = expert_specialisation(student, teacher, windows, [c.to(device) for c in clusters])
-        _write_json(self.out / "analysis" / f"{name}.json", result)
+        atomic_write_json(self.out / "analysis" / f"{name}.json", result)
         self.console.print(f"{name}: NMI {result['nmi']:.3f}, ESI {result['esi']:.3f} against the teacher's clusters")
-
-
-def _write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _row_name(row: tuple) -> str:

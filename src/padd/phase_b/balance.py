@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from padd.phase_b.losses import update_advantage_ema, update_routing_bias
+from padd.losses import update_advantage_ema, update_routing_bias
 from padd.routing import expert_load, moe_gates
 
 
@@ -14,8 +14,8 @@ class BiasBalancer:
     """Applies SPEC §4 IV after each optimizer step: b ← clip(b - η(f - f̄) + γ·m) per MoE layer.
 
     f is each expert's load relative to the uniform share (balanced: 1), so η acts at the same
-    strength whatever the number of experts. `gamma = 0` is plain (loss-free) load balancing;
-    `eta = gamma = 0` leaves the bias alone; `rule="sign"` is DeepSeek-V3's -η·sign(f - f̄).
+    strength whatever the number of experts. `reward_coef = 0` (γ) is plain (loss-free) load balancing;
+    `eta = reward_coef = 0` leaves the bias alone; `rule="sign"` is DeepSeek-V3's -η·sign(f - f̄).
     """
 
     def __init__(
@@ -23,7 +23,7 @@ class BiasBalancer:
         model: torch.nn.Module,
         *,
         eta: float,
-        gamma: float,
+        reward_coef: float,
         clip: float,
         ema_decay: float = 0.9,
         rule: str = "proportional",
@@ -32,7 +32,7 @@ class BiasBalancer:
         """`reduce` sums the load statistics over data-parallel ranks, so every rank applies one bias."""
         self.gates = moe_gates(model)
         self.reduce = reduce
-        self.eta, self.gamma, self.clip, self.ema_decay, self.rule = eta, gamma, clip, ema_decay, rule
+        self.eta, self.reward_coef, self.clip, self.ema_decay, self.rule = eta, reward_coef, clip, ema_decay, rule
         n_experts = self.gates[0].num_experts if self.gates else 0
         self.adv_ema = torch.zeros(len(self.gates), n_experts)
 
@@ -60,7 +60,7 @@ class BiasBalancer:
                 load[layer].to(gate.e_score_correction_bias.device),
                 self.adv_ema[layer].to(gate.e_score_correction_bias.device),
                 eta=self.eta,
-                gamma=self.gamma,
+                reward_coef=self.reward_coef,
                 clip=self.clip,
                 rule=self.rule,
             )

@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from padd.config import ConfigError, TrainConfig
-from padd.methods import ABLATION_SWITCHES, METHOD_ONLY_OPTIONS, OFF_AT_ZERO, options_of
+from padd.losses import adaptive_kd_loss, distill_kl_loss, pr_grpo_loss, rspo_gmpo_loss
+from padd.methods import ABLATION_SWITCHES, METHOD_ONLY_OPTIONS, METHODS, OFF_AT_ZERO, options_of
 
 
 @dataclass(frozen=True)
 class Objective:
     """What one update optimises: the policy term (III or a baseline's), KD (II), the bias rule (IV).
 
-    policy: "grpo" (token ratio; PR-GRPO when lam > 0), "gspo" (sequence ratio), "rspo" (RSPO's
-    router-shift weight on `rspo_base`'s ratio) or None (no RL term: online KD).
-    kd: "adaptive" (II: T = max(τΦ(A), T_min)), "fixed" (temperature 1) or None.
+    policy and kd: the method's terms (padd.methods.Method); kd is None when its weight is 0.
     """
 
     policy: str | None
@@ -30,7 +31,7 @@ class Objective:
     tau: float
     t_min: float
     eta: float
-    gamma: float
+    balance_reward_coef: float
     adv_ema: float
 
 
@@ -88,16 +89,12 @@ def _default(value, default):
 def objective_of(cfg: TrainConfig) -> Objective:
     """The objective of a config (resolved here if it was not already)."""
     cfg = resolve(cfg)
-    m = cfg.method
-    kd = None
-    if m == "online-kd":
-        if not cfg.kd_coef:
-            raise ConfigError("--method online-kd with --kd-coef 0 trains nothing")
-        kd = "fixed"
-    elif m == "padd" and cfg.kd_coef:  # None under --no-kd
-        kd = "adaptive"
+    method = METHODS[cfg.method]
+    if method.policy is None and not cfg.kd_coef:
+        raise ConfigError(f"--method {cfg.method} with --kd-coef 0 trains nothing")
+    kd = method.kd if cfg.kd_coef else None  # None under --no-kd or --kd-coef 0
     return Objective(
-        policy={"padd": "grpo", "grpo": "grpo", "gspo": "gspo", "rspo": "rspo", "online-kd": None}[m],
+        policy=method.policy,
         eps_low=_default(cfg.eps_low, 0.0),
         eps_high=_default(cfg.eps_high, 0.0),
         lam=_default(cfg.lam, 0.0),
@@ -109,6 +106,96 @@ def objective_of(cfg: TrainConfig) -> Objective:
         tau=_default(cfg.tau, 1.0),
         t_min=_default(cfg.t_min, 0.0),
         eta=cfg.eta,
-        gamma=_default(cfg.gamma, 0.0),
+        balance_reward_coef=_default(cfg.balance_reward_coef, 0.0),
         adv_ema=_default(cfg.adv_ema, 0.9),
     )
+
+
+class ShiftScale:
+    """Γ as stage III's damping reads it: as measured (`shift_norm="none"`), or divided by its running
+    mean (`"running-mean"`), so that λ means the same at every learning rate and model size.
+
+    The mean is over the completion tokens of all ranks, and only mini-batches whose router has moved
+    since the anchor update it (Γ is exactly 0 on the first, on-policy one)."""
+
+    def __init__(self, shift_norm: str):
+        self.shift_norm = shift_norm
+        self.value: float | None = None  # the running mean of Γ, once a mini-batch has measured one
+
+    def __call__(self, token_gamma: torch.Tensor, mask: torch.Tensor, sum_dict) -> torch.Tensor:
+        """[n, C] Γ for the damping, from [n, C] Γ and mask; `sum_dict` sums a dict over ranks."""
+        if self.shift_norm != "running-mean":
+            return token_gamma
+        sums = sum_dict({"gamma": float((token_gamma * mask).sum()), "tokens": float(mask.sum())})
+        mean = sums["gamma"] / max(sums["tokens"], 1.0)
+        if mean > 0:
+            self.value = mean if self.value is None else 0.9 * self.value + 0.1 * mean
+        return token_gamma / self.value if self.value else token_gamma
+
+
+def policy_loss(
+    objective: Objective,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    token_gamma: torch.Tensor,
+    damping_gamma: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, float], bool]:
+    """The method's RL term on one mini-batch: (loss, stats, per_sequence).
+
+    logp, old_logp, mask, token_gamma: [n, C]; advantages: [n]. `damping_gamma`: Γ as III's damping
+    reads it (ShiftScale), None when λ = 0. per_sequence: the loss is a mean over completions
+    (RSPO's GMPO aggregation) rather than over tokens.
+    """
+    clip = {"eps_low": objective.eps_low, "eps_high": objective.eps_high}
+    if objective.policy == "rspo" and objective.rspo_base == "gmpo":
+        loss, stats = rspo_gmpo_loss(logp, old_logp, advantages, mask, token_gamma, floor=objective.rspo_floor, **clip)
+        return loss, stats, True
+    if objective.policy == "rspo":
+        loss, stats = pr_grpo_loss(
+            logp, old_logp, advantages, mask, token_gamma=token_gamma, rspo_floor=objective.rspo_floor, **clip
+        )
+        return loss, stats, False
+    level = "sequence" if objective.policy == "gspo" else "token"
+    loss, stats = pr_grpo_loss(
+        logp, old_logp, advantages, mask, token_gamma=damping_gamma, lam=objective.lam, level=level, **clip
+    )
+    return loss, stats, False
+
+
+def kd_loss(
+    objective: Objective, logits: torch.Tensor, teacher_logits: torch.Tensor, advantages: torch.Tensor, mask
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The method's weighted KD term (II's adaptive temperature, or Online KD's fixed temperature 1)
+    on one mini-batch: logits, teacher_logits [n, C, V]; advantages [n]; mask [n, C]."""
+    if objective.kd == "adaptive":
+        kd, stats = adaptive_kd_loss(logits, teacher_logits, advantages, mask, tau=objective.tau, t_min=objective.t_min)
+    else:  # online KD: on-policy distillation at temperature 1
+        kd = distill_kl_loss(logits, teacher_logits, mask, temperature=1.0)
+        stats = {"kd_temp_mean": 1.0, "kd_kl": float(kd.detach())}
+    return objective.kd_coef * kd, stats
+
+
+def rank_scaled_loss(
+    terms: dict[str, torch.Tensor], per_sequence: bool, mask: torch.Tensor, dist
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the loss to backpropagate, this rank's completion tokens, all ranks' completion tokens).
+
+    A token-mean term is rescaled by this rank's share of all ranks' tokens, so DDP's gradient
+    average becomes the gradient of the mean over the global mini-batch. A mean over completions
+    (`per_sequence` policy term) needs no rescaling: every rank holds the same number of them.
+    `dist`: padd.distributed.Dist; mask: [n, C]."""
+    local_tokens = mask.sum()
+    global_tokens = dist.all_reduce_sum(local_tokens.detach().clone()).clamp_min(1.0)
+    token_share = local_tokens * dist.world / global_tokens
+    scaled = sum(v * (1.0 if (k == "pg" and per_sequence) else token_share) for k, v in terms.items())
+    return scaled, local_tokens, global_tokens
+
+
+def check_finite(terms: dict[str, torch.Tensor], dist, where: str) -> None:
+    """Stop on a non-finite loss term, on every rank together (so none waits in a collective)."""
+    bad = dist.all_reduce_sum(torch.tensor([float(not torch.isfinite(v)) for v in terms.values()]))
+    for (name, value), flagged in zip(terms.items(), bad, strict=True):
+        if flagged:
+            raise FloatingPointError(f"loss term {name!r} is not finite (here: {value.item()}) at {where}")

@@ -12,10 +12,11 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from padd.config import DecomposeConfig, to_dict
-from padd.corpus import iter_texts, sample_windows
+from padd.corpus import sample_corpus
 from padd.distributed import setup
 from padd.flops import forward_flops_per_token, param_counts
-from padd.io import atomic_save_dir, check_out_dir
+from padd.io import atomic_save_dir, atomic_write_json, check_out_dir
+from padd.models import load_causal_lm
 from padd.stage1.activations import collect_layer_stats, owned_layers
 from padd.stage1.build import TeacherError, build_student, validate_teacher
 from padd.stage1.partition import check_sizes, plan_layer
@@ -48,8 +49,6 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
 
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     ranks = setup(cfg.device)
     device = ranks.device(cfg.device)
 
@@ -65,16 +64,18 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     expert_size = check_sizes(d_ff, cfg.experts, cfg.top_k, cfg.shared_neurons, cfg.expert_size, cfg.init)
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     need_stats = cfg.init == "cluster" or cfg.shared_neurons > 0
-    windows = sample_windows(
-        iter_texts(cfg.corpus, cfg.text_field, cfg.split),
+    windows = sample_corpus(
+        cfg.corpus,
         tokenizer,
+        text_field=cfg.text_field,
+        split=cfg.split,
         n_tokens=cfg.tokens,
         seq_len=cfg.seq_len,
         seed=cfg.seed,
     )
     lap("sample")
 
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=_DTYPES[cfg.dtype]).to(device)
+    teacher = load_causal_lm(cfg.teacher, dtype=_DTYPES[cfg.dtype], device=device)
     teacher.eval()
     lap("load")
 
@@ -152,7 +153,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     lap("save")
     # The record inside the atomic save lacks only its own save time; add it now (a few bytes).
     record["timings_s"] = timings
-    (out / STAGE1_FILE).write_text(json.dumps(record, indent=1))
+    atomic_write_json(out / STAGE1_FILE, record)
     print_summary(console, tcfg, student.config, record, out)
     ranks.barrier()
     return record

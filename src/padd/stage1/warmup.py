@@ -19,10 +19,11 @@ from rich.console import Console
 from tqdm.auto import tqdm
 
 from padd.config import WarmupConfig, to_dict
-from padd.corpus import iter_texts, sample_windows
+from padd.corpus import sample_corpus
 from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_training
 from padd.io import atomic_save_dir, check_out_dir
-from padd.phase_b.losses import distill_kl_loss
+from padd.losses import distill_kl_loss
+from padd.models import load_causal_lm
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
 from padd.routing import RouterRecorder, moe_gates, router_log_scores, uniform_random_routing
 from padd.stage1.decompose import STAGE1_FILE
@@ -158,7 +159,7 @@ def _router_fit_kl(h: torch.Tensor, q: torch.Tensor, weight: torch.Tensor) -> to
 
 def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     """Warm the student's experts up against the teacher and initialise its router; write cfg.out."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     console = console or Console()
     out = Path(cfg.out)
@@ -174,13 +175,15 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         raise FileNotFoundError(f"--router-init {cfg.router_init} needs {stage1_file} (written by padd decompose)")
     t0 = time.perf_counter()
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
-    student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=teacher_dtype(cfg.precision)).to(device).eval()
+    student = load_causal_lm(cfg.student, device=device, train=True)
+    teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=device)
     routers_in_fp32(student)
     vocab = common_vocab_size(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
-    windows = sample_windows(
-        iter_texts(cfg.corpus, cfg.text_field, cfg.split),
+    windows = sample_corpus(
+        cfg.corpus,
         s_tok,
+        text_field=cfg.text_field,
+        split=cfg.split,
         # the same sample with or without training, so that a start set by --epochs 0 on a warmed-up
         # student is the one the full warm-up would have fitted
         n_tokens=cfg.tokens,
@@ -228,7 +231,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
             bar.set_postfix(kl=f"{value:.4f}")
     bar.close()
     if is_sharded(student):  # the router init and the save below work on whole weights, on every rank
-        student = unsharded_copy(student, AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32))
+        student = unsharded_copy(student, load_causal_lm(cfg.student, train=True))
         student.to(device)
     student.eval()
     for p in student.parameters():

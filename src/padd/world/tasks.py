@@ -151,7 +151,7 @@ def iter_tasks(skill: str, split: str, seed: int = 0, *, max_tries: int | None =
         }
 
 
-def generate(skill: str, split: str, n: int, seed: int = 0, *, allow_fewer: bool = False) -> list[dict]:
+def make_problems(skill: str, split: str, n: int, seed: int = 0, *, allow_fewer: bool = False) -> list[dict]:
     """`n` distinct tasks of `skill` in `split`, deterministic in (skill, split, n, seed).
 
     With allow_fewer, a skill whose problem space is smaller than n gives what it has.
@@ -181,7 +181,7 @@ def world_rows(spec: str, split: str, n_per_skill: int, seed: int = 0) -> list[d
     skills = parse_world_spec(spec)
     if skills is None:
         raise ValueError(f"{spec!r} is not a world name (world or world:SKILL)")
-    return [row for skill in skills for row in generate(skill, split, n_per_skill, seed)]
+    return [row for skill in skills for row in make_problems(skill, split, n_per_skill, seed)]
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
@@ -200,11 +200,11 @@ def export_world(
         raise ValueError(f"{spec!r} is not a world name (world or world:SKILL)")
     out = Path(out)
     counts = {}
-    train = [r for s in skills for r in generate(s, "train", train_per_skill, seed, allow_fewer=True)]
+    train = [r for s in skills for r in make_problems(s, "train", train_per_skill, seed, allow_fewer=True)]
     counts["train.jsonl"] = len(write_jsonl(train, out / "train.jsonl").read_text().splitlines())
     test_all = []
     for s in skills:
-        rows = generate(s, "test", test_per_skill, seed, allow_fewer=True)
+        rows = make_problems(s, "test", test_per_skill, seed, allow_fewer=True)
         write_jsonl(rows, out / "test" / f"{s}.jsonl")
         counts[f"test/{s}.jsonl"] = len(rows)
         test_all += rows

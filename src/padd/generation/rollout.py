@@ -1,7 +1,7 @@
 """Rollout backends: G sampled completions per prompt, as token tensors the loop trains on.
 
-`TransformersRollout` runs `generate` on the training model itself (KV cache, left-padded batches);
-`padd.phase_b.vllm_rollout.VLLMRollout` implements the same two methods on a vLLM engine. A backend
+`TransformersRollout` runs transformers' `generate` on the training model itself (KV cache, left-padded batches);
+`padd.generation.vllm.VLLMRollout` implements the same two methods on a vLLM engine. A backend
 may also return the expert selection its engine made for every token (`routed_experts`), which the
 loop compares with the trainer's own and, with routing replay (R3), reuses in the training forwards.
 """
@@ -58,7 +58,7 @@ class Rollout:
 
 
 class RolloutBackend(Protocol):
-    def generate(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
+    def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
         """`group_size` completions of each prompt, consecutive in the result."""
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -148,7 +148,7 @@ class TransformersRollout:
         self.model = model
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
+    def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
         from transformers import LogitsProcessorList, TemperatureLogitsWarper
 
         tok, model = self.tokenizer, self.model
@@ -205,26 +205,6 @@ class TransformersRollout:
             full = enc["input_ids"].shape[1] + width
             experts = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, full - r.shape[2]), value=-1) for r in routed], 1)
         return Rollout(enc["input_ids"], enc["attention_mask"], completion, cmask, texts, experts, sampler_logps)
-
-
-def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bool) -> RolloutBackend:
-    """The backend `cfg.rollout` (a TrainConfig) names, sampling from `model` on this rank."""
-    if cfg.rollout == "transformers":
-        # Sharded, every rank must run as many forwards as the slowest: generate keeps them in step.
-        return TransformersRollout(model, tokenizer, synced=sharded, record_routing=True)
-    from padd.phase_b.vllm_rollout import VLLMRollout
-
-    return VLLMRollout(
-        cfg.student,
-        tokenizer,
-        model,
-        dtype="bfloat16" if cfg.precision == "bf16" else "float32",
-        gpu_memory_utilization=cfg.vllm_gpu_memory,  # resolved: 0.3 unless given
-        max_model_len=cfg.vllm_max_model_len or 2048 + cfg.max_new_tokens,
-        require_routing=cfg.routing_replay,
-        seed=cfg.seed * 1_000_003 + rank,
-        progress=cfg.progress and main,
-    )
 
 
 def _per_token(rec: RouterRecorder, batch: int, length: int) -> torch.Tensor:

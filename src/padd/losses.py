@@ -46,7 +46,7 @@ def pr_grpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    router_shift: torch.Tensor | None = None,
+    token_gamma: torch.Tensor | None = None,
     lam: float = 0.0,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -63,7 +63,7 @@ def pr_grpo_loss(
         old_logp: [B, T] log π_old at rollout time.
         advantages: [B].
         mask: [B, T] 1 on completion tokens.
-        router_shift: [B, T] per-token Γ (see `routing_shift`); needed when lam != 0.
+        token_gamma: [B, T] per-token Γ (see `token_gamma`); needed when lam != 0.
         level: "token" (GRPO) or "sequence" (GSPO: the ratio is exp of the masked mean log-ratio).
         rspo_floor: RSPO's router-shift weight on GRPO's token ratio instead of PR-GRPO's damping:
             ρ' = ρ·max(exp(-Γ), floor) on every token (lam is then unused); `rspo_gmpo_loss` is the
@@ -80,15 +80,15 @@ def pr_grpo_loss(
     mask = mask.to(logp.dtype)
     log_ratio = logp - old_logp.detach()  # [B, T]
     adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
-    if (lam or rspo_floor is not None) and router_shift is None:
-        raise ValueError("lam != 0 or rspo_floor needs router_shift")
+    if (lam or rspo_floor is not None) and token_gamma is None:
+        raise ValueError("lam != 0 or rspo_floor needs token_gamma")
     damping = None
     if rspo_floor is not None:
-        log_ratio = log_ratio - router_shift.detach().to(logp.dtype).clamp_max(-math.log(rspo_floor))
+        log_ratio = log_ratio - token_gamma.detach().to(logp.dtype).clamp_max(-math.log(rspo_floor))
     elif lam:
         negative = (adv < 0).to(logp.dtype).expand_as(logp)  # [B, T]
-        log_ratio = log_ratio - lam * router_shift.detach().to(logp.dtype) * negative
-        damping = torch.exp(-lam * router_shift.detach().float())[(negative * mask).bool()]
+        log_ratio = log_ratio - lam * token_gamma.detach().to(logp.dtype) * negative
+        damping = torch.exp(-lam * token_gamma.detach().float())[(negative * mask).bool()]
     if level == "sequence":
         log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp_min(1.0))[:, None].expand_as(logp)
     ratio = log_ratio.exp()
@@ -118,7 +118,7 @@ def rspo_gmpo_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    router_shift: torch.Tensor,
+    token_gamma: torch.Tensor,
     *,
     floor: float = 0.8,
     eps_low: float = 0.4,
@@ -141,14 +141,14 @@ def rspo_gmpo_loss(
 
     Args:
         logp, old_logp: [B, T] log π_θ (with grad) and log π_old of the sampled tokens.
-        advantages: [B]; mask: [B, T] 1 on completion tokens; router_shift: [B, T] per-token Γ.
+        advantages: [B]; mask: [B, T] 1 on completion tokens; token_gamma: [B, T] per-token Γ.
 
     Returns:
         (loss, stats): the mean over the B sequences; stats `clip_frac` (clipped tokens among the
         unmasked ones), `ratio_mean` (mean S_i) and `rs_weight_mean` (mean router-shift weight).
     """
     mask = mask.to(logp.dtype)
-    weight = torch.exp(-router_shift.detach().float()).clamp_min(floor).to(logp.dtype)  # [B, T]
+    weight = torch.exp(-token_gamma.detach().float()).clamp_min(floor).to(logp.dtype)  # [B, T]
     delta = logp - old_logp.detach() + weight.log()  # [B, T] log w̃
     sign = torch.sign(advantages.to(logp.dtype))[:, None]  # [B, 1]
     clamped = delta.clamp(-eps_low, eps_high)
@@ -239,7 +239,7 @@ def adaptive_kd_loss(
     return loss, {"kd_temp_mean": float(temps.mean()), "kd_kl": float(loss.detach())}
 
 
-def routing_shift(
+def token_gamma(
     router_logp_now: torch.Tensor,
     router_logp_old: torch.Tensor,
     topk_old: torch.Tensor,
@@ -271,7 +271,7 @@ def update_routing_bias(
     adv_ema: torch.Tensor,
     *,
     eta: float,
-    gamma: float,
+    reward_coef: float,
     clip: float,
     rule: str = "proportional",
 ) -> torch.Tensor:
@@ -295,7 +295,7 @@ def update_routing_bias(
     excess = f - f.mean(-1, keepdim=True)
     if rule == "sign":
         excess = torch.sign(excess)
-    new = bias.float() - eta * excess + gamma * adv_ema.float()
+    new = bias.float() - eta * excess + reward_coef * adv_ema.float()
     return new.clamp(-clip, clip).to(bias.dtype)
 
 

@@ -8,7 +8,6 @@ checkpoint and is the teacher of every later stage.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -21,8 +20,10 @@ from tqdm.auto import tqdm
 
 from padd.config import EvalConfig
 from padd.data import build_prompt
-from padd.io import check_out_dir
-from padd.world.tasks import SKILLS, generate
+from padd.eval import evaluate_bench
+from padd.io import atomic_write_json, check_out_dir
+from padd.tiny import build_tokenizer
+from padd.world.tasks import SKILLS, make_problems
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,6 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     """Train the preset's teacher into cfg.out; returns {"pass@1": {skill: score}, ...}."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from padd.eval import evaluate_bench
-    from padd.tiny import build_tokenizer
 
     console = console or Console()
     preset = PRESETS[cfg.preset]
@@ -106,7 +105,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     n_train = cfg.train_per_skill or preset.train_per_skill
-    rows = [r for s in SKILLS for r in generate(s, "train", n_train, cfg.seed, allow_fewer=True)]
+    rows = [r for s in SKILLS for r in make_problems(s, "train", n_train, cfg.seed, allow_fewer=True)]
     random.Random(cfg.seed).shuffle(rows)
     # The tokenizer sees whole training texts, prompt template included, so the fixed instruction
     # costs a few tokens rather than one per character.
@@ -165,7 +164,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     eval_cfg = EvalConfig(
         model=str(out),
         out=str(out / "padd_teacher.json"),
-        world_size=cfg.eval_per_skill,
+        world_per_skill=cfg.eval_per_skill,
         max_new_tokens=160,
         batch_size=64,
         seed=cfg.seed,
@@ -185,7 +184,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
         "eval_per_skill": cfg.eval_per_skill,
         "seed": cfg.seed,
     }
-    (out / "padd_teacher.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(out / "padd_teacher.json", record)
     if scores:
         table = Table(title=f"teacher {cfg.preset}: greedy Pass@1 on {cfg.eval_per_skill} test problems per skill")
         for s in SKILLS:

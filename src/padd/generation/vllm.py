@@ -1,4 +1,4 @@
-"""The vLLM rollout backend: the same `generate` / `sync_weights` as `TransformersRollout`, on a vLLM
+"""The vLLM rollout backend: the same `sample` / `sync_weights` as `TransformersRollout`, on a vLLM
 engine colocated with the trainer on each GPU (`pip install 'padd[vllm]'`).
 
 The engine loads the student checkpoint as it is (SPEC §2: a stock `Glm4MoeForCausalLM`). After
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from padd.distributed import whole_state_dict
-from padd.phase_b.rollout import Rollout, decode_completions, pad_prompts_left
+from padd.generation.rollout import Rollout, decode_completions, pad_prompts_left
 from padd.routing import moe_layer_indices
 
 
@@ -160,7 +160,7 @@ class VLLMRollout:
         # cached prefixes hold keys and values of the old weights
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
+    def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
         from vllm import SamplingParams
 
         tok = self.tokenizer

@@ -1,0 +1,14 @@
+"""Loading a causal LM checkpoint the way every stage needs it: one dtype, one device, train or eval."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def load_causal_lm(path, *, dtype: torch.dtype | str = torch.float32, device="cpu", train: bool = False, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path)` in `dtype` on `device`, in eval mode unless `train`
+    (students are trained in float32; a teacher may be bfloat16, `dtype="auto"` keeps the checkpoint's).
+    Extra keyword arguments (e.g. `config=`) go to `from_pretrained`."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    return model.train(train)
