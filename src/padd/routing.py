@@ -309,3 +309,13 @@ def bias_action(
         gaps.append(gap)
         changed.append(flip.float())
     return {"router_gap_median": float(torch.cat(gaps).median()), "bias_changed_frac": float(torch.cat(changed).mean())}
+
+
+def engine_routing(model: torch.nn.Module, rollout, *, replay: bool, count: bool = False):
+    """Over one forward on `rollout` (padd.generation.rollout.Rollout): replay the engine's expert
+    selection (`replay`, R3) and, with `count`, measure the trainer's disagreement with it over the
+    attended positions; a no-op context when the backend returned no routing."""
+    if rollout.routed_experts is None or not (count or replay):
+        return contextlib.nullcontext()
+    mask = rollout.attention_mask if count else None
+    return RoutingReplay(model, rollout.routed_experts, count_mask=mask, replay=replay)

@@ -96,7 +96,6 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     """Train the preset's teacher into cfg.out; returns {"pass@1": {skill: score}, ...}."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-
     console = console or Console()
     preset = PRESETS[cfg.preset]
     steps = cfg.steps or preset.steps

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from padd.losses import update_advantage_ema, update_routing_bias
+from padd.metrics import load_stats
 from padd.routing import expert_load, moe_gates
 
 
@@ -36,15 +37,32 @@ class BiasBalancer:
         n_experts = self.gates[0].num_experts if self.gates else 0
         self.adv_ema = torch.zeros(len(self.gates), n_experts)
 
+    @classmethod
+    def of(cls, model: torch.nn.Module, objective, cfg, reduce=None) -> BiasBalancer:
+        """The balancer of a run: η, γ and the EMA decay from its Objective, the rule and the bound
+        from its TrainConfig."""
+        return cls(
+            model,
+            eta=objective.eta,
+            reward_coef=objective.balance_reward_coef,
+            clip=cfg.bias_clip,
+            ema_decay=objective.adv_ema,
+            rule=cfg.balance_rule,
+            reduce=reduce,
+        )
+
     @torch.no_grad()
-    def step(self, topk: torch.Tensor, token_adv: torch.Tensor, token_mask: torch.Tensor) -> dict[str, float]:
-        """Update the biases from one mini-batch's routing.
+    def step(self, topk: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict:
+        """Update the biases from one mini-batch's routing; returns the load and bias statistics.
 
         Args:
-            topk: [L, N, K] experts selected for the N tokens of the mini-batch.
-            token_adv: [N] the advantage of each token's completion.
-            token_mask: [N] 1 on completion tokens (only they are counted).
+            topk: [L, n, C, K] experts selected for each completion token of the n completions.
+            advantages: [n] the advantage of each completion.
+            mask: [n, C] 1 on completion tokens (only they are counted).
         """
+        token_mask = mask.reshape(-1)
+        token_adv = advantages[:, None].expand_as(mask).reshape(-1)
+        topk = topk.reshape(topk.shape[0], -1, topk.shape[-1])  # [L, n·C, K]
         n_experts = self.adv_ema.shape[1]
         counts = expert_load(topk, n_experts, weights=token_mask.float())  # [L, E]
         adv_sum = expert_load(topk, n_experts, weights=(token_adv * token_mask).float())
@@ -68,12 +86,14 @@ class BiasBalancer:
             biases.append(new)
         stacked = torch.stack(biases) if biases else torch.zeros(1, 1)  # [L, E]
         spread = stacked.max(-1).values - stacked.min(-1).values  # [L]
+        balance = load_stats(load.cpu())
         return {
             "bias_min": float(stacked.min()),
             "bias_max": float(stacked.max()),
             "bias_spread": spread.tolist(),
             "bias_spread_mean": float(spread.mean()),
-            "load": load.cpu(),
+            "load_cv": balance["cv"].tolist(),
+            "load_max_mean": balance["max_mean"].tolist(),
         }
 
     def state_dict(self) -> dict:

@@ -12,7 +12,6 @@ Every method is a setting of `Objective` on this same loop (padd.methods).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -27,28 +26,19 @@ from padd.data import batch_problems, build_prompt, load_problems
 from padd.distributed import full_tensor, is_sharded, setup, shard, wrap_for_training
 from padd.errors import UserError
 from padd.generation import rollout_backend
-from padd.generation.rollout import Rollout
 from padd.grade import grade
 from padd.io import atomic_write_json, check_out_dir
 from padd.losses import group_advantages, token_logps
-from padd.metrics import gamma_step, load_stats, token_gamma_stats
+from padd.metrics import gamma_step, token_gamma_stats
 from padd.models import load_causal_lm
 from padd.phase_b.balance import BiasBalancer
 from padd.phase_b.checkpoint import CHECKPOINT, checkpoint_dir, load_trainer_state, save_checkpoint, save_student
 from padd.phase_b.metrics_log import MetricsLog, stage_summary
-from padd.phase_b.objective import (
-    ShiftScale,
-    check_finite,
-    kd_loss,
-    objective_of,
-    policy_loss,
-    rank_scaled_loss,
-    resolve,
-)
+from padd.phase_b.objective import ShiftScale, check_finite, objective_loss, objective_of, resolve
 from padd.phase_b.phases import PhaseClock
 from padd.phase_b.trajectory import Trajectory, completion_positions, forward_completion
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
-from padd.routing import RouterRecorder, RoutingReplay, TokenGammaMeter, bias_action, router_weights
+from padd.routing import RouterRecorder, TokenGammaMeter, bias_action, engine_routing, router_weights
 from padd.vocab import common_vocab_size
 
 
@@ -102,15 +92,7 @@ class Trainer:
         self.sharded = is_sharded(self.student)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
-        self.balancer = BiasBalancer(
-            self.student,
-            eta=self.objective.eta,
-            reward_coef=self.objective.balance_reward_coef,
-            clip=cfg.bias_clip,
-            ema_decay=self.objective.adv_ema,
-            rule=cfg.balance_rule,
-            reduce=self.dist.all_reduce_sum,
-        )
+        self.balancer = BiasBalancer.of(self.student, self.objective, cfg, reduce=self.dist.all_reduce_sum)
 
     def step(self) -> list[dict]:
         """Run one rollout batch; returns one metrics row per optimizer step."""
@@ -144,7 +126,7 @@ class Trainer:
             answers = [p.answer for p in problems for _ in range(cfg.group_size)]
             rewards = torch.tensor([float(grade(t, a)) for t, a in zip(rollout.texts, answers, strict=True)])
         # replay (R3) before recording, so the recorder sees the selection the forward used
-        engine = self._engine_routing(rollout, count=True)
+        engine = engine_routing(self.student, rollout, replay=cfg.routing_replay, count=True)
         recorder = RouterRecorder(self.student, keep_logits=False)
         with clock("student"), torch.no_grad(), self.amp(), engine, recorder:
             self.student.eval()
@@ -172,7 +154,7 @@ class Trainer:
         anchor = mb.rollout_router if mb.rollout_router is not None else self.router_before_last_step
 
         self.student.train()
-        engine = self._engine_routing(rollout)
+        engine = engine_routing(self.student, rollout, replay=cfg.routing_replay)
         meter = TokenGammaMeter(self.student, anchor, mb.old_topk, rollout.prompt_ids.shape[1])
         recorder = RouterRecorder(self.student)
         with clock("student"), self.amp(), engine, meter, recorder:
@@ -182,68 +164,47 @@ class Trainer:
         where = completion_positions(rollout)
         topk_now = recorder.selections(tuple(rollout.input_ids.shape))[:, :, where]  # [L, n, C, K]
 
-        terms: dict[str, torch.Tensor] = {}
-        stats: dict[str, float] = {}
-        per_sequence = False
-        if obj.policy:
-            damping_gamma = self.shift_scale(token_gamma, mask, self.dist.sum_dict) if obj.lam else None
-            terms["pg"], pg_stats, per_sequence = policy_loss(
-                obj, logp, mb.old_logps.to(dev), adv, mask, token_gamma, damping_gamma
-            )
-            stats.update(pg_stats)
-            if obj.lam and self.shift_scale.value is not None:
-                stats["shift_scale"] = self.shift_scale.value
+        teacher_logits = None
         if obj.kd:
             with clock("teacher"), torch.no_grad(), self.amp():
-                t_logits = forward_completion(self.teacher, rollout, dev, self.vocab)
-            terms["kd"], kd_stats = kd_loss(obj, logits, t_logits, adv, mask)
-            stats.update(kd_stats)
-        loss = sum(terms.values())
-        scaled, local_tokens, global_tokens = rank_scaled_loss(terms, per_sequence, mask, self.dist)
+                teacher_logits = forward_completion(self.teacher, rollout, dev, self.vocab)
+        damping_gamma = self.shift_scale(token_gamma, mask, self.dist.sum_dict) if obj.policy and obj.lam else None
+        loss = objective_loss(
+            obj, logits, logp, mb.old_logps.to(dev), teacher_logits, adv, mask, token_gamma, damping_gamma, self.dist
+        )
+        if damping_gamma is not None and self.shift_scale.value is not None:
+            loss.stats["shift_scale"] = self.shift_scale.value
         at = f"rollout batch {self.batch + 1}, optimizer step {self.opt_step + 1}"
-        check_finite(terms, self.dist, f"{at}; the last good checkpoint is in {self.out / CHECKPOINT}")
+        check_finite(loss.terms, self.dist, f"{at}; the last good checkpoint is in {self.out / CHECKPOINT}")
 
         with clock("update"):
             self.optimizer.zero_grad(set_to_none=True)
-            scaled.backward()
+            loss.backward.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.opt_step += 1
             self.router_before_last_step = router_before
-            token_adv = adv[:, None].expand_as(mask).reshape(-1)
-            topk_flat = topk_now.reshape(topk_now.shape[0], -1, topk_now.shape[-1])
-            bias = self.balancer.step(topk_flat, token_adv, mask.reshape(-1))
-            balance = load_stats(bias.pop("load"))
+            balance = self.balancer.step(topk_now, adv, mask)
         valid = mask.bool()
-        stats.update(token_gamma_stats(token_gamma[valid]))
-        stats.update(bias_action(self.student, recorder.logits, tuple(rollout.input_ids.shape), where, valid))
+        routing = bias_action(self.student, recorder.logits, tuple(rollout.input_ids.shape), where, valid)
+        terms = {"loss": loss.total.item(), **{f"loss_{k}": v.item() for k, v in loss.terms.items()}}
+        scalars = {**terms, **loss.stats, **token_gamma_stats(token_gamma[valid]), **routing}
         # Logged values are token-weighted means over all ranks (the same on every rank); for a
         # quantile that is the weighted mean of each rank's own.
-        scalars = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in terms.items()}, **stats}
-        weighted = self.dist.sum_dict({k: v * float(local_tokens) for k, v in scalars.items()})
+        weighted = self.dist.sum_dict({k: v * float(loss.local_tokens) for k, v in scalars.items()})
         return {
             "step": self.opt_step,
-            **{k: v / float(global_tokens) for k, v in weighted.items()},
+            **{k: v / float(loss.global_tokens) for k, v in weighted.items()},
             "grad_norm": float(full_tensor(grad_norm)),
             "gamma_step": gamma_step(router_before, router_weights(self.student)),
-            "load_cv": balance["cv"].tolist(),
-            "load_max_mean": balance["max_mean"].tolist(),
-            **bias,
+            **balance,
             "lr": self.scheduler.get_last_lr()[0],
         }
 
     def amp(self):
         """Autocast for a forward under --precision bf16 (a no-op for fp32)."""
         return autocast(self.device, self.cfg.precision)
-
-    def _engine_routing(self, rollout: Rollout, count: bool = False):
-        """Over one forward on `rollout`: replay the engine's expert selection (--routing-replay) and,
-        with `count`, measure the trainer's disagreement with it; a no-op when the backend gave none."""
-        if rollout.routed_experts is None or not (count or self.cfg.routing_replay):
-            return contextlib.nullcontext()
-        mask = rollout.attention_mask if count else None
-        return RoutingReplay(self.student, rollout.routed_experts, count_mask=mask, replay=self.cfg.routing_replay)
 
     def save_checkpoint(self) -> dict | None:
         """Write the checkpoint; returns the whole student state dict when sharded, else None."""

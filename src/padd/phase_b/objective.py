@@ -199,3 +199,51 @@ def check_finite(terms: dict[str, torch.Tensor], dist, where: str) -> None:
     for (name, value), flagged in zip(terms.items(), bad, strict=True):
         if flagged:
             raise FloatingPointError(f"loss term {name!r} is not finite (here: {value.item()}) at {where}")
+
+
+@dataclass
+class Loss:
+    """One mini-batch's objective: the weighted terms ("pg", "kd"), their stats, and what to
+    backpropagate (the terms rescaled for data parallelism, see `rank_scaled_loss`)."""
+
+    terms: dict[str, torch.Tensor]
+    stats: dict[str, float]
+    backward: torch.Tensor
+    local_tokens: torch.Tensor
+    global_tokens: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return sum(self.terms.values())
+
+
+def objective_loss(
+    objective: Objective,
+    logits: torch.Tensor,
+    logp: torch.Tensor,
+    old_logps: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    token_gamma: torch.Tensor,
+    damping_gamma: torch.Tensor | None,
+    dist,
+) -> Loss:
+    """The method's loss on one mini-batch: its RL term (III or a baseline's) plus its KD term (II).
+
+    logits, teacher_logits: [n, C, V] (teacher_logits None when the method has no KD); logp,
+    old_logps, mask, token_gamma, damping_gamma: [n, C]; advantages: [n]; `dist`: padd.distributed.Dist.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    stats: dict[str, float] = {}
+    per_sequence = False
+    if objective.policy:
+        terms["pg"], pg_stats, per_sequence = policy_loss(
+            objective, logp, old_logps, advantages, mask, token_gamma, damping_gamma
+        )
+        stats.update(pg_stats)
+    if objective.kd:
+        terms["kd"], kd_stats = kd_loss(objective, logits, teacher_logits, advantages, mask)
+        stats.update(kd_stats)
+    backward, local_tokens, global_tokens = rank_scaled_loss(terms, per_sequence, mask, dist)
+    return Loss(terms, stats, backward, local_tokens, global_tokens)
