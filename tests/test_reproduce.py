@@ -234,3 +234,14 @@ def test_step_and_warmup_overrides_reach_the_study(tmp_path, study_run):
         ReproduceConfig(**base, out=str(tmp_path / "demo"), steps=demo.steps, warmup_tokens=demo.warmup_tokens)
     ).study
     assert (changed.train["steps"], changed.warmup["tokens"]) == (demo.steps, demo.warmup_tokens)
+
+
+def test_a_study_without_the_students_shape_is_refused(tmp_path):
+    """The student's shape (experts, top-K) has no hidden default in the study: a preset must set it."""
+    from padd.config import ConfigError
+    from padd.study import load_study
+
+    preset = tmp_path / "shapeless.yaml"
+    preset.write_text("decompose: {experts: 8}\n")
+    with pytest.raises(ConfigError, match="decompose must set top_k"):
+        load_study(str(preset))

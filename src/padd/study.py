@@ -81,6 +81,7 @@ class Study:
     analysis_corpus: str | None = None  # held-out text for NMI / ESI / loads (default: the corpus)
     analysis_split: str = "test"  # its split (the world's test split is disjoint from its train split)
     analysis_tokens: int = 4096  # tokens of it
+    analysis_seq_len: int = 128  # tokens per window of it
     exactness_check: bool = True  # compare student (all experts on) and teacher logits in float32 on CPU
     decompose: dict = field(default_factory=dict)
     warmup: dict = field(default_factory=dict)
@@ -120,6 +121,8 @@ def load_study(spec: str) -> Study:
                 + f"; it reads {sorted(METHODS[method].options)}"
             )
     study = Study(**raw)
+    if missing := [k for k in ("experts", "top_k") if k not in study.decompose]:
+        raise ConfigError(f"{spec}: decompose must set {' and '.join(missing)} (the student's shape has no default)")
     if study.warmup.get("router_init", "uniform") not in ROUTER_STARTS:
         raise ConfigError(f"{spec}: warmup router_init must be one of {', '.join(ROUTER_STARTS)} in a study")
     return study
@@ -454,7 +457,6 @@ class StudyRun:
     def _decompose(self, init: str) -> dict:
         import torch
 
-        settings = {"experts": 8, "top_k": 2, **self.study.decompose}
         decompose(
             DecomposeConfig(
                 teacher=str(self.teacher),
@@ -462,7 +464,7 @@ class StudyRun:
                 out=str(self.out / f"stage1-{init}"),
                 init=init,
                 overwrite=True,
-                **{**self._common(), **settings},
+                **{**self._common(), **self.study.decompose},
             ),
             self.console,
         )
@@ -513,14 +515,13 @@ class StudyRun:
 
         target = self.out / "eval" / f"{name}.json"
         tmp = target.with_suffix(".json.tmp")
-        settings = {"batch_size": 64, "max_new_tokens": 160, **self.study.eval}
         run_eval(
             EvalConfig(
                 model=str(model),
                 out=str(tmp),
                 bench=f"{self.study.benches},{self.study.broad}",
                 split=self.cfg.eval_split,
-                **{**self._common(), **settings},
+                **{**self._common(), **self.study.eval},
             ),
             self.console,
         )
@@ -536,7 +537,7 @@ class StudyRun:
             self.study.analysis_corpus or self.study.corpus,
             tokenizer,
             n_tokens=self.study.analysis_tokens,
-            seq_len=128,
+            seq_len=self.study.analysis_seq_len,
             split=self.study.analysis_split,
         )
         device = torch.device(self.cfg.device)
