@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo gpu-check clean
+.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ clean:
 
 bench-demo: $(STAMP)
 	$(PY) benchmarks/bench_demo.py
+
+bench-cli: $(STAMP)
+	$(PY) benchmarks/bench_cli_startup.py
 
 # Every GPU-only check and measurement, on a CUDA machine. .venv holds the CPU build of torch, so
 # this runs in an environment of its own with CUDA torch and vLLM:

@@ -1,7 +1,7 @@
 """Balanced K-Means: padd.balanced_kmeans against the `k-means-constrained` package, in one process.
 
 For each shape and feature kind it times both on the same features and prints the speed-up and the
-objective ratio (ours / theirs; below 1 means ours is better). Targets (SPEC §7): speed-up
+objective ratio (ours / theirs; below 1 means ours is better). Targets (docs/method.md §7): speed-up
 >= 20x at an objective ratio <= 1.02.
 
     python benchmarks/bench_kmeans.py            # the two target shapes, both feature kinds

@@ -7,7 +7,7 @@ tokens, measured in the same process: "total / forward" says how many such forwa
 
 On CPU the teachers keep only their first few layers (--layers, stated in the table); every phase but
 sample/load/save scales with the layer count. On a GPU the default is the full depth in bfloat16,
-the setting of the SPEC §7 target (the whole 7B Stage I in minutes on one GPU).
+the setting of the docs/method.md §7 target (the whole 7B Stage I in minutes on one GPU).
 
     python benchmarks/bench_stage1.py                          # CPU: 2 layers of each shape
     python benchmarks/bench_stage1.py --device cuda            # GPU: all layers, bfloat16

@@ -1,4 +1,4 @@
-"""SPEC §2 invariants: exact decompression, unbiased start, exact sizes, standard checkpoint."""
+"""docs/method.md §2 invariants: exact decompression, unbiased start, exact sizes, standard checkpoint."""
 
 import pytest
 import torch

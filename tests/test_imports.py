@@ -64,4 +64,4 @@ def test_imports_run_with_the_grain():
     for low in ("padd.eval", "padd.world.tasks", "padd.stage1.warmup", "padd.stage1.decompose", "padd.data"):
         assert not any(m.startswith("padd.phase_b") for m in graph[low]), (low, graph[low])
     assert not any(m.startswith(("padd.study", "padd.report")) for m in graph["padd.eval"])
-    assert graph["padd.world.tasks"] == set()
+    assert graph["padd.world.tasks"] <= {"padd.errors"}

@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from padd.data import DataError, build_prompt, load_problems
-from padd.grade import extract_answer, grade
+from padd.grading import extract_answer, grade
 from padd.world.tasks import MATH_SKILLS, SKILLS, make_problems, split_of, world_rows
 
 

@@ -1,4 +1,4 @@
-"""Expert specialisation of a student against its teacher's co-activation clusters (SPEC §5).
+"""Expert specialisation of a student against its teacher's co-activation clusters (docs/method.md §5).
 
 On held-out tokens, each token gets two labels per MoE layer: the teacher cluster with the largest
 activation mass (`metrics.dominant_cluster`, clusters from a Stage I partition) and the student's

@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from padd.checks import check_paths
 from padd.config import (
-    ConfigError,
     DecomposeConfig,
     DemoConfig,
     EvalConfig,
@@ -19,11 +19,7 @@ from padd.config import (
     add_config_arguments,
     load_config,
 )
-from padd.corpus import CorpusError
-from padd.data import DataError
 from padd.errors import UserError
-from padd.stage1.build import TeacherError
-from padd.vocab import VocabError
 
 
 def _decompose(cfg: DecomposeConfig) -> None:
@@ -88,19 +84,6 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "eval": (EvalConfig, _eval, "Pass@1 / avg@k / pass@k of a model on math benchmarks"),
 }
 
-# Errors of the user's input: reported as one line, no traceback.
-USER_ERRORS = (
-    UserError,
-    ConfigError,
-    CorpusError,
-    DataError,
-    TeacherError,
-    VocabError,
-    ValueError,
-    FileExistsError,
-    FileNotFoundError,
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -120,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     command = options.pop("command")
     cls, recipe, _ = COMMANDS[command]
     try:
-        recipe(load_config(cls, options))
-    except USER_ERRORS as err:
+        cfg = load_config(cls, options)
+        if command == "train":  # the method's options first: they need no file to be checked
+            from padd.phase_b.objective import resolve
+
+            resolve(cfg)
+        check_paths(command, cfg)  # before any model code loads
+        recipe(cfg)
+    except UserError as err:  # bad input: one line with what to do; anything else is a bug and keeps its traceback
         print(f"padd {command}: error: {err}", file=sys.stderr)
         return 2
     return 0

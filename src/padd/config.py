@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from padd.errors import UserError
 from padd.methods import METHODS, default_help
 
 REQUIRED: Any = dataclasses.MISSING
@@ -32,7 +33,7 @@ def req(help: str) -> Any:
     return field(metadata={"help": help, "required": True})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is missing, unknown or invalid; the message names the flag."""
 
 

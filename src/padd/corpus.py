@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from padd.data import build_prompt
+from padd.errors import UserError
 from padd.world.tasks import iter_tasks, parse_world_spec
 
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -24,7 +25,7 @@ _TEXT_FIELDS = ("text", "content", "problem", "question", "prompt")
 SCAN_FACTOR = 16
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """The corpus cannot be read or holds no usable text; the message says why."""
 
 

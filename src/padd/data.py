@@ -17,7 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from padd.grade import last_boxed
+from padd.errors import UserError
+from padd.grading import last_boxed
 from padd.world.tasks import parse_world_spec, world_rows
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ ANSWER_FIELDS = ("answer", "gt_answer", "gt", "final_answer", "target", "output"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source is unreadable or has no usable row."""
 
 

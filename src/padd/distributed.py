@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from padd.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -90,7 +92,7 @@ def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str) -> torch.n
     """The module to run forwards/backwards through: `model` itself in one process, a DDP wrapper
     around it, or `model` sharded in place by FSDP2 (build the optimizer after this call)."""
     if mode not in PARALLEL_MODES:
-        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+        raise UserError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
     if ranks.world == 1:
         return model
     if mode == "fsdp":

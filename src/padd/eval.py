@@ -13,7 +13,7 @@ from padd.config import to_dict
 from padd.data import build_prompt, load_problems
 from padd.flops import forward_flops_per_token
 from padd.generation.rollout import TransformersRollout
-from padd.grade import grade
+from padd.grading import grade
 from padd.io import atomic_write_json
 from padd.models import load_causal_lm
 

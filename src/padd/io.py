@@ -8,11 +8,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from padd.errors import UserError
+
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Raise unless `out` is absent, empty, or may be overwritten."""
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+        raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
 def atomic_save_dir(out: Path, write: Callable[[Path], None]) -> None:

@@ -1,4 +1,4 @@
-"""Phase B losses and updates (SPEC §4) as pure functions on tensors.
+"""Phase B losses and updates (docs/method.md §4) as pure functions on tensors.
 
 Shapes: B completions, T completion tokens (right-padded, `mask` 1 on real tokens), V vocabulary,
 L MoE layers, E experts, K experts per token.
@@ -53,7 +53,7 @@ def pr_grpo_loss(
     level: str = "token",
     rspo_floor: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PR-GRPO clipped surrogate (SPEC §4 III); lam = 0 is vanilla GRPO, level="sequence" is GSPO.
+    """PR-GRPO clipped surrogate (docs/method.md §4 III); lam = 0 is vanilla GRPO, level="sequence" is GSPO.
 
     ρ = π_θ/π_old per token; on completions with A < 0, ρ' = ρ·exp(-lam·Γ) with the factor detached.
     Loss = -min(ρ'A, clip(ρ', 1-eps_low, 1+eps_high)A), averaged over all unmasked tokens of the batch.
@@ -222,7 +222,7 @@ def adaptive_kd_loss(
     t_min: float = 0.05,
     chunk_tokens: int = 1024,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Adaptive KD (SPEC §4 II): per completion T_i = max(tau·Φ(A_i), t_min); per token
+    """Adaptive KD (docs/method.md §4 II): per completion T_i = max(tau·Φ(A_i), t_min); per token
     T_i²·KL(softmax(z_teacher/T_i) ‖ softmax(z_student/T_i)); mean over unmasked tokens.
 
     Args:
@@ -245,7 +245,7 @@ def token_gamma(
     topk_old: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-token router shift Γ (RSPO's definition, SPEC §4 III), without gradient.
+    """Per-token router shift Γ (RSPO's definition, docs/method.md §4 III), without gradient.
 
     For each MoE layer l: the mean over the rollout-time top-K experts e of
     |log p_now,l(e|h) - log p_old,l(e|h)|, p the normalised router score; then the mean over layers.
@@ -275,7 +275,7 @@ def update_routing_bias(
     clip: float,
     rule: str = "proportional",
 ) -> torch.Tensor:
-    """Reward-augmented load balance (SPEC §4 IV): b ← clip(b - η(f - f̄) + γ·m, ±clip).
+    """Reward-augmented load balance (docs/method.md §4 IV): b ← clip(b - η(f - f̄) + γ·m, ±clip).
 
     Overloaded experts are pushed down, experts on high-advantage paths pulled up. `rule="sign"`
     is DeepSeek-V3's update, -η·sign(f - f̄), in place of the proportional load term.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from padd.errors import UserError
+
 
 @dataclass(frozen=True)
 class Method:
@@ -130,7 +132,7 @@ METHOD_ONLY_OPTIONS: tuple[str, ...] = tuple(sorted({k for m in METHODS.values()
 def options_of(method: str, switches: dict[str, bool] | None = None) -> dict[str, object]:
     """The options `method` reads (with their defaults), minus those its ablation switches turn off."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     options = dict(METHODS[method].options)
     for switch, dropped in ABLATION_SWITCHES.items():
         if (switches or {}).get(switch):

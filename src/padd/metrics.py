@@ -1,4 +1,4 @@
-"""Evaluation metrics of SPEC §5 as pure functions on tensors.
+"""Evaluation metrics of docs/method.md §5 as pure functions on tensors.
 
 - `nmi`: normalised mutual information of two labelings (arithmetic normalisation, as scikit-learn).
 - `esi`: expert specialisation index, mean over experts of 1 - H(teacher cluster | expert) / log C.

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from padd.errors import UserError
 from padd.routing import moe_gates
 
 PRECISIONS = ("fp32", "bf16")
@@ -19,7 +20,7 @@ PRECISIONS = ("fp32", "bf16")
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def autocast(device: torch.device, precision: str):

@@ -26,7 +26,7 @@ def moe_gates(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def uniform_random_routing(model: torch.nn.Module, generator: torch.Generator | None = None) -> Iterator[None]:
-    """Route every token to K experts drawn uniformly at random, with equal weights (SPEC §3.5).
+    """Route every token to K experts drawn uniformly at random, with equal weights (docs/method.md §3 step 5).
 
     Weights are routed_scaling_factor / K — the zero-router weights — so that, with the student's
     gate scaling, the expected FFN output is the teacher's. The router still runs (its logits are
@@ -133,7 +133,7 @@ class RouterRecorder(_GateHooks):
 
 
 class TokenGammaMeter(_GateHooks):
-    """Per-token router shift Γ (SPEC §4 III, RSPO's definition) measured during one forward.
+    """Per-token router shift Γ (docs/method.md §4 III, RSPO's definition) measured during one forward.
 
     Both routers are evaluated on that forward's own router inputs h: at MoE layer l, the mean over
     the rollout-time top-K experts `topk_old[l]` of |log p_now(e|h) - log p_anchor(e|h)|, p the

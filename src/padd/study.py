@@ -50,6 +50,7 @@ from padd.config import (
     renamed_hint,
 )
 from padd.corpus import sample_corpus
+from padd.errors import UserError
 from padd.eval import run_eval
 from padd.io import atomic_write_json
 from padd.methods import ABLATIONS, METHOD_ONLY_OPTIONS, METHODS, OFF_AT_ZERO, TABLE_ROWS, options_of
@@ -203,7 +204,7 @@ class StudyRun:
             if cfg.overwrite:
                 shutil.rmtree(self.out)
             elif not self.manifest_file.exists():
-                raise FileExistsError(f"--out {self.out} is not a study run; pick another folder or --overwrite")
+                raise UserError(f"--out {self.out} is not a study run; pick another folder or --overwrite")
             elif {k: v for k, v in json.loads(self.manifest_file.read_text()).items() if k in manifest} != manifest:
                 raise ConfigError(
                     f"{self.out} holds a study with other settings; pass --overwrite or another --out to start anew"
@@ -212,7 +213,7 @@ class StudyRun:
         self.train_teacher = not cfg.teacher and self.study.teacher in TEACHER_PRESETS
         self.teacher = self.out / "teacher" if self.train_teacher else Path(cfg.teacher or self.study.teacher)
         if not self.train_teacher and not self.teacher.exists():
-            raise FileNotFoundError(f"teacher checkpoint {self.teacher} does not exist")
+            raise UserError(f"--teacher {self.teacher} does not exist; give a checkpoint folder or a preset name")
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_depth, self._lock_fd = 0, -1
         self.cells_file = self.out / "cells.json"

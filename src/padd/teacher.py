@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from padd.config import EvalConfig
 from padd.data import build_prompt
+from padd.errors import UserError
 from padd.eval import evaluate_bench
 from padd.io import atomic_write_json, check_out_dir
 from padd.tiny import build_tokenizer
@@ -114,7 +115,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     examples = _examples(tokenizer, rows)
     batch_size = cfg.batch_size or preset.batch_size
     if len(examples) < batch_size:
-        raise ValueError(
+        raise UserError(
             f"{len(examples)} training examples is fewer than one batch of {batch_size}; raise --train-per-skill"
         )
     console.print(

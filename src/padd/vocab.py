@@ -1,9 +1,11 @@
-"""Teacher and student must share the tokenizer (SPEC §4 II)."""
+"""Teacher and student must share the tokenizer (docs/method.md §4 II)."""
 
 from __future__ import annotations
 
+from padd.errors import UserError
 
-class VocabError(ValueError):
+
+class VocabError(UserError):
     """Teacher and student tokenizers differ; distillation over their logits would be meaningless."""
 
 

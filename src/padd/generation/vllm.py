@@ -1,7 +1,7 @@
 """The vLLM rollout backend: the same `sample` / `sync_weights` as `TransformersRollout`, on a vLLM
 engine colocated with the trainer on each GPU (`pip install 'padd[vllm]'`).
 
-The engine loads the student checkpoint as it is (SPEC §2: a stock `Glm4MoeForCausalLM`). After
+The engine loads the student checkpoint as it is (docs/method.md §2: a stock `Glm4MoeForCausalLM`). After
 every rollout batch's updates the trainer's weights are pushed into it in place: transformers keeps
 experts fused in memory ([E, 2I, H] tensors), so they are first turned back into the checkpoint's
 per-expert names with transformers' own `revert_weight_conversion`, which is what
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from padd.distributed import whole_state_dict
+from padd.errors import UserError
 from padd.generation.rollout import Rollout, decode_completions, pad_prompts_left
 from padd.routing import moe_layer_indices
 
@@ -127,7 +128,7 @@ class VLLMRollout:
         except ImportError as err:
             raise ImportError("the vllm rollout backend needs vLLM: pip install 'padd[vllm]'") from err
         if not torch.cuda.is_available():
-            raise RuntimeError("the vllm rollout backend needs a CUDA GPU; use --rollout transformers on CPU")
+            raise UserError("the vllm rollout backend needs a CUDA GPU; use --rollout transformers on CPU")
         self.tokenizer, self.progress, self.moe_layers = tokenizer, progress, moe_layer_indices(model)
         pad_prompts_left(tokenizer)
         engine_args = dict(

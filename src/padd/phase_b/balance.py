@@ -12,7 +12,7 @@ from padd.routing import expert_load, moe_gates
 
 
 class BiasBalancer:
-    """Applies SPEC §4 IV after each optimizer step: b ← clip(b - η(f - f̄) + γ·m) per MoE layer.
+    """Applies docs/method.md §4 IV after each optimizer step: b ← clip(b - η(f - f̄) + γ·m) per MoE layer.
 
     f is each expert's load relative to the uniform share (balanced: 1), so η acts at the same
     strength whatever the number of experts. `reward_coef = 0` (γ) is plain (loss-free) load balancing;

@@ -26,7 +26,7 @@ from padd.data import batch_problems, build_prompt, load_problems
 from padd.distributed import full_tensor, is_sharded, setup, shard, wrap_for_training
 from padd.errors import UserError
 from padd.generation import rollout_backend
-from padd.grade import grade
+from padd.grading import grade
 from padd.io import atomic_write_json, check_out_dir
 from padd.losses import group_advantages, token_logps
 from padd.metrics import gamma_step, token_gamma_stats

@@ -1,4 +1,4 @@
-"""Every method of SPEC §4 as one setting of the same update: which terms are on, and their weights."""
+"""Every method of docs/method.md §4 as one setting of the same update: which terms are on, and their weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Co-activation statistics (SPEC §3 steps 1-2): run the teacher, record |act(gate(x)) * up(x)| per neuron.
+"""Co-activation statistics (docs/method.md §3 steps 1-2): run the teacher, record |act(gate(x)) * up(x)| per neuron.
 
 Neuron j's feature is its |activation| over the N sampled tokens, L2-normalised, so that Euclidean
 distance measures co-activation dissimilarity. With `proj_dim` > 0 the N-dim vector is reduced by a

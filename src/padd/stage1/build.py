@@ -1,4 +1,4 @@
-"""Teacher + neuron partition -> a standard transformers `Glm4MoeForCausalLM` student (SPEC §2).
+"""Teacher + neuron partition -> a standard transformers `Glm4MoeForCausalLM` student (docs/method.md §2).
 
 Attention, norms, embeddings and the LM head are copied unchanged; each MoE layer's FFN neurons are
 split into experts. Gate scaling keeps the decompression exact: the router starts at zero (every
@@ -17,10 +17,12 @@ import torch
 from transformers import Glm4MoeConfig, Glm4MoeForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from padd.errors import UserError
+
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """The teacher cannot be decomposed; the message says what is missing and what to do."""
 
 
@@ -73,7 +75,7 @@ def validate_teacher(model: PreTrainedModel) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise TeacherError(
             f"teacher model_type={family!r} is not one of {', '.join(SUPPORTED_FAMILIES)}; its attention may differ "
-            f"from the student's. Add it with an exactness test (SPEC §2) before decomposing it"
+            f"from the student's. Add it with an exactness test (docs/method.md §2) before decomposing it"
         )
 
 
@@ -86,7 +88,7 @@ def student_config(
     n_shared_experts: int,
     dense_layers: int,
 ) -> Glm4MoeConfig:
-    """The `Glm4MoeConfig` that represents the teacher exactly (SPEC §2)."""
+    """The `Glm4MoeConfig` that represents the teacher exactly (docs/method.md §2)."""
     rope = dict(getattr(teacher_cfg, "rope_parameters", None) or {})
     rope.setdefault("rope_type", "default")
     rope["partial_rotary_factor"] = 1.0
@@ -151,9 +153,9 @@ def build_student(
         dense_layers += 1
     moe_plans = plans[dense_layers:]
     if any(p is None for p in moe_plans):
-        raise ValueError("dense layers must come first: only a leading run of layers can stay dense")
+        raise UserError("dense layers must come first: only a leading run of layers can stay dense")
     if not moe_plans:
-        raise ValueError("every layer is dense: nothing to decompose")
+        raise UserError("every layer is dense: nothing to decompose")
     n_experts = len(moe_plans[0].experts)
     expert_size = len(moe_plans[0].experts[0])
     max_shared = max(len(p.shared) for p in moe_plans)

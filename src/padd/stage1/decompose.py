@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from padd.config import DecomposeConfig, to_dict
 from padd.corpus import sample_corpus
 from padd.distributed import setup
+from padd.errors import UserError
 from padd.flops import forward_flops_per_token, param_counts
 from padd.io import atomic_save_dir, atomic_write_json, check_out_dir
 from padd.models import load_causal_lm
@@ -34,7 +35,7 @@ def _load_teacher_config(path: str):
 
 
 def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
-    """Run Stage I (SPEC §3 steps 1-4, 7) and write the student; returns the padd_stage1.json record."""
+    """Run Stage I (docs/method.md §3 steps 1-4, 7) and write the student; returns the padd_stage1.json record."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     console = console or Console()
@@ -58,7 +59,7 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
         validate_teacher(AutoModelForCausalLM.from_config(tcfg))
     n_layers, d_ff = tcfg.num_hidden_layers, tcfg.intermediate_size
     if not 0 <= cfg.dense_layers < n_layers:
-        raise ValueError(
+        raise UserError(
             f"--dense-layers must be in [0, {n_layers}) for a {n_layers}-layer teacher, got {cfg.dense_layers}"
         )
     expert_size = check_sizes(d_ff, cfg.experts, cfg.top_k, cfg.shared_neurons, cfg.expert_size, cfg.init)

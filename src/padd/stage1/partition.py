@@ -1,4 +1,4 @@
-"""Neuron partitions (SPEC §3 steps 3-4, 7): which teacher neurons each expert holds.
+"""Neuron partitions (docs/method.md §3 steps 3-4, 7): which teacher neurons each expert holds.
 
 `cluster` is PADD's co-activation clustering; `random` (random equal split, the "no Stage I"
 baseline) and `copy` (every expert the whole FFN, copy upcycling) go through the same code path.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from padd.errors import UserError
 from padd.stage1.build import LayerPlan
 from padd.stage1.cluster import balanced_kmeans, kmeans_objective
 
@@ -20,41 +21,41 @@ ALIGN = 8
 def check_sizes(d_ff: int, n_experts: int, top_k: int, shared: int, expert_size: int | None, init: str) -> int:
     """Validate the expert geometry against d_ff; return the expert size. Raises ValueError saying what to change."""
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise UserError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if n_experts < 1:
-        raise ValueError(f"--experts must be at least 1, got {n_experts}")
+        raise UserError(f"--experts must be at least 1, got {n_experts}")
     if not 1 <= top_k <= n_experts:
-        raise ValueError(f"--top-k must be between 1 and --experts ({n_experts}), got {top_k}")
+        raise UserError(f"--top-k must be between 1 and --experts ({n_experts}), got {top_k}")
     if not 0 <= shared < d_ff:
-        raise ValueError(f"--shared-neurons must be in [0, d_ff={d_ff}), got {shared}")
+        raise UserError(f"--shared-neurons must be in [0, d_ff={d_ff}), got {shared}")
     routed = d_ff - shared
     if init == "copy":
         if expert_size not in (None, routed):
-            raise ValueError(f"--init copy makes every expert the whole FFN ({routed} neurons); drop --expert-size")
+            raise UserError(f"--init copy makes every expert the whole FFN ({routed} neurons); drop --expert-size")
         return _aligned(routed, "the routed neurons (d_ff minus --shared-neurons)")
     good = [e for e in range(2, min(routed, 513)) if routed % e == 0 and (routed // e) % ALIGN == 0]
     if routed % n_experts:
-        raise ValueError(
+        raise UserError(
             f"--experts {n_experts} does not divide the {routed} routed neurons (d_ff={d_ff} minus {shared} shared); "
             f"choose one of {good[:12]} or change --shared-neurons"
         )
     base = routed // n_experts
     if expert_size is None:
         if base % ALIGN:
-            raise ValueError(
+            raise UserError(
                 f"{routed} routed neurons / {n_experts} experts = {base} neurons per expert, not a multiple of "
                 f"{ALIGN}; the grouped expert kernels need 16-byte aligned rows. Choose --experts among {good[:12]}, "
                 f"or change --shared-neurons / --expert-size"
             )
         return base
     if not base <= expert_size <= routed:
-        raise ValueError(f"--expert-size must be between {base} (an equal split) and {routed}, got {expert_size}")
+        raise UserError(f"--expert-size must be between {base} (an equal split) and {routed}, got {expert_size}")
     return _aligned(expert_size, "--expert-size")
 
 
 def _aligned(size: int, what: str) -> int:
     if size % ALIGN:
-        raise ValueError(
+        raise UserError(
             f"{what} = {size} is not a multiple of {ALIGN}: the grouped expert kernels need 16-byte "
             f"aligned rows (bf16); adjust it"
         )

@@ -1,4 +1,4 @@
-"""`padd warmup` (SPEC §3 steps 5-6): train the experts behind a frozen uniform router, then start the router.
+"""`padd warmup` (docs/method.md §3 steps 5-6): train the experts behind a frozen uniform router, then start the router.
 
 Every token goes to K experts drawn uniformly at random with equal weights; the loss is
 KL(teacher ‖ student) on the teacher's logits at temperature 1; only expert weights train. The
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from padd.config import WarmupConfig, to_dict
 from padd.corpus import sample_corpus
 from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_training
+from padd.errors import UserError
 from padd.io import atomic_save_dir, check_out_dir
 from padd.losses import distill_kl_loss
 from padd.models import load_causal_lm
@@ -167,12 +168,12 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     ranks = setup(cfg.device)
     device = ranks.device(cfg.device)
     if cfg.epochs < 0:
-        raise ValueError(f"--epochs {cfg.epochs}: give 0 (router start only) or more passes")
+        raise UserError(f"--epochs {cfg.epochs}: give 0 (router start only) or more passes")
     if cfg.router_init not in ROUTER_INITS:
-        raise ValueError(f"--router-init must be one of {', '.join(ROUTER_INITS)}")
+        raise UserError(f"--router-init must be one of {', '.join(ROUTER_INITS)}")
     stage1_file = Path(cfg.student) / STAGE1_FILE
     if cfg.router_init != "uniform" and not stage1_file.exists():
-        raise FileNotFoundError(f"--router-init {cfg.router_init} needs {stage1_file} (written by padd decompose)")
+        raise UserError(f"--router-init {cfg.router_init} needs {stage1_file} (written by padd decompose)")
     t0 = time.perf_counter()
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
     student = load_causal_lm(cfg.student, device=device, train=True)

@@ -1,4 +1,4 @@
-"""The miniature world (SPEC §6): seeded synthetic tasks with step-by-step solutions ending in \\boxed{}.
+"""The miniature world (docs/method.md §6): seeded synthetic tasks with step-by-step solutions ending in \\boxed{}.
 
 Five math skills of rising difficulty and one non-math skill for the broad-skill check. A task's
 split is a hash of its problem text, so train and test never share a problem, whatever the seed
@@ -18,6 +18,8 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from padd.errors import UserError
 
 TEST_SHARE = 0.1  # share of the problem space that belongs to the test split
 VAL_SHARE = 0.05  # share that belongs to the validation split (carved out of what was train)
@@ -131,9 +133,9 @@ def iter_tasks(skill: str, split: str, seed: int = 0, *, max_tries: int | None =
     """Distinct tasks of `skill` in `split`, lazily, in a fixed order for (skill, split, seed); stops
     after `max_tries` draws (a split of a small skill holds only so many problems)."""
     if skill not in SKILLS:
-        raise ValueError(f"unknown skill {skill!r}; the world has {', '.join(SKILLS)}")
+        raise UserError(f"unknown skill {skill!r}; the world has {', '.join(SKILLS)}")
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     rng = random.Random(f"{skill}/{split}/{seed}")
     seen, tries = set(), 0
     while max_tries is None or tries < max_tries:
@@ -159,7 +161,7 @@ def make_problems(skill: str, split: str, n: int, seed: int = 0, *, allow_fewer:
     # the val split holds 5% of the space: ~20 draws per row
     rows = list(itertools.islice(iter_tasks(skill, split, seed, max_tries=100 * n + 1000), n))
     if len(rows) < n and not allow_fewer:
-        raise ValueError(f"skill {skill!r} has fewer than {n} distinct {split} problems")
+        raise UserError(f"skill {skill!r} has fewer than {n} distinct {split} problems")
     return rows
 
 
@@ -171,7 +173,7 @@ def parse_world_spec(spec: str) -> list[str] | None:
         skills = spec.split(":", 1)[1].split("+")
         unknown = [s for s in skills if s not in SKILLS]
         if unknown:
-            raise ValueError(f"unknown world skill {unknown[0]!r}; the world has {', '.join(SKILLS)}")
+            raise UserError(f"unknown world skill {unknown[0]!r}; the world has {', '.join(SKILLS)}")
         return skills
     return None
 
@@ -180,7 +182,7 @@ def world_rows(spec: str, split: str, n_per_skill: int, seed: int = 0) -> list[d
     """The rows of a world SPEC (`world`, `world:SKILL`), skills interleaved in order."""
     skills = parse_world_spec(spec)
     if skills is None:
-        raise ValueError(f"{spec!r} is not a world name (world or world:SKILL)")
+        raise UserError(f"{spec!r} is not a world name (world or world:SKILL)")
     return [row for skill in skills for row in make_problems(skill, split, n_per_skill, seed)]
 
 
@@ -197,7 +199,7 @@ def export_world(
     """Write train.jsonl, test.jsonl and test/SKILL.jsonl under `out`; returns rows written per file."""
     skills = parse_world_spec(spec)
     if skills is None:
-        raise ValueError(f"{spec!r} is not a world name (world or world:SKILL)")
+        raise UserError(f"{spec!r} is not a world name (world or world:SKILL)")
     out = Path(out)
     counts = {}
     train = [r for s in skills for r in make_problems(s, "train", train_per_skill, seed, allow_fewer=True)]
