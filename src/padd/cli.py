@@ -21,6 +21,8 @@ from padd.config import (
 )
 from padd.errors import UserError
 
+# Each recipe imports its stage when it runs, so that `padd --help` loads no model code.
+
 
 def _decompose(cfg: DecomposeConfig) -> None:
     from padd.stage1.decompose import decompose

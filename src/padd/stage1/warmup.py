@@ -26,7 +26,7 @@ from padd.io import atomic_save_dir, check_out_dir
 from padd.losses import distill_kl_loss
 from padd.models import load_causal_lm
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
-from padd.routing import RouterRecorder, moe_gates, router_log_scores, uniform_random_routing
+from padd.routing import RouterRecorder, moe_gates, moe_layer_indices, router_log_scores, uniform_random_routing
 from padd.stage1.decompose import STAGE1_FILE
 from padd.vocab import common_vocab_size
 
@@ -36,9 +36,9 @@ ROUTER_INITS = ("uniform", "centroid", "distill")
 def expert_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The routed and shared expert weights of every MoE layer: what the warm-up trains."""
     params = []
-    for layer in student.model.layers:
-        if hasattr(layer.mlp, "experts"):
-            params += list(layer.mlp.experts.parameters()) + list(layer.mlp.shared_experts.parameters())
+    for index in moe_layer_indices(student):
+        mlp = student.model.layers[index].mlp
+        params += list(mlp.experts.parameters()) + list(mlp.shared_experts.parameters())
     return params
 
 
