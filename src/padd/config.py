@@ -47,7 +47,7 @@ RENAMED: dict[str, str] = {"gamma": "balance_reward_coef", "world_size": "world_
 
 
 def renamed_hint(name: str) -> str:
-    """' (renamed --balance-reward-coef)' for an old option name, else ''."""
+    """' (--gamma is now --balance-reward-coef)' for an old option name, else ''."""
     return f" ({_flag(name)} is now {_flag(RENAMED[name])})" if name in RENAMED else ""
 
 
