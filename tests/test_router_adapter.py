@@ -1,0 +1,170 @@
+"""The router adapter reproduces every supported architecture's stock router exactly (same experts,
+weights within 1e-6), on tiny random instances built with transformers, read through forward hooks."""
+
+import pytest
+import torch
+import transformers
+
+from padd.errors import UserError
+from padd.router_adapter import ROUTERS, log_scores, moe_layer_indices, route, router_kind, routers
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+# model_type -> (config class, its MoE settings): 8 experts, top-2 or more, small widths
+CONFIGS = {
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0],
+        ),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            norm_topk_prob=False,
+        ),
+    ),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=16, norm_topk_prob=False)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            num_key_value_heads=4,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            intermediate_size=32,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            intermediate_size=32,
+        ),
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=True,
+            intermediate_size=32,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=16,
+            head_dim=8,
+            layer_types=["full_attention"] * 3,
+        ),
+    ),
+}
+
+
+def tiny_model(model_type: str):
+    name, moe = CONFIGS[model_type]
+    config = getattr(transformers, name)(**{**COMMON, **moe})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for gate in routers(model):  # routers start at zero in several classes: give them real scores
+        torch.nn.init.normal_(gate.weight, std=0.5)
+        if hasattr(gate, "e_score_correction_bias"):
+            gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape) * 0.05)
+    return model
+
+
+def _sorted(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selections as sets: indices sorted per token, weights permuted alike (some routers leave the
+    top-K unsorted)."""
+    order = indices.argsort(-1)
+    return weights.gather(-1, order), indices.gather(-1, order)
+
+
+def test_every_listed_architecture_is_in_the_table():
+    assert set(CONFIGS) == set(ROUTERS)
+
+
+@pytest.mark.parametrize("model_type", sorted(ROUTERS))
+def test_the_adapter_reproduces_the_stock_router(model_type):
+    model = tiny_model(model_type)
+    seen = []
+    handles = [g.register_forward_hook(lambda m, i, out: seen.append(out)) for g in routers(model)]
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (3, 11)))
+    for h in handles:
+        h.remove()
+    config = model.config
+    assert len(seen) == len(moe_layer_indices(config)) >= 2
+    for gate, (logits, weights, indices) in zip(routers(model), seen, strict=True):
+        bias = getattr(gate, "e_score_correction_bias", None)
+        ours_w, ours_i = route(config, logits, bias=bias)
+        stock_w, stock_i = _sorted(weights.float(), indices)
+        ours_w, ours_i = _sorted(ours_w, ours_i)
+        assert torch.equal(ours_i, stock_i), model_type
+        assert torch.allclose(ours_w, stock_w, atol=1e-6), (model_type, (ours_w - stock_w).abs().max())
+        # a replayed selection gets the weights the router gives it
+        replay_w, _ = route(config, logits, bias=bias, indices=indices)
+        assert torch.allclose(replay_w, weights.float(), atol=1e-6)
+        # log scores are normalised log-probabilities over all experts
+        assert torch.allclose(log_scores(config, logits).exp().sum(-1), torch.ones(len(logits)), atol=1e-5)
+
+
+def test_a_selection_bias_changes_the_selection_not_the_weights_of_the_selected():
+    config = tiny_model("qwen3_moe").config
+    logits = torch.randn(50, 8)
+    big = torch.zeros(8)
+    big[5] = 10.0
+    weights, indices = route(config, logits, bias=big)
+    assert (indices == 5).any(-1).all()  # expert 5 is always chosen
+    plain, _ = route(config, logits, indices=indices)
+    assert torch.allclose(weights, plain)
+
+
+def test_an_unsupported_model_type_lists_the_supported_ones():
+    config = transformers.LlamaConfig(**COMMON)
+    with pytest.raises(UserError, match="supports deepseek_v2, deepseek_v3, glm4_moe, gpt_oss"):
+        router_kind(config)
