@@ -168,3 +168,30 @@ def test_an_unsupported_model_type_lists_the_supported_ones():
     config = transformers.LlamaConfig(**COMMON)
     with pytest.raises(UserError, match="supports deepseek_v2, deepseek_v3, glm4_moe, gpt_oss"):
         router_kind(config)
+
+
+@pytest.mark.parametrize("model_type", sorted(ROUTERS))
+def test_the_routing_hooks_work_on_every_architecture(model_type):
+    """Through the adapter, padd's router hooks act on any supported student: replaying the model's
+    own selection reproduces its logits, Γ against its own router weights is exactly 0, and uniform
+    random routing sends every token to K experts."""
+    from padd.routing import RouterRecorder, RoutingReplay, TokenGammaMeter, router_weights, uniform_random_routing
+
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad(), RouterRecorder(model, keep_logits=False) as rec:
+        logits = model(input_ids=ids).logits
+    topk = rec.selections(tuple(ids.shape))  # [L, B, T, K]
+    with torch.no_grad(), RoutingReplay(model, topk, count_mask=torch.ones_like(ids)) as replay:
+        replayed = model(input_ids=ids).logits
+    assert replay.differ == 0 and torch.allclose(replayed, logits, atol=1e-5)
+    n_prompt = 4
+    old_topk = topk[:, :, n_prompt - 1 : ids.shape[1] - 1]
+    with torch.no_grad(), TokenGammaMeter(model, router_weights(model), old_topk, n_prompt) as meter:
+        model(input_ids=ids)
+    assert float(meter.token_gamma().abs().max()) == 0.0
+    with torch.no_grad(), uniform_random_routing(model), RouterRecorder(model, keep_logits=False) as rec:
+        model(input_ids=ids)
+    chosen = rec.selections(tuple(ids.shape))
+    assert chosen.shape[-1] == model.config.num_experts_per_tok
+    assert all(len(set(row.tolist())) == chosen.shape[-1] for row in chosen.reshape(-1, chosen.shape[-1]))

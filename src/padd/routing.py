@@ -11,37 +11,45 @@ from collections.abc import Iterator
 
 import torch
 
+from padd import router_adapter
+from padd.checks import is_moe_config
 from padd.distributed import full_tensor
 
 
 def moe_layer_indices(model: torch.nn.Module) -> list[int]:
-    """Decoder-layer index of every MoE layer, in order (leading dense layers have no router)."""
-    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    """Decoder-layer index of every MoE layer, in order (leading dense layers have no router); none
+    for a dense model. The architecture's layout comes from padd.router_adapter."""
+    if not is_moe_config(model.config.to_dict()):
+        return []
+    return router_adapter.moe_layer_indices(model.config)
 
 
 def moe_gates(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The router module of every MoE layer, in layer order."""
-    return [model.model.layers[i].mlp.gate for i in moe_layer_indices(model)]
+    return router_adapter.routers(model) if moe_layer_indices(model) else []
 
 
 @contextlib.contextmanager
 def uniform_random_routing(model: torch.nn.Module, generator: torch.Generator | None = None) -> Iterator[None]:
     """Route every token to K experts drawn uniformly at random, with equal weights (docs/method.md §3 step 5).
 
-    Weights are routed_scaling_factor / K — the zero-router weights — so that, with the student's
-    gate scaling, the expected FFN output is the teacher's. The router still runs (its logits are
+    Weights are the zero-router weights (routed_scaling_factor / K for a padd student, whose gate
+    scaling then makes the expected FFN output the teacher's). The router still runs (its logits are
     returned unchanged) but decides nothing.
     """
+
+    config = model.config
+    k, n_experts = router_adapter.top_k(config), router_adapter.num_experts(config)
 
     def hook(gate, inputs, output):
         logits, _, _ = output
         n_tokens = logits.shape[0]
-        noise = torch.rand(n_tokens, gate.num_experts, generator=generator, device="cpu").to(logits.device)
-        indices = noise.topk(gate.top_k, dim=-1).indices
-        weights = torch.full(
-            (n_tokens, gate.top_k), gate.routed_scaling_factor / gate.top_k, dtype=logits.dtype, device=logits.device
-        )
-        return logits, weights, indices
+        noise = torch.rand(n_tokens, n_experts, generator=generator, device="cpu").to(logits.device)
+        indices = noise.topk(k, dim=-1).indices
+        # what a zero router gives K experts (E/K each for Glm4Moe's scaling, 1/K for softmax routers)
+        zero = torch.zeros(n_tokens, n_experts, device=logits.device)
+        weights, _ = router_adapter.route(config, zero, indices=indices)
+        return logits, weights.to(logits.dtype), indices
 
     handles = [g.register_forward_hook(hook) for g in moe_gates(model)]
     try:
@@ -152,7 +160,7 @@ class TokenGammaMeter(_GateHooks):
     """
 
     def __init__(self, model: torch.nn.Module, anchor: list[torch.Tensor], topk_old: torch.Tensor, n_prompt: int):
-        self.gates = moe_gates(model)
+        self.gates, self.config = moe_gates(model), model.config
         if len(anchor) != len(self.gates) or topk_old.shape[0] != len(self.gates):
             raise ValueError(f"{len(anchor)} anchor routers / {topk_old.shape[0]} top-K layers for {len(self.gates)}")
         self.anchor, self.topk_old, self.n_prompt = anchor, topk_old, n_prompt
@@ -168,9 +176,14 @@ class TokenGammaMeter(_GateHooks):
                 h = inputs[0].reshape(-1, inputs[0].shape[-1])
                 now = output[0].detach()  # the router's own float32 logits on h
                 # the same op as the router's (F.linear in float32): equal weights give Γ = 0 exactly
-                old = torch.nn.functional.linear(h.float(), self.anchor[layer].to(h.device).float())
+                bias = getattr(gate, "bias", None)  # gpt_oss routers have a linear bias
+                bias = None if bias is None else bias.detach().float()
+                old = torch.nn.functional.linear(h.float(), self.anchor[layer].to(h.device).float(), bias)
                 p = self.n_prompt
-                now, old = (router_log_scores(x).view(n, -1, x.shape[-1])[:, p - 1 : p + c - 1] for x in (now, old))
+                now, old = (
+                    router_adapter.log_scores(self.config, x).view(n, -1, x.shape[-1])[:, p - 1 : p + c - 1]
+                    for x in (now, old)
+                )
                 index = self.topk_old[layer].to(h.device).long()
                 self.per_layer[layer] = (now - old).abs().gather(-1, index).mean(-1)  # [N, C]
 
@@ -223,7 +236,7 @@ class RoutingReplay(_GateHooks):
     """
 
     def __init__(self, model: torch.nn.Module, topk: torch.Tensor, count_mask=None, replay: bool = True):
-        self.gates = moe_gates(model)
+        self.gates, self.config = moe_gates(model), model.config
         self.topk, self.count_mask, self.replay = topk, count_mask, replay
         self.differ = 0
         self.counted = 0
@@ -242,11 +255,9 @@ class RoutingReplay(_GateHooks):
             if not self.replay:
                 return None
             index = torch.where(known[:, None], want, own)
-            # the router's own weighting (Glm4MoeTopkRouter) applied to the replayed experts
-            chosen = logits.sigmoid().gather(1, index)
-            if gate.norm_topk_prob:
-                chosen = chosen / (chosen.sum(-1, keepdim=True) + 1e-20)
-            return logits, (chosen * gate.routed_scaling_factor).to(weights.dtype), index
+            # the router's own weighting applied to the replayed experts
+            chosen, _ = router_adapter.route(self.config, logits, indices=index)
+            return logits, chosen.to(weights.dtype), index
 
         return fn
 
