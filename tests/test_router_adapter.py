@@ -195,3 +195,36 @@ def test_the_routing_hooks_work_on_every_architecture(model_type):
     chosen = rec.selections(tuple(ids.shape))
     assert chosen.shape[-1] == model.config.num_experts_per_tok
     assert all(len(set(row.tolist())) == chosen.shape[-1] for row in chosen.reshape(-1, chosen.shape[-1]))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe"])
+def test_a_selection_bias_on_every_architecture(model_type, tmp_path):
+    """Stage IV's bias is the router's own where it has one, else a buffer padd adds: at zero it
+    changes nothing, a large entry sends every token to that expert, the balancer moves it, and the
+    saved student is still the stock class with no trace of it."""
+    from padd.phase_b.balance import BiasBalancer
+    from padd.routing import RouterRecorder, selection_biases
+
+    model = tiny_model(model_type)
+    for gate in routers(model):
+        if hasattr(gate, "e_score_correction_bias"):
+            gate.e_score_correction_bias.zero_()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    biases = selection_biases(model)
+    assert len(biases) == len(moe_layer_indices(model.config))
+    assert selection_biases(model)[0] is biases[0]  # attached once
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)  # a zero bias changes nothing
+    biases[0][5] = 100.0
+    with torch.no_grad(), RouterRecorder(model, keep_logits=False) as rec:
+        model(input_ids=ids)
+    assert (rec.topk[0] == 5).any(-1).all()
+    balancer = BiasBalancer(model, eta=0.1, reward_coef=0.0, clip=1000.0)
+    topk = rec.selections(tuple(ids.shape))
+    balancer.step(topk, torch.zeros(2), torch.ones(2, 7))
+    assert float(biases[0][5]) < 100.0  # the overloaded expert is pushed down
+    model.save_pretrained(tmp_path / "s")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert type(again) is type(model) and not any("padd" in k for k in again.state_dict())

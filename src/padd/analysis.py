@@ -12,7 +12,8 @@ import torch
 
 from padd.metrics import dominant_cluster, esi, load_stats, nmi
 from padd.models import load_causal_lm
-from padd.routing import RouterRecorder, expert_load, moe_gates, moe_layer_indices
+from padd.router_adapter import selection_scores
+from padd.routing import RouterRecorder, expert_load, moe_gates, moe_layer_indices, selection_biases
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def expert_specialisation(
     Returns:
         {"nmi", "esi", "nmi_per_layer", "esi_per_layer", "load" ([L][E] shares), "load_cv"}.
     """
-    gates = moe_gates(student)
+    gates, biases = moe_gates(student), selection_biases(student)
     moe_layers = moe_layer_indices(student)
     if len(clusters) != len(moe_layers):
         raise ValueError(f"{len(clusters)} cluster sets for {len(moe_layers)} MoE layers")
@@ -72,8 +73,8 @@ def expert_specialisation(
             teacher(input_ids=batch, use_cache=False)
             with RouterRecorder(student) as rec:
                 student(input_ids=batch, use_cache=False)
-            for j, (gate, logits, chosen) in enumerate(zip(gates, rec.logits, rec.topk, strict=True)):
-                choice = logits.sigmoid() + gate.e_score_correction_bias.float()
+            for j, (bias, logits, chosen) in enumerate(zip(biases, rec.logits, rec.topk, strict=True)):
+                choice = selection_scores(student.config, logits) + bias.float()
                 top1[j].append(choice.argmax(-1))
                 topk[j].append(chosen)
     finally:

@@ -89,6 +89,15 @@ def num_experts(config) -> int:
     raise UserError(f"{config.model_type}: the config names no expert count")
 
 
+def selection_scores(config, logits: torch.Tensor) -> torch.Tensor:
+    """[T, E] the scores the router's top-K is taken over (before any selection bias): softmax
+    probabilities, sigmoid scores, or the raw logits of a softmax-over-the-top-K router."""
+    kind = router_kind(config)
+    if kind.scoring == "softmax_topk":
+        return logits.float()
+    return torch.softmax(logits.float(), dim=-1) if kind.scoring == "softmax" else logits.float().sigmoid()
+
+
 def route(
     config,
     logits: torch.Tensor,
@@ -104,13 +113,13 @@ def route(
     """
     kind, k, n_experts = router_kind(config), top_k(config), num_experts(config)
     logits = logits.float()
+    scores = selection_scores(config, logits)
     if kind.scoring == "softmax_topk":
-        choice = logits if bias is None else logits + bias.float()
+        choice = scores if bias is None else scores + bias.float()
         if indices is None:
             indices = torch.topk(choice, k, dim=-1)[1]
         weights = torch.softmax(logits.gather(-1, indices), dim=-1)
         return weights, indices
-    scores = torch.softmax(logits, dim=-1) if kind.scoring == "softmax" else logits.sigmoid()
     choice = scores if bias is None else scores + bias.float()
     if indices is None:
         if kind.groups is not None and _grouped(config, kind):

@@ -202,23 +202,64 @@ class TokenGammaMeter(_GateHooks):
 
 
 @torch.no_grad()
-def selection_stats(logits: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """How far the selection-only bias is from acting, and how often it acts (Glm4Moe's top-K on
-    sigmoid scores + bias, one group).
+def selection_stats(config, logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far the selection-only bias is from acting, and how often it acts (the top-K over the
+    architecture's selection scores + bias; group limits left out).
 
     Args:
-        logits: [N, E] router logits of N tokens; bias: [E] e_score_correction_bias; top_k: K < E.
+        logits: [N, E] router logits of N tokens; bias: [E] the layer's selection bias; K < E.
 
     Returns:
-        (gap [N]: the K-th minus the (K+1)-th sigmoid score, the bias spread needed to swap them;
+        (gap [N]: the K-th minus the (K+1)-th selection score, the bias spread needed to swap them;
         changed [N] bool: the biased top-K set differs from the unbiased one).
     """
-    scores = logits.float().sigmoid()
-    ranked = scores.topk(top_k + 1, dim=-1).values
-    gap = ranked[:, top_k - 1] - ranked[:, top_k]
-    plain = scores.topk(top_k, dim=-1).indices.sort(-1).values
-    biased = (scores + bias.to(scores.device).float()).topk(top_k, dim=-1).indices.sort(-1).values
+    k = router_adapter.top_k(config)
+    scores = router_adapter.selection_scores(config, logits)
+    ranked = scores.topk(k + 1, dim=-1).values
+    gap = ranked[:, k - 1] - ranked[:, k]
+    plain = scores.topk(k, dim=-1).indices.sort(-1).values
+    biased = (scores + bias.to(scores.device).float()).topk(k, dim=-1).indices.sort(-1).values
     return gap, (plain != biased).any(-1)
+
+
+# The selection bias of an architecture without a native one: a buffer on its router, not saved with
+# the checkpoint (the student stays a stock one), applied by a forward hook that redoes the top-K.
+SELECTION_BIAS = "padd_selection_bias"
+
+
+def selection_biases(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Per MoE layer, the [E] selection-only bias stage IV moves: the router's own
+    `e_score_correction_bias` where the architecture has one, else a non-persistent buffer applied
+    by a hook (attached on first call) that reselects the top-K over scores + bias, leaving the
+    weights the router's own for the chosen experts."""
+    config = model.config
+    if not moe_layer_indices(model):
+        return []
+    if router_adapter.router_kind(config).native_bias:
+        return [gate.e_score_correction_bias for gate in moe_gates(model)]
+    biases = []
+    for gate in moe_gates(model):
+        if not hasattr(gate, SELECTION_BIAS):
+            gate.register_buffer(
+                SELECTION_BIAS,
+                torch.zeros(router_adapter.num_experts(config), device=gate.weight.device),
+                persistent=False,
+            )
+            gate.register_forward_hook(_biased_selection(config))
+        biases.append(getattr(gate, SELECTION_BIAS))
+    return biases
+
+
+def _biased_selection(config):
+    def hook(gate, inputs, output):
+        bias = getattr(gate, SELECTION_BIAS)
+        if not bool(bias.any()):  # an untouched bias changes nothing: keep the stock output
+            return None
+        logits, weights, _ = output
+        chosen, indices = router_adapter.route(config, logits, bias=bias)
+        return logits, chosen.to(weights.dtype), indices
+
+    return hook
 
 
 class RoutingReplay(_GateHooks):
@@ -310,13 +351,13 @@ def bias_action(
         {"router_gap_median": median top-K score gap, "bias_changed_frac": share of token-layer
         selections the bias changed}; empty when every expert is selected (nothing to change).
     """
-    gates = moe_gates(model)
-    if not gates or gates[0].top_k >= gates[0].num_experts or not valid.any():
+    biases, config = selection_biases(model), model.config
+    if not biases or router_adapter.top_k(config) >= router_adapter.num_experts(config) or not valid.any():
         return {}
     gaps, changed = [], []
-    for gate, logits in zip(gates, router_logits, strict=True):
+    for bias, logits in zip(biases, router_logits, strict=True):
         per_token = logits.view(*batch_shape, -1)[:, positions][valid]  # [tokens, E]
-        gap, flip = selection_stats(per_token, gate.e_score_correction_bias, gate.top_k)
+        gap, flip = selection_stats(config, per_token, bias)
         gaps.append(gap)
         changed.append(flip.float())
     return {"router_gap_median": float(torch.cat(gaps).median()), "bias_changed_frac": float(torch.cat(changed).mean())}

@@ -8,7 +8,7 @@ import torch
 
 from padd.losses import update_advantage_ema, update_routing_bias
 from padd.metrics import load_stats
-from padd.routing import expert_load, moe_gates
+from padd.routing import expert_load, selection_biases
 
 
 class BiasBalancer:
@@ -31,11 +31,11 @@ class BiasBalancer:
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """`reduce` sums the load statistics over data-parallel ranks, so every rank applies one bias."""
-        self.gates = moe_gates(model)
+        self.biases = selection_biases(model)  # the routers' own, or padd's where they have none
         self.reduce = reduce
         self.eta, self.reward_coef, self.clip, self.ema_decay, self.rule = eta, reward_coef, clip, ema_decay, rule
-        n_experts = self.gates[0].num_experts if self.gates else 0
-        self.adv_ema = torch.zeros(len(self.gates), n_experts)
+        n_experts = self.biases[0].numel() if self.biases else 0
+        self.adv_ema = torch.zeros(len(self.biases), n_experts)
 
     @classmethod
     def of(cls, model: torch.nn.Module, objective, cfg, reduce=None) -> BiasBalancer:
@@ -72,17 +72,17 @@ class BiasBalancer:
         load = counts / counts.sum(-1, keepdim=True).clamp_min(1.0) * n_experts  # [L, E], balanced = 1
         self.adv_ema = update_advantage_ema(self.adv_ema, adv_sum.cpu(), counts.cpu(), self.ema_decay)
         biases = []
-        for layer, gate in enumerate(self.gates):
+        for layer, bias in enumerate(self.biases):
             new = update_routing_bias(
-                gate.e_score_correction_bias,
-                load[layer].to(gate.e_score_correction_bias.device),
-                self.adv_ema[layer].to(gate.e_score_correction_bias.device),
+                bias,
+                load[layer].to(bias.device),
+                self.adv_ema[layer].to(bias.device),
                 eta=self.eta,
                 reward_coef=self.reward_coef,
                 clip=self.clip,
                 rule=self.rule,
             )
-            gate.e_score_correction_bias.copy_(new)
+            bias.copy_(new)
             biases.append(new)
         stacked = torch.stack(biases) if biases else torch.zeros(1, 1)  # [L, E]
         spread = stacked.max(-1).values - stacked.min(-1).values  # [L]
