@@ -228,3 +228,25 @@ def test_a_selection_bias_on_every_architecture(model_type, tmp_path):
     model.save_pretrained(tmp_path / "s")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     assert type(again) is type(model) and not any("padd" in k for k in again.state_dict())
+
+
+def test_a_selection_bias_is_saved_beside_the_checkpoint_and_applied_on_load(tmp_path):
+    """Without a native bias, the bias is written to padd_routing_bias.safetensors; load_causal_lm (every
+    stage's loader: eval, resume, the study) applies it, while the stock class loads without it."""
+    from padd.models import load_causal_lm
+    from padd.routing import BIAS_FILE, save_selection_bias, selection_biases
+
+    model = tiny_model("mixtral")
+    biases = selection_biases(model)
+    for bias in biases:
+        bias.copy_(torch.randn(bias.shape))
+    model.save_pretrained(tmp_path / "s")
+    assert save_selection_bias(model, tmp_path / "s") and (tmp_path / "s" / BIAS_FILE).is_file()
+    again = load_causal_lm(tmp_path / "s")
+    assert all(torch.equal(a, b) for a, b in zip(selection_biases(again), biases, strict=True))
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert not any(hasattr(g, "padd_selection_bias") for g in routers(stock))
+    assert not save_selection_bias(tiny_model("qwen3_moe"), tmp_path)  # nothing added, nothing written

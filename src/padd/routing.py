@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -248,6 +249,40 @@ def selection_biases(model: torch.nn.Module) -> list[torch.Tensor]:
             gate.register_forward_hook(_biased_selection(config))
         biases.append(getattr(gate, SELECTION_BIAS))
     return biases
+
+
+BIAS_FILE = "padd_routing_bias.safetensors"
+
+
+def save_selection_bias(model: torch.nn.Module, folder) -> bool:
+    """Write the bias padd added to a router without a native one beside a checkpoint
+    (`padd_routing_bias.safetensors`, one [E] tensor per MoE layer); returns whether there was one.
+    A native bias is part of the checkpoint already. A server that ignores the file serves the
+    stock routing (vLLM does)."""
+    from safetensors.torch import save_file
+
+    gates = moe_gates(model)
+    if not gates or not hasattr(gates[0], SELECTION_BIAS):
+        return False
+    tensors = {str(i): getattr(g, SELECTION_BIAS).detach().cpu().contiguous() for i, g in enumerate(gates)}
+    save_file(tensors, str(Path(folder) / BIAS_FILE))
+    return True
+
+
+def load_selection_bias(model: torch.nn.Module, folder) -> bool:
+    """Apply a saved `padd_routing_bias.safetensors` from `folder` to `model`; returns whether one was there."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / BIAS_FILE
+    if not path.is_file():
+        return False
+    saved = load_file(str(path))
+    biases = selection_biases(model)
+    if len(saved) != len(biases):
+        raise ValueError(f"{path} holds {len(saved)} layers of routing bias for {len(biases)} MoE layers")
+    for i, bias in enumerate(biases):
+        bias.copy_(saved[str(i)].to(bias.device, bias.dtype))
+    return True
 
 
 def _biased_selection(config):

@@ -15,6 +15,7 @@ import torch
 from padd.distributed import gather_state_dict, load_sharded_optimizer
 from padd.errors import UserError
 from padd.io import atomic_save_dir
+from padd.routing import save_selection_bias
 
 CHECKPOINT = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
@@ -33,6 +34,7 @@ def save_checkpoint(
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp / "student", state_dict=model_state)
         tokenizer.save_pretrained(tmp / "student")
+        save_selection_bias(student, tmp / "student")
         state = {
             **counters,
             "optimizer": optim_state,
@@ -82,5 +84,6 @@ def save_student(out: Path, student, tokenizer, state_dict: dict | None = None) 
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        save_selection_bias(student, tmp)
 
     atomic_save_dir(Path(out), write)
