@@ -250,3 +250,42 @@ def test_a_selection_bias_is_saved_beside_the_checkpoint_and_applied_on_load(tmp
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     assert not any(hasattr(g, "padd_selection_bias") for g in routers(stock))
     assert not save_selection_bias(tiny_model("qwen3_moe"), tmp_path)  # nothing added, nothing written
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_warmup_and_every_method_train_on_the_architecture(model_type, tmp_path, llama_teacher):
+    """A tiny random student of the architecture, with the teacher's tokenizer: `padd warmup` and
+    2 rollout batches of `padd train` for every method run, and the trained student loads as its own
+    stock class."""
+    from padd.cli import main
+    from padd.methods import METHODS
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_teacher)
+    name, moe = CONFIGS[model_type]
+    vocab = transformers.AutoConfig.from_pretrained(llama_teacher).vocab_size
+    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = getattr(transformers, name)(**{**COMMON, **moe, "vocab_size": vocab, **special})
+    student = transformers.AutoModelForCausalLM.from_config(config)
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    warm = tmp_path / "warm"
+    flags = ["--teacher", str(llama_teacher), "--no-progress"]
+    assert (
+        main(
+            ["warmup", "--student", str(tmp_path / "student"), "--corpus", "world", "--out", str(warm)]
+            + ["--tokens", "256", "--seq-len", "32", *flags]
+        )
+        == 0
+    )
+    for method in METHODS:
+        run = tmp_path / method
+        assert (
+            main(
+                ["train", "--student", str(warm), "--data", "world:add", "--world-per-skill", "10", "--out", str(run)]
+                + ["--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6"]
+                + ["--method", method, *flags]
+            )
+            == 0
+        ), method
+        trained = transformers.AutoModelForCausalLM.from_pretrained(run / "student")
+        assert type(trained) is type(student)

@@ -38,7 +38,12 @@ def expert_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
     params = []
     for index in moe_layer_indices(student):
         mlp = student.model.layers[index].mlp
-        params += list(mlp.experts.parameters()) + list(mlp.shared_experts.parameters())
+        params += list(mlp.experts.parameters())
+        # the always-on experts, named per architecture (DeepSeek/GLM `shared_experts`, Qwen2-MoE
+        # `shared_expert` with its gate); Mixtral, OLMoE, Qwen3-MoE and gpt-oss have none
+        for name in ("shared_experts", "shared_expert", "shared_expert_gate"):
+            if hasattr(mlp, name):
+                params += list(getattr(mlp, name).parameters())
     return params
 
 
