@@ -289,3 +289,25 @@ def test_warmup_and_every_method_train_on_the_architecture(model_type, tmp_path,
         ), method
         trained = transformers.AutoModelForCausalLM.from_pretrained(run / "student")
         assert type(trained) is type(student)
+
+
+def test_train_with_a_student_whose_tokenizer_extends_the_teachers(tmp_path, llama_teacher):
+    """The Qwen2.5 -> Qwen3 case in miniature: the student's tokenizer adds four tokens after the
+    teacher's; padd train (PADD, with KD over the shared ids) runs."""
+    from padd.cli import main
+    from test_vocab import qwen3_like
+
+    student_tok = qwen3_like(transformers.AutoTokenizer.from_pretrained(llama_teacher))
+    name, moe = CONFIGS["qwen3_moe"]
+    special = {"eos_token_id": student_tok.eos_token_id, "pad_token_id": student_tok.pad_token_id}
+    config = getattr(transformers, name)(**{**COMMON, **moe, "vocab_size": len(student_tok), **special})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "student")
+    student_tok.save_pretrained(tmp_path / "student")
+    assert (
+        main(
+            ["train", "--student", str(tmp_path / "student"), "--teacher", str(llama_teacher)]
+            + ["--data", "world:add", "--world-per-skill", "10", "--out", str(tmp_path / "run"), "--steps", "2"]
+            + ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--no-progress"]
+        )
+        == 0
+    )

@@ -92,13 +92,11 @@ def test_policy_logps_match_trl_at_a_sampling_temperature(llama_student):
     prompt, completion = torch.randint(3, 60, (3, 5), generator=g), torch.randint(3, 60, (3, 4), generator=g)
     rollout = Rollout(prompt, torch.ones_like(prompt), completion, torch.ones_like(completion), ["", "", ""])
     with torch.no_grad():
-        ours = token_logps(forward_completion(model, rollout, "cpu", model.config.vocab_size), completion, 0.8)
+        ours = token_logps(forward_completion(model, rollout, "cpu"), completion, 0.8)
         add_fused_lm_head(model, temperature=0.8)
         fake = SimpleNamespace(accelerator=SimpleNamespace(autocast=nullcontext, is_main_process=True))
         theirs, _, _ = trl_grpo.GRPOTrainer._get_per_token_logps_and_entropies(
             fake, model, rollout.input_ids, rollout.attention_mask, logits_to_keep=completion.shape[1]
         )
     assert torch.allclose(ours, theirs, atol=1e-5)
-    assert not torch.allclose(
-        ours, token_logps(forward_completion(model, rollout, "cpu", model.config.vocab_size), completion), atol=1e-3
-    )
+    assert not torch.allclose(ours, token_logps(forward_completion(model, rollout, "cpu"), completion), atol=1e-3)

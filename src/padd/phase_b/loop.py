@@ -39,7 +39,7 @@ from padd.phase_b.phases import PhaseClock
 from padd.phase_b.trajectory import Trajectory, completion_positions, forward_completion
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
 from padd.routing import RouterRecorder, TokenGammaMeter, bias_action, engine_routing, router_weights
-from padd.vocab import common_vocab_size
+from padd.vocab import shared_vocab
 
 
 class Trainer:
@@ -65,7 +65,7 @@ class Trainer:
         if cfg.parallel == "fsdp" and self.dist.world > 1:
             shard(self.teacher)  # forward-only, but a 7B teacher is as large as the student
         # Before step 1: distillation over logits needs one vocabulary (docs/method.md §4 II).
-        self.vocab = common_vocab_size(
+        self.vocab = shared_vocab(
             AutoTokenizer.from_pretrained(cfg.teacher),
             self.tokenizer,
             self.teacher.config.vocab_size,
@@ -130,7 +130,7 @@ class Trainer:
         recorder = RouterRecorder(self.student, keep_logits=False)
         with clock("student"), torch.no_grad(), self.amp(), engine, recorder:
             self.student.eval()
-            logits = forward_completion(self.student, rollout, dev, self.vocab)
+            logits = forward_completion(self.student, rollout, dev)
             old_logps = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [N, C]
             del logits
             old_topk = recorder.selections(tuple(rollout.input_ids.shape))[:, :, completion_positions(rollout)]
@@ -158,7 +158,7 @@ class Trainer:
         meter = TokenGammaMeter(self.student, anchor, mb.old_topk, rollout.prompt_ids.shape[1])
         recorder = RouterRecorder(self.student)
         with clock("student"), self.amp(), engine, meter, recorder:
-            logits = forward_completion(self.trained, rollout, dev, self.vocab)  # [n, C, V]
+            logits = forward_completion(self.trained, rollout, dev)  # [n, C, V]
             logp = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [n, C]
             token_gamma = meter.token_gamma() * mask  # [n, C], no gradient
         where = completion_positions(rollout)
@@ -167,10 +167,19 @@ class Trainer:
         teacher_logits = None
         if obj.kd:
             with clock("teacher"), torch.no_grad(), self.amp():
-                teacher_logits = forward_completion(self.teacher, rollout, dev, self.vocab)
+                teacher_logits = self.vocab.kd_view(forward_completion(self.teacher, rollout, dev))
         damping_gamma = self.shift_scale(token_gamma, mask, self.dist.sum_dict) if obj.policy and obj.lam else None
         loss = objective_loss(
-            obj, logits, logp, mb.old_logps.to(dev), teacher_logits, adv, mask, token_gamma, damping_gamma, self.dist
+            obj,
+            self.vocab.kd_view(logits),
+            logp,
+            mb.old_logps.to(dev),
+            teacher_logits,
+            adv,
+            mask,
+            token_gamma,
+            damping_gamma,
+            self.dist,
         )
         if damping_gamma is not None and self.shift_scale.value is not None:
             loss.stats["shift_scale"] = self.shift_scale.value

@@ -23,14 +23,14 @@ def completion_positions(rollout: Rollout) -> slice:
     return slice(n_prompt - 1, n_prompt + n_comp - 1)
 
 
-def forward_completion(model, rollout: Rollout, device, vocab: int) -> torch.Tensor:
-    """Raw logits [N, C, vocab] predicting each completion token (positions from the attention mask)."""
+def forward_completion(model, rollout: Rollout, device) -> torch.Tensor:
+    """Raw logits [N, C, V] predicting each completion token (positions from the attention mask)."""
     mask = rollout.attention_mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     logits = model(
         input_ids=rollout.input_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=False
     ).logits
-    return logits[:, completion_positions(rollout), :vocab]
+    return logits[:, completion_positions(rollout)]
 
 
 @dataclass

@@ -28,7 +28,7 @@ from padd.models import load_causal_lm
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
 from padd.routing import RouterRecorder, moe_gates, moe_layer_indices, router_log_scores, uniform_random_routing
 from padd.stage1.decompose import STAGE1_FILE
-from padd.vocab import common_vocab_size
+from padd.vocab import shared_vocab
 
 ROUTER_INITS = ("uniform", "centroid", "distill")
 
@@ -184,7 +184,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     student = load_causal_lm(cfg.student, device=device, train=True)
     teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=device)
     routers_in_fp32(student)
-    vocab = common_vocab_size(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
+    vocab = shared_vocab(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
     windows = sample_corpus(
         cfg.corpus,
         s_tok,
@@ -220,9 +220,9 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         for b in range(n_batches):
             batch = windows[local[b * cfg.batch_size : (b + 1) * cfg.batch_size]].to(device)
             with torch.no_grad(), autocast(device, cfg.precision):
-                t_logits = teacher(input_ids=batch, use_cache=False).logits[..., :vocab]
+                t_logits = vocab.kd_view(teacher(input_ids=batch, use_cache=False).logits)
             with uniform_random_routing(student, gen), autocast(device, cfg.precision):
-                s_logits = trained(input_ids=batch, use_cache=False).logits[..., :vocab]
+                s_logits = vocab.kd_view(trained(input_ids=batch, use_cache=False).logits)
             loss = distill_kl_loss(s_logits, t_logits, torch.ones(batch.shape, device=batch.device))
             value = float(ranks.all_reduce_sum(loss.detach().clone()) / ranks.world)
             if not torch.isfinite(loss):
