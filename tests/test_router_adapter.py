@@ -311,3 +311,15 @@ def test_train_with_a_student_whose_tokenizer_extends_the_teachers(tmp_path, lla
         )
         == 0
     )
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_flops_of_every_standard_attention_architecture_match_the_counter(model_type):
+    """Analytic per-token FLOPs (router, K active experts, shared experts) equal torch's flop counter
+    on the architecture's own forward, with per-expert matmuls the counter sees."""
+    from padd.flops import forward_flops_per_token
+    from test_flops import counted_flops_per_token
+
+    model = tiny_model(model_type)
+    model.set_experts_implementation("eager")
+    assert forward_flops_per_token(model.config, 16) == pytest.approx(counted_flops_per_token(model, 16), rel=1e-6)

@@ -1,12 +1,16 @@
 """Analytic per-token forward FLOPs and parameter counts from a model config.
 
-Dense (Llama, Qwen2, Mistral, Qwen3) and GLM-4 MoE configs. FLOPs count matrix products only (2 per
+Dense (Llama, Qwen2, Mistral, Qwen3) configs and the MoE architectures of padd.router_adapter with
+standard attention (DeepSeek's latent attention and gpt-oss' sinks are counted as standard
+attention). FLOPs count matrix products only (2 per
 multiply-add), as `torch.utils.flop_counter.FlopCounterMode` does; attention scores are counted over
 all `context_len` keys, as dense attention kernels compute them. For MoE layers only the router, the
 K active experts and the shared experts count.
 """
 
 from __future__ import annotations
+
+from padd import router_adapter
 
 
 def _attn_dims(cfg) -> tuple[int, int, int, int]:
@@ -16,18 +20,28 @@ def _attn_dims(cfg) -> tuple[int, int, int, int]:
     return h, n_heads, n_kv, head_dim
 
 
-def _is_moe_layer(cfg, layer: int) -> bool:
-    return getattr(cfg, "n_routed_experts", None) is not None and layer >= getattr(cfg, "first_k_dense_replace", 0)
+def _moe_layers(cfg) -> set[int]:
+    """The MoE layers of a supported MoE architecture (padd.router_adapter); none for a dense model."""
+    if getattr(cfg, "model_type", None) not in router_adapter.ROUTERS:
+        return set()
+    return set(router_adapter.moe_layer_indices(cfg))
 
 
 def _mlp_macs(cfg, layer: int, active: bool) -> int:
     """Multiply-adds (per token) or parameters (active=False, all experts) of one layer's FFN."""
     h = cfg.hidden_size
-    if not _is_moe_layer(cfg, layer):
+    if layer not in _moe_layers(cfg):
         return 3 * h * cfg.intermediate_size
-    s = cfg.moe_intermediate_size
-    n_routed = cfg.num_experts_per_tok if active else cfg.n_routed_experts
-    return h * cfg.n_routed_experts + n_routed * 3 * h * s + getattr(cfg, "n_shared_experts", 0) * 3 * h * s
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size  # one routed expert
+    n_experts, k = router_adapter.num_experts(cfg), router_adapter.top_k(cfg)
+    # always-on experts: DeepSeek / GLM-4 MoE count them in routed-expert widths, Qwen2-MoE gives one
+    # width and gates it with a [1, H] projection
+    shared = (getattr(cfg, "n_shared_experts", 0) or 0) * width
+    shared_gate = 0
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+        shared, shared_gate = cfg.shared_expert_intermediate_size, h
+    routed = k if active else n_experts
+    return h * n_experts + routed * 3 * h * width + 3 * h * shared + shared_gate
 
 
 def forward_flops_per_token(cfg, context_len: int) -> float:
