@@ -253,10 +253,10 @@ def test_a_selection_bias_is_saved_beside_the_checkpoint_and_applied_on_load(tmp
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
-def test_warmup_and_every_method_train_on_the_architecture(model_type, tmp_path, llama_teacher):
+def test_warmup_and_every_method_train_on_the_architecture(model_type, tmp_path, llama_teacher, capsys):
     """A tiny random student of the architecture, with the teacher's tokenizer: `padd warmup` and
-    2 rollout batches of `padd train` for every method run, and the trained student loads as its own
-    stock class."""
+    2 rollout batches of `padd train` for every method run, the trained student loads as its own
+    stock class, says what a server ignoring its bias file would lose, and `padd eval` runs on it."""
     from padd.cli import main
     from padd.methods import METHODS
 
@@ -289,6 +289,15 @@ def test_warmup_and_every_method_train_on_the_architecture(model_type, tmp_path,
         ), method
         trained = transformers.AutoModelForCausalLM.from_pretrained(run / "student")
         assert type(trained) is type(student)
+        said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+        assert ("top-K agreement" in said) == (not ROUTERS[model_type].native_bias), said
+    assert (
+        main(
+            ["eval", "--model", str(tmp_path / "padd" / "student"), "--bench", "world:add"]
+            + ["--world-per-skill", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "e.json"), "--no-progress"]
+        )
+        == 0
+    )
 
 
 def test_train_with_a_student_whose_tokenizer_extends_the_teachers(tmp_path, llama_teacher):

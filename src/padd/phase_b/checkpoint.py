@@ -78,12 +78,15 @@ def load_trainer_state(ckpt: Path, student, optimizer, *, sharded: bool) -> dict
     return state
 
 
-def save_student(out: Path, student, tokenizer, state_dict: dict | None = None) -> None:
-    """The trained student as a stock checkpoint with its tokenizer, written atomically."""
+def save_student(out: Path, student, tokenizer, state_dict: dict | None = None) -> bool:
+    """The trained student as a stock checkpoint with its tokenizer, written atomically; returns
+    whether a routing-bias file was written beside it (padd.routing.BIAS_FILE)."""
+    written = []
 
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        save_selection_bias(student, tmp)
+        written.append(save_selection_bias(student, tmp))
 
     atomic_save_dir(Path(out), write)
+    return bool(written and written[0])

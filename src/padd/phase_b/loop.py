@@ -275,12 +275,12 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
     model_state = trainer.save_checkpoint()  # gathered once, for the checkpoint and the final student
     log.close()
     if main:
-        save_student(out / "student", trainer.student, trainer.tokenizer, model_state)
+        bias_file = save_student(out / "student", trainer.student, trainer.tokenizer, model_state)
         console.print(
             f"train {cfg.method}: {trainer.batch} rollout batches, {trainer.opt_step} optimizer steps; "
             f"student in {out / 'student'}, metrics in {log.path}"
         )
-        for line in stage_summary(logged, trainer.objective):
+        for line in stage_summary(logged, trainer.objective, bias_file=bias_file):
             console.print(line)
     trainer.dist.barrier()
     return out

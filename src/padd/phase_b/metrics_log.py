@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from padd.routing import BIAS_FILE
+
 METRICS_FILE = "metrics.jsonl"
 # row keys that index a row rather than measure something
 _INDEX_KEYS = ("step", "batch", "minibatch")
@@ -52,10 +54,12 @@ class MetricsLog:
             self.writer.close()
 
 
-def stage_summary(rows: list[dict], objective) -> list[str]:
+def stage_summary(rows: list[dict], objective, bias_file: bool = False) -> list[str]:
     """One line per stage that acts on the routing, from this session's metrics rows: III's damping
     on the updates where the router had moved (the first mini-batch of a batch is on-policy), and
-    IV's bias against the score gaps it must bridge. A stage that stays inert is said to be."""
+    IV's bias against the score gaps it must bridge. A stage that stays inert is said to be.
+    `bias_file`: the bias was written beside the student (a router without a native one), so say
+    what a server that ignores the file would route differently."""
     lines = []
     damping = [
         r["pr_damping_median"]
@@ -73,5 +77,11 @@ def stage_summary(rows: list[dict], objective) -> list[str]:
         lines.append(
             f"IV: bias spread {last['bias_spread_mean']:.3g} (median top-K score gap {gap:.3g}); "
             f"selections changed by the bias {100 * last.get('bias_changed_frac', 0.0):.1f}%"
+        )
+    if bias_file and rows:
+        agreement = 100 * (1 - rows[-1].get("bias_changed_frac", 0.0))
+        lines.append(
+            f"routing bias written beside the student ({BIAS_FILE}): top-K agreement with and without it "
+            f"{agreement:.1f}% on the last update; a server that ignores the file (vLLM) serves the stock routing"
         )
     return lines
