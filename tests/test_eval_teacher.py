@@ -151,3 +151,37 @@ def test_length_sorted_micro_batches_leave_the_whole_batch_gradient():
     assert loss == pytest.approx(whole.item(), rel=1e-5)
     for p, ref in zip(model.parameters(), reference, strict=True):
         torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_the_moe_preset_trains_a_pretrained_student_with_the_teachers_tokenizer(tmp_path, llama_teacher):
+    """`padd teacher --preset tiny-moe`: a Qwen3-MoE model of the paper's proportions against the tiny
+    teacher (more than 2x its parameters, about 0.47x its active FFN FLOPs), trained on less math,
+    with the given tokenizer; saved without the pretraining's auxiliary-loss switch."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from padd.flops import param_counts
+    from padd.teacher import PRESETS, build_model
+    from padd.world.tasks import MATH_SKILLS
+
+    out = tmp_path / "student"
+    flags = dict(preset="tiny-moe", out=out, steps=2, batch_size=4, train_per_skill=40, eval_per_skill=0)
+    assert padd("teacher", tokenizer=llama_teacher, progress=False, **flags) == 0
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "qwen3_moe" and config.output_router_logits is False
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(llama_teacher).get_vocab()
+    record = json.loads((out / "padd_teacher.json").read_text())
+    assert record["train_per_skill"]["reverse"] == 40 and all(record["train_per_skill"][s] == 40 for s in MATH_SKILLS)
+
+    # the preset's shape against the tiny teacher's, at full vocabulary
+    tokenizer = AutoTokenizer.from_pretrained(llama_teacher)
+    teacher, student = (
+        build_model(PRESETS["tiny"], tokenizer).config,
+        build_model(PRESETS["tiny-moe"], tokenizer).config,
+    )
+    (t_total, _), (s_total, _) = param_counts(teacher), param_counts(student)
+    assert s_total > 2 * t_total
+    p = PRESETS["tiny-moe"]
+    active_ffn = p.num_layers * 3 * p.hidden_size * p.moe_intermediate_size * p.top_k
+    teacher_ffn = PRESETS["tiny"].num_layers * 3 * PRESETS["tiny"].hidden_size * PRESETS["tiny"].intermediate_size
+    assert 0.42 < active_ffn / teacher_ffn < 0.52
+    assert PRESETS["tiny-moe"].math_per_skill < PRESETS["tiny"].train_per_skill

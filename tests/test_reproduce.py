@@ -245,3 +245,54 @@ def test_a_study_without_the_students_shape_is_refused(tmp_path):
     preset.write_text("decompose: {experts: 8}\n")
     with pytest.raises(ConfigError, match="decompose must set top_k"):
         load_study(str(preset))
+
+
+PRETRAINED = """
+teacher: {teacher}
+student: {student}
+corpus: world
+data: world:add
+benches: world:add
+broad: world:reverse
+analysis_tokens: 256
+seed: {{tokens: 1024, heldout_tokens: 512, cka_tokens: 256, seq_len: 32, fit_steps: 50}}
+warmup: {{tokens: 512, seq_len: 64, batch_size: 4, lr: 1.0e-3, router_tokens: 256}}
+train: {{steps: 2, prompts_per_step: 2, group_size: 2, max_new_tokens: 6, world_per_skill: 10, save_every: 1}}
+eval: {{world_per_skill: 3, max_new_tokens: 6, batch_size: 8}}
+"""
+
+
+def test_a_study_with_a_pretrained_student_seeds_it_and_compares_against_it(tmp_path, llama_teacher):
+    """The paper's setting: Stage I is padd seed, every trained row starts from the seeded warm-up,
+    Base is the pretrained student as it is, PADD −I is PADD from the unseeded warm-up, and the
+    report names the rows for what they are and carries seeding's before/after measurements."""
+    from helpers import save_moe_student
+
+    student = save_moe_student(tmp_path / "pretrained", "qwen3_moe", llama_teacher)
+    preset = tmp_path / "pretrained.yaml"
+    preset.write_text(PRETRAINED.format(teacher=llama_teacher, student=student))
+    run = tmp_path / "run"
+    flags = dict(preset=preset, out=run, seeds=1, methods="base,padd", progress=False)
+    assert padd("reproduce", ablations="no-stage1", **flags) == 0
+    cells = json.loads((run / "cells.json").read_text())
+    for name in ("stage1-seeded", "warmup-seeded", "warmup-unseeded", "analysis/seeded-keep", "analysis/unseeded-keep"):
+        assert name in cells, name
+    assert not any(name.startswith(("stage1-cluster", "stage1-random", "stage1-unseeded")) for name in cells)
+    assert cells["stage1-seeded"]["result"]["lm_loss"]["before"] > 0
+    for row in ("padd", "no-stage1"):
+        config = json.loads((run / "train" / f"{row}-s0" / "train_config.json").read_text())
+        start = "warmup-unseeded" if row == "no-stage1" else "warmup-seeded"
+        assert config["student"] == str(run / start), row
+    from padd.config import ReproduceConfig
+    from padd.study import StudyRun
+
+    every = StudyRun(ReproduceConfig(preset=str(preset), out=str(tmp_path / "all"), ablations="all")).ablations
+    assert "no-stage1" in every and "other-start" not in every  # all: every ablation that applies
+    base = json.loads((run / "eval" / "base.json").read_text())
+    assert base["model"] == str(student)
+    report = (run / "report.md").read_text()
+    assert "| Base (pretrained MoE student) |" in report and "| PADD −I (no seeding) |" in report
+    assert "Seeding recovers the teacher's modules" in report
+    # a dense study has no pretrained student to replace; other-start has no meaning here
+    assert padd("reproduce", student=student, preset=flags["preset"].with_name("none.yaml"), out=tmp_path / "x") == 2
+    assert padd("reproduce", **{**flags, "out": tmp_path / "y"}, ablations="other-start") == 2

@@ -5,104 +5,10 @@ import pytest
 import torch
 import transformers
 
+from helpers import MOE_COMMON as COMMON
+from helpers import MOE_CONFIGS as CONFIGS
 from padd.errors import UserError
 from padd.router_adapter import ROUTERS, log_scores, moe_layer_indices, route, router_kind, routers
-
-COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
-
-# model_type -> (config class, its MoE settings): 8 experts, top-2 or more, small widths
-CONFIGS = {
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        dict(
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[0],
-        ),
-    ),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        dict(
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=16,
-            norm_topk_prob=False,
-        ),
-    ),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
-    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=3, intermediate_size=16, norm_topk_prob=False)),
-    "deepseek_v2": (
-        "DeepseekV2Config",
-        dict(
-            n_routed_experts=8,
-            num_experts_per_tok=3,
-            moe_intermediate_size=16,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            topk_method="group_limited_greedy",
-            num_key_value_heads=4,
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=2.5,
-            q_lora_rank=None,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            intermediate_size=32,
-        ),
-    ),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        dict(
-            n_routed_experts=8,
-            num_experts_per_tok=3,
-            moe_intermediate_size=16,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-            num_key_value_heads=4,
-            q_lora_rank=None,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            intermediate_size=32,
-        ),
-    ),
-    "glm4_moe": (
-        "Glm4MoeConfig",
-        dict(
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=1.5,
-            norm_topk_prob=True,
-            intermediate_size=32,
-        ),
-    ),
-    "gpt_oss": (
-        "GptOssConfig",
-        dict(
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            intermediate_size=16,
-            head_dim=8,
-            layer_types=["full_attention"] * 3,
-        ),
-    ),
-}
 
 
 def tiny_model(model_type: str):
@@ -195,6 +101,27 @@ def test_the_routing_hooks_work_on_every_architecture(model_type):
     chosen = rec.selections(tuple(ids.shape))
     assert chosen.shape[-1] == model.config.num_experts_per_tok
     assert all(len(set(row.tolist())) == chosen.shape[-1] for row in chosen.reshape(-1, chosen.shape[-1]))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_recorded_router_distributions_and_the_distill_fit_use_the_architectures_scoring(model_type):
+    """The recorder's log-probabilities and the warm-up's distill fit read each router as its model
+    does: softmax for Qwen3-MoE (they once used normalised sigmoids for every architecture)."""
+    from padd.routing import RouterRecorder
+    from padd.stage1.warmup import _router_fit_kl
+
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad(), RouterRecorder(model) as rec:
+        model(input_ids=ids)
+    logp, _ = rec.stacked(tuple(ids.shape))
+    assert torch.allclose(logp[0].reshape(-1, logp.shape[-1]), log_scores(model.config, rec.logits[0]))
+    if model_type == "qwen3_moe":
+        assert torch.allclose(logp[0].exp().reshape(-1, logp.shape[-1]), torch.softmax(rec.logits[0], -1), atol=1e-6)
+    h, weight = torch.randn(6, 32), torch.randn(8, 32)
+    q = torch.softmax(h @ weight.T, dim=-1)  # exactly what a softmax router with `weight` gives
+    kl = float(_router_fit_kl(model.config, h, q, weight))
+    assert (kl < 1e-6) == (model_type == "qwen3_moe")
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss", "glm4_moe"])

@@ -22,6 +22,8 @@ _PUBLIC = {
     "last_boxed": "padd.grading",
     "load_problems": "padd.data",
     "balanced_kmeans": "padd.stage1.cluster",
+    "monotone_layer_map": "padd.stage1.layer_map",
+    "match_clusters": "padd.stage1.seed",
     "group_advantages": "padd.losses",
     "token_logps": "padd.losses",
     "pr_grpo_loss": "padd.losses",

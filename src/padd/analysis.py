@@ -40,29 +40,38 @@ def expert_specialisation(
     windows: torch.Tensor,
     clusters: list[torch.Tensor],
     batch_size: int = 8,
+    teacher_layers: list[int] | None = None,
 ) -> dict:
     """NMI, ESI (means over MoE layers) and top-K load per layer of `student` on `windows`.
 
     Args:
-        student: a Glm4Moe student; teacher: the dense teacher it came from.
+        student: an MoE student; teacher: the dense teacher it came from.
         windows: [N, T] token ids of held-out text.
         clusters: per MoE layer, [C, S] teacher neuron indices of each reference cluster.
+        teacher_layers: per MoE layer, the teacher layer its clusters come from (default: the same
+            decoder index, as for a student built by padd decompose; `padd seed` writes its own map).
 
     Returns:
         {"nmi", "esi", "nmi_per_layer", "esi_per_layer", "load" ([L][E] shares), "load_cv"}.
     """
     gates, biases = moe_gates(student), selection_biases(student)
     moe_layers = moe_layer_indices(student)
-    if len(clusters) != len(moe_layers):
-        raise ValueError(f"{len(clusters)} cluster sets for {len(moe_layers)} MoE layers")
-    cluster_labels: list[list[torch.Tensor]] = [[] for _ in moe_layers]
-    hooks = [
-        teacher.model.layers[i].mlp.down_proj.register_forward_pre_hook(
-            lambda m, a, j=j: cluster_labels[j].append(
-                dominant_cluster(a[0].reshape(-1, a[0].shape[-1]).float(), clusters[j])
-            )
+    teacher_layers = moe_layers if teacher_layers is None else teacher_layers
+    if not len(clusters) == len(moe_layers) == len(teacher_layers):
+        raise ValueError(
+            f"{len(clusters)} cluster sets and {len(teacher_layers)} teacher layers for {len(moe_layers)} MoE layers"
         )
-        for j, i in enumerate(moe_layers)
+    cluster_labels: list[list[torch.Tensor]] = [[] for _ in moe_layers]
+
+    def label(j: int):
+        def hook(module, args):
+            cluster_labels[j].append(dominant_cluster(args[0].reshape(-1, args[0].shape[-1]).float(), clusters[j]))
+
+        return hook
+
+    # one hook per MoE layer; several may read the same teacher layer
+    hooks = [
+        teacher.model.layers[t].mlp.down_proj.register_forward_pre_hook(label(j)) for j, t in enumerate(teacher_layers)
     ]
     top1: list[list[torch.Tensor]] = [[] for _ in moe_layers]
     topk: list[list[torch.Tensor]] = [[] for _ in moe_layers]

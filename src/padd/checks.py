@@ -40,8 +40,8 @@ def check_model_dir(spec: str, flag: str, kind: str = "any") -> None:
     config = json.loads(config_file.read_text())
     if kind == "moe" and not is_moe_config(config):
         raise UserError(
-            f"{flag} {spec} is a dense model ({config.get('model_type', '?')}); give the MoE student "
-            "that padd decompose or padd warmup wrote"
+            f"{flag} {spec} is a dense model ({config.get('model_type', '?')}); give an MoE student "
+            "(from padd decompose, padd seed or padd warmup, or a pretrained transformers MoE model)"
         )
     if kind == "dense" and is_moe_config(config):
         raise UserError(
@@ -66,6 +66,7 @@ def check_data_path(spec: str | None, flag: str) -> None:
 # command -> (flag, config field, model kind) of its model paths, and (flag, field) of its data paths
 MODEL_PATHS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "decompose": (("--teacher", "teacher", "dense"),),
+    "seed": (("--student", "student", "moe"), ("--teacher", "teacher", "dense")),
     "warmup": (("--student", "student", "moe"), ("--teacher", "teacher", "dense")),
     "train": (("--student", "student", "moe"), ("--teacher", "teacher", "dense")),
     "eval": (("--model", "model", "any"),),
@@ -73,6 +74,7 @@ MODEL_PATHS: dict[str, tuple[tuple[str, str, str], ...]] = {
 }
 DATA_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "decompose": (("--corpus", "corpus"),),
+    "seed": (("--corpus", "corpus"),),
     "warmup": (("--corpus", "corpus"),),
     "train": (("--data", "data"),),
     "eval": (("--bench", "bench"),),

@@ -12,6 +12,7 @@ from padd.config import (
     DemoConfig,
     EvalConfig,
     ReproduceConfig,
+    SeedConfig,
     TeacherConfig,
     TrainConfig,
     WarmupConfig,
@@ -48,6 +49,12 @@ def _reproduce(cfg: ReproduceConfig) -> None:
     run_reproduce(cfg)
 
 
+def _seed(cfg: SeedConfig) -> None:
+    from padd.stage1.seed import run_seed
+
+    run_seed(cfg)
+
+
 def _teacher(cfg: TeacherConfig) -> None:
     from padd.teacher import train_teacher
 
@@ -79,9 +86,18 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "demo": (DemoConfig, _demo, "the end-to-end study on the miniature world (reproduce tiny, main rows)"),
     "reproduce": (ReproduceConfig, _reproduce, "the paper's study: every method and ablation, with a report"),
     "decompose": (DecomposeConfig, _decompose, "Stage I: cluster a dense teacher's FFN neurons into a Glm4Moe student"),
+    "seed": (SeedConfig, _seed, "Stage I for a pretrained MoE student: seed its routers from the teacher's clusters"),
     "world": (WorldConfig, _world, "write the miniature world's splits as JSONL"),
-    "teacher": (TeacherConfig, _teacher, "train a small dense teacher on the miniature world"),
-    "warmup": (WarmupConfig, _warmup, "Stage I warm-up: experts behind a frozen uniform router, then router init"),
+    "teacher": (
+        TeacherConfig,
+        _teacher,
+        "train a small model on the world: a dense teacher or a pretrained MoE student",
+    ),
+    "warmup": (
+        WarmupConfig,
+        _warmup,
+        "Stage I warm-up: experts behind a frozen router (uniform or seeded)",
+    ),
     "train": (TrainConfig, _train, "Phase B: PADD (or a baseline) on verifiable problems"),
     "eval": (EvalConfig, _eval, "Pass@1 / avg@k / pass@k of a model on math benchmarks"),
 }

@@ -73,7 +73,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--config",
         type=Path,
         default=argparse.SUPPRESS,
-        help="YAML file of defaults for these flags, or tiny / mini: this command's section of that study preset",
+        help="YAML file of defaults for these flags, or a built-in study preset's name (tiny, mini, "
+        "tiny-pretrained): this command's section of it",
     )
     hints = typing.get_type_hints(cls)
     shared = {f.name for f in dataclasses.fields(RunOptions)}
@@ -100,7 +101,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(_flag(old), action=_Renamed, dest=f"renamed_{old}", help=argparse.SUPPRESS)
 
 
-BUILTIN_PRESETS = ("tiny", "mini")  # padd/presets/study-{name}.yaml: the one home of their settings
+# padd/presets/study-{name}.yaml: the one home of their settings
+BUILTIN_PRESETS = ("tiny", "mini", "tiny-pretrained")
 
 
 def _preset_section(cls: type, name: str) -> dict:
@@ -109,7 +111,13 @@ def _preset_section(cls: type, name: str) -> dict:
     from importlib import resources
 
     raw = yaml.safe_load(resources.files("padd.presets").joinpath(f"study-{name}.yaml").read_text())
-    section = {"DecomposeConfig": "decompose", "WarmupConfig": "warmup", "TrainConfig": "train", "EvalConfig": "eval"}
+    section = {
+        "DecomposeConfig": "decompose",
+        "SeedConfig": "seed",
+        "WarmupConfig": "warmup",
+        "TrainConfig": "train",
+        "EvalConfig": "eval",
+    }
     if cls.__name__ not in section:
         raise ConfigError(f"--config {name}: the {name} preset has no section for this command; give a YAML file")
     values = dict(raw.get(section[cls.__name__]) or {})
@@ -214,6 +222,39 @@ class DecomposeConfig(RunOptions):
 
 
 @dataclass
+class SeedConfig(RunOptions):
+    """`padd seed`: Stage I for a pretrained MoE student — routers seeded from the teacher's clusters."""
+
+    teacher: str = req("local transformers checkpoint of the dense teacher")
+    student: str = req("pretrained transformers MoE student (any architecture padd's router adapter knows)")
+    corpus: str = req("text corpus (same forms as padd decompose --corpus, world included)")
+    out: str = req("output directory of the seeded student and padd_seed.json")
+    layer_map: str = opt(
+        "cka",
+        "teacher layer of each student layer: best monotone CKA path, or proportional depth",
+        choices=("cka", "proportional"),
+    )
+    seed_strength: float = opt(
+        1.0, "weight of the router fit to the matched cluster masses against its distance from the pretrained weights"
+    )
+    tokens: int = opt(8192, "corpus tokens for the statistics, the matching and the router fit")
+    heldout_tokens: int = opt(4096, "further corpus tokens for NMI / ESI, top-K agreement and LM loss before and after")
+    cka_tokens: int = opt(1024, "tokens of the CKA layer map (its cost grows with their square)")
+    seq_len: int = opt(256, "tokens per window")
+    batch_size: int = opt(8, "windows per forward")
+    proj_dim: int = opt(512, "random-projection width of the neuron features (0: keep all tokens)")
+    kmeans_iters: int = opt(50, "Lloyd iterations of the balanced K-Means")
+    fit_steps: int = opt(200, "Adam steps of each router's fit")
+    dtype: str = opt(
+        "auto",
+        "dtype of both models: auto keeps each checkpoint's (routers are fitted in float32 either way)",
+        choices=("auto", "float32", "bfloat16"),
+    )
+    text_field: str | None = opt(None, "corpus field(s) holding the text, comma-separated")
+    split: str = opt("train", "split of a datasets corpus")
+
+
+@dataclass
 class DemoConfig:
     """`padd demo`: `padd reproduce --preset tiny` with one seed and the main rows, into one folder."""
 
@@ -258,7 +299,7 @@ class EvalConfig:
 class ReproduceConfig:
     """`padd reproduce`: teacher, Stage I, warm-up, every method and ablation, evaluation and report."""
 
-    preset: str = req("study preset: tiny, mini, or a study YAML file (see configs/study-*.yaml)")
+    preset: str = req("study preset: tiny, mini, tiny-pretrained, or a study YAML file (see configs/study-*.yaml)")
     out: str = req("run directory; running again into it continues and skips finished cells")
     seeds: int = opt(3, "Phase B seeds per method (the teacher, Stage I and warm-up are shared)")
     methods: str = opt("all", "Table 1 rows: comma-separated of base,grpo,gspo,rspo,online-kd,padd, or all")
@@ -268,6 +309,9 @@ class ReproduceConfig:
         "other-start, all or none",
     )
     teacher: str | None = opt(None, "use this teacher checkpoint instead of the preset's")
+    student: str | None = opt(
+        None, "use this pretrained MoE student instead of the preset's (a study with a pretrained student only)"
+    )
     teacher_seed: int = opt(0, "seed of a preset teacher's data, initialisation and batches (not with --teacher)")
     eval_split: str = opt(
         "test", "split every row is evaluated on: val to choose settings, test to report", choices=("test", "val")
@@ -292,10 +336,19 @@ class ReproduceConfig:
 
 @dataclass
 class TeacherConfig(RunOptions):
-    """`padd teacher`: train a small dense teacher from scratch on the miniature world."""
+    """`padd teacher`: train a small model from scratch on the miniature world (a dense teacher, or
+    with tiny-moe a pretrained MoE student)."""
 
-    out: str = req("output directory of the teacher checkpoint and tokenizer")
-    preset: str = opt("tiny", "model size and training budget", choices=("tiny", "mini"))
+    out: str = req("output directory of the checkpoint and tokenizer")
+    preset: str = opt(
+        "tiny",
+        "model and training budget: the dense tiny / mini teachers, or tiny-moe (a pretrained MoE student "
+        "for the tiny teacher)",
+        choices=("tiny", "mini", "tiny-moe"),
+    )
+    tokenizer: str | None = opt(
+        None, "take this checkpoint's tokenizer (the teacher's, for a student) instead of training one"
+    )
     steps: int | None = opt(None, "optimizer steps (default: the preset's)")
     lr: float | None = opt(None, "peak AdamW learning rate (default: the preset's)")
     batch_size: int | None = opt(None, "training examples per step (default: the preset's)")
@@ -305,9 +358,9 @@ class TeacherConfig(RunOptions):
 
 @dataclass
 class WarmupConfig(RunOptions):
-    """`padd warmup`: experts trained behind a frozen uniform router, then the router initialised."""
+    """`padd warmup`: experts trained behind a frozen router (uniform, or the seeded one), then the router start."""
 
-    student: str = req("student checkpoint from padd decompose")
+    student: str = req("MoE student: from padd decompose, from padd seed, or a pretrained one")
     teacher: str = req("the dense teacher it was decomposed from")
     corpus: str = req("text corpus (same forms as padd decompose --corpus, world included)")
     out: str = req("output directory of the warmed-up student")
@@ -316,7 +369,18 @@ class WarmupConfig(RunOptions):
     seq_len: int = opt(256, "tokens per training window")
     batch_size: int = opt(8, "windows per optimizer step")
     lr: float = opt(1e-4, "AdamW learning rate of the experts")
-    router_init: str = opt("uniform", "router start for Phase B", choices=("uniform", "centroid", "distill"))
+    routing: str | None = opt(
+        None,
+        "router the experts train behind, frozen: uniform (K random experts, equal weights; the paper's) or the "
+        "student's own (default: uniform after padd decompose, frozen for a seeded or pretrained student)",
+        choices=("uniform", "frozen"),
+    )
+    router_init: str | None = opt(
+        None,
+        "router start for Phase B: zero (uniform), fitted to the teacher's clusters (centroid, distill) or kept "
+        "(default: uniform after padd decompose, keep for a seeded or pretrained student)",
+        choices=("uniform", "centroid", "distill", "keep"),
+    )
     router_tokens: int = opt(4096, "tokens used to fit a centroid / distill router")
     text_field: str | None = opt(None, "corpus field(s) holding the text, comma-separated")
     split: str = opt("train", "split of a datasets corpus")

@@ -78,6 +78,8 @@ class RunFiles:
         return torch.tensor(runs), torch.tensor(groups), ids or []
 
     def label(self, row: str) -> str:
+        if row in self.manifest.get("row_labels", {}):  # rows that mean another thing in this study
+            return self.manifest["row_labels"][row]
         if row == "other-start":
             other = next(s for s in ("uniform", "distill") if s != self.manifest.get("router_start", "distill"))
             return f"PADD from the {other} router start"
@@ -201,11 +203,12 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
     for baseline in (m for m in TABLE_ROWS if m not in ("padd", "base")):
         if d := compare(run, "padd", baseline, benches):
             out.append(
-                f"- *PADD beats {ROW_LABELS[baseline]} on the same initialisation and budget:* {_verdict(*d)}: "
+                f"- *PADD beats {run.label(baseline)} on the same initialisation and budget:* {_verdict(*d)}: "
                 f"{avg('padd')} vs {avg(baseline)}; difference {_interval(d)}."
             )
     if d := compare(run, "padd", "base", benches):
-        out.append(f"- *Phase B improves on the Stage I student (Base):* {_verdict(*d)}: difference {_interval(d)}.")
+        what = "the pretrained student" if _pretrained(run) else "the Stage I student"
+        out.append(f"- *PADD improves on {what} (Base):* {_verdict(*d)}: difference {_interval(d)}.")
     for abl in ABLATIONS:
         if abl == "other-start":
             if d := compare(run, "padd", abl, benches):
@@ -247,10 +250,39 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
     return out
 
 
+def _pretrained(run: RunFiles) -> bool:
+    return run.manifest.get("inits", {}).get("cluster") == "seeded"
+
+
+def _seeding_claims(run: RunFiles) -> list[str]:
+    """With a pretrained student: what padd seed changed (its own held-out measurements) and the
+    seeded against the unseeded warm-up before Phase B."""
+    seeded = run.cells.get("stage1-seeded", {}).get("result")
+    if not seeded:
+        return []
+    loss = seeded["lm_loss"]
+    out = [
+        f"- *Seeding recovers the teacher's modules in the pretrained student without overwriting it:* on held-out "
+        f"tokens NMI {seeded['nmi']['before']:.3f} → {seeded['nmi']['after']:.3f}, ESI {seeded['esi']['before']:.3f} → "
+        f"{seeded['esi']['after']:.3f}, top-K agreement with the pretrained routers "
+        f"{seeded['topk_agreement_with_pretrained']:.3f}, LM loss {loss['before']:.4f} → {loss['after']:.4f} "
+        f"({100 * loss['relative_rise']:+.2f}%; experts untouched)."
+    ]
+    start = run.manifest.get("router_start", "keep")
+    c, r = run.analysis.get(f"seeded-{start}"), run.analysis.get(f"unseeded-{start}")
+    if c and r:
+        out.append(
+            f"- *After the same warm-up, before Phase B:* NMI {c['nmi']:.3f} vs {r['nmi']:.3f}, ESI {c['esi']:.3f} vs "
+            f"{r['esi']:.3f} (seeded vs unseeded; one measurement each)."
+        )
+    return out
+
+
 def _alignment_claims(run: RunFiles) -> list[str]:
     """Stage I's NMI / ESI claim: at the paper's uniform router start (before Phase B, and after it
-    for PADD against PADD −I), with the fitted start's numbers beside it."""
-    out = []
+    for PADD against PADD −I), with the fitted start's numbers beside it; with a pretrained student,
+    the seeding's."""
+    out = _seeding_claims(run)
     c, r = run.analysis.get("cluster-uniform"), run.analysis.get("random-uniform")
     if c and r:
         out.append(
@@ -271,7 +303,7 @@ def _alignment_claims(run: RunFiles) -> list[str]:
         )
         out.append(
             f"- *After Phase B from the {run.manifest.get('router_start', 'uniform')} start, PADD against "
-            f"PADD −I:* {word}: "
+            f"{run.label('no-stage1')}:* {word}: "
             f"NMI {_fmt(nmi_a, digits=3)} vs {_fmt(nmi_b, digits=3)}, "
             f"ESI {_fmt(esi_a, digits=3)} vs {_fmt(esi_b, digits=3)} "
             "(supported needs both higher in every seed)."
@@ -423,7 +455,11 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
             "NMI and ESI between each token's teacher co-activation cluster (Stage I's K-Means partition) and the "
             "student's top-1 expert, on held-out tokens, mean over MoE layers. "
             + (
-                "`cluster-*` and `random-*` are the warmed-up students before Phase B (Stage I vs random "
+                "`seeded-*` and `unseeded-*` are the pretrained student's warm-ups before Phase B, with and "
+                "without padd seed; the clusters are those padd seed matched to the experts, each student layer "
+                "against the teacher layer its layer map gives. "
+                if _pretrained(run)
+                else "`cluster-*` and `random-*` are the warmed-up students before Phase B (Stage I vs random "
                 "upcycling) at the uniform and the fitted (distill) router start; a fitted start was fitted to "
                 "its own partition's cluster masses, so the primary comparison is at the uniform start. "
                 if any(n.startswith(("cluster-", "random-")) for n in spec_rows)
@@ -439,7 +475,12 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
         plots.specialisation_bars({n: (a["nmi"], a["esi"]) for n, a in spec_rows.items()}, plot_dir / "nmi_esi.png")
         lines += ["", "![NMI and ESI](plots/nmi_esi.png)"]
         start = run.manifest.get("router_start", "uniform")
-        shown = {f"cluster-{start}": "Base", "grpo-s0": "Vanilla GRPO (seed 0)", "padd-s0": "PADD (seed 0)"}
+        with_stage1 = run.manifest.get("inits", {}).get("cluster", "cluster")
+        shown = {
+            f"{with_stage1}-{start}": "Start of Phase B",
+            "grpo-s0": "Vanilla GRPO (seed 0)",
+            "padd-s0": "PADD (seed 0)",
+        }
         heat = {n: np.array(a["load"]) for n, a in spec_rows.items() if n in shown}
         if heat:
             plots.load_heatmaps(heat, shown, plot_dir / "load.png")
@@ -450,8 +491,8 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
         lines += ["", "## Routing stability", "", "| Method | Γ_step at the last step | Γ_step mean | Γ_step p90 |"]
         lines.append("| --- | --- | --- | --- |")
         for r, s in gamma_rows.items():
-            lines.append(f"| {ROW_LABELS[r]} | {s[:, -1].mean():.3g} | {s.mean():.3g} | {np.quantile(s, 0.9):.3g} |")
-        plots.gamma_curves(gamma_rows, ROW_LABELS, plot_dir / "gamma.png")
+            lines.append(f"| {run.label(r)} | {s[:, -1].mean():.3g} | {s.mean():.3g} | {np.quantile(s, 0.9):.3g} |")
+        plots.gamma_curves(gamma_rows, {r: run.label(r) for r in gamma_rows}, plot_dir / "gamma.png")
         lines += ["", "![router shift](plots/gamma.png)"]
     rewards = {r: s for r in trained if (s := _series(run, r, "reward_mean", "batch")) is not None}
     if rewards:

@@ -88,6 +88,7 @@ class RouterRecorder(_GateHooks):
         self, model: torch.nn.Module, keep_grad: bool = False, keep_inputs: bool = False, keep_logits: bool = True
     ):
         self.gates = moe_gates(model)
+        self.config = model.config
         self.keep_grad = keep_grad
         self.keep_inputs = keep_inputs
         self.keep_logits = keep_logits
@@ -121,7 +122,8 @@ class RouterRecorder(_GateHooks):
             raise RuntimeError(
                 f"recorded {len(self.logits)} router calls, expected {n_layers}: run exactly one forward"
             )
-        logp = torch.stack([router_log_scores(lg) for lg in self.logits]).view(n_layers, *batch_shape, -1)
+        logp = torch.stack([router_adapter.log_scores(self.config, lg) for lg in self.logits])
+        logp = logp.view(n_layers, *batch_shape, -1)
         topk = torch.stack(self.topk).view(n_layers, *batch_shape, -1)
         return logp, topk
 
@@ -137,7 +139,10 @@ class RouterRecorder(_GateHooks):
         the recorded inputs (needs keep_inputs)."""
         if len(self.inputs) != len(weights):
             raise RuntimeError("log_scores_under needs one recorded forward with keep_inputs=True")
-        logp = [router_log_scores(h.float() @ w.float().T) for h, w in zip(self.inputs, weights, strict=True)]
+        logp = [
+            router_adapter.log_scores(self.config, h.float() @ w.float().T)
+            for h, w in zip(self.inputs, weights, strict=True)
+        ]
         return torch.stack(logp).view(len(weights), *batch_shape, -1)
 
 

@@ -6,7 +6,9 @@ and holds the settings of each stage as overrides of that command's config. The 
     study.json            the resolved preset and the rows asked for
     cells.json            finished cells with their wall time (a cell listed here is never redone)
     teacher/              trained for the built-in presets (or the given checkpoint is used)
-    stage1-{init}/        padd decompose, init cluster (PADD) and random (the −I ablation)
+    student/              a pretrained MoE student trained for a preset that names one (tiny-pretrained)
+    stage1-{init}/        padd decompose, init cluster (PADD) and random (the −I ablation); with a
+                          pretrained student, stage1-seeded/ is padd seed (unseeded: the student as it is)
     warmup-{init}/        padd warmup
     warmup-{init}-{start}/ the same experts with the other router start (padd warmup --epochs 0)
     train/{row}-s{seed}/  padd train, one run per method, ablation or swept value and seed
@@ -17,6 +19,10 @@ and holds the settings of each stage as overrides of that command's config. The 
 Every row starts from the preset's router start (`warmup.router_init`); the other start (uniform
 or distill) is built beside it for the NMI / ESI comparison at both starts (unless
 --no-compare-inits) and for the `other-start` row, which measures what the choice of start is worth.
+
+With a pretrained MoE student (`student:`, the paper's own setting) Stage I is `padd seed`, every
+trained row starts from the seeded and warmed-up student, the Base row is the pretrained student as
+it is, and PADD −I is PADD from the same warm-up of the unseeded student.
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ from transformers import AutoTokenizer
 
 from padd.analysis import expert_specialisation, max_logit_gap_all_experts
 from padd.config import (
+    BUILTIN_PRESETS,
     ConfigError,
     DecomposeConfig,
     EvalConfig,
     ReproduceConfig,
+    SeedConfig,
     TeacherConfig,
     TrainConfig,
     WarmupConfig,
@@ -57,16 +65,29 @@ from padd.methods import ABLATIONS, METHOD_ONLY_OPTIONS, METHODS, OFF_AT_ZERO, T
 from padd.models import load_causal_lm
 from padd.phase_b.loop import run_train
 from padd.report import write_report
-from padd.stage1.decompose import STAGE1_FILE, decompose
+from padd.stage1.decompose import decompose
+from padd.stage1.reference import read_reference
+from padd.stage1.seed import run_seed
 from padd.stage1.warmup import run_warmup
 from padd.teacher import PRESETS as TEACHER_PRESETS
 from padd.teacher import train_teacher
 
 ROUTER_STARTS = ("uniform", "distill")
+# Stage I's init with and without it (the −I ablation's), by kind of student
+INITS = {"cluster": "cluster", "random": "random"}
+PRETRAINED_INITS = {"cluster": "seeded", "random": "unseeded"}
+# the rows whose meaning changes with a pretrained student, and what they are then
+PRETRAINED_LABELS = {"base": "Base (pretrained MoE student)", "no-stage1": "PADD −I (no seeding)"}
 
 # Keys each stage section may not set: the study wires them.
 _WIRED = {"teacher", "student", "corpus", "data", "out", "model", "bench", "init", "method", "seed", "resume"}
-_SECTIONS = {"decompose": DecomposeConfig, "warmup": WarmupConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTIONS = {
+    "decompose": DecomposeConfig,
+    "seed": SeedConfig,
+    "warmup": WarmupConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 
 
 @dataclass
@@ -75,6 +96,9 @@ class Study:
 
     teacher: str = "tiny"  # a `padd teacher` preset name, or a checkpoint directory
     teacher_steps: int | None = None  # optimizer steps of a preset teacher (default: the preset's)
+    # a pretrained MoE student (a `padd teacher` MoE preset trained here with the teacher's tokenizer,
+    # or a checkpoint): Stage I seeds it (padd seed) instead of decomposing the teacher
+    student: str | None = None
     corpus: str = "world"  # Stage I statistics and warm-up text
     data: str = "world:add+sub+mul+expr+word"  # Phase B problems (train split)
     benches: str = "world:add,world:sub,world:mul,world:expr,world:word"  # Table 1 columns
@@ -85,6 +109,7 @@ class Study:
     analysis_seq_len: int = 128  # tokens per window of it
     exactness_check: bool = True  # compare student (all experts on) and teacher logits in float32 on CPU
     decompose: dict = field(default_factory=dict)
+    seed: dict = field(default_factory=dict)  # padd seed settings (a study with a pretrained student)
     warmup: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)  # padd train settings shared by every method
     methods: dict = field(default_factory=dict)  # method -> its own options (padd.methods), e.g. padd: {lam: 100}
@@ -92,13 +117,13 @@ class Study:
 
 
 def load_study(spec: str) -> Study:
-    """The study of a built-in preset name (tiny, mini) or a YAML file; unknown keys are errors."""
-    if spec in ("tiny", "mini"):
+    """The study of a built-in preset name (tiny, mini, tiny-pretrained) or a YAML file; unknown keys are errors."""
+    if spec in BUILTIN_PRESETS:
         text = resources.files("padd.presets").joinpath(f"study-{spec}.yaml").read_text()
     elif Path(spec).is_file():
         text = Path(spec).read_text()
     else:
-        raise ConfigError(f"--preset {spec!r}: not tiny, mini or an existing YAML file")
+        raise ConfigError(f"--preset {spec!r}: not one of {', '.join(BUILTIN_PRESETS)} or an existing YAML file")
     raw = yaml.safe_load(text) or {}
     known = {f.name for f in dataclasses.fields(Study)}
     if unknown := set(raw) - known:
@@ -122,10 +147,27 @@ def load_study(spec: str) -> Study:
                 + f"; it reads {sorted(METHODS[method].options)}"
             )
     study = Study(**raw)
+    if study.student is not None:
+        if study.decompose:
+            raise ConfigError(
+                f"{spec}: a study with a pretrained student seeds it (seed:); drop the decompose: section"
+            )
+        if study.warmup.get("router_init", "keep") != "keep" or study.warmup.get("routing", "frozen") != "frozen":
+            raise ConfigError(
+                f"{spec}: with a pretrained student every row starts from the seeded router, kept (warmup "
+                "router_init: keep, routing: frozen); compare other routers with padd warmup directly"
+            )
+        return study
+    if study.seed:
+        raise ConfigError(f"{spec}: seed: settings need a pretrained MoE student (student:); decompose: builds one")
     if missing := [k for k in ("experts", "top_k") if k not in study.decompose]:
         raise ConfigError(f"{spec}: decompose must set {' and '.join(missing)} (the student's shape has no default)")
     if study.warmup.get("router_init", "uniform") not in ROUTER_STARTS:
         raise ConfigError(f"{spec}: warmup router_init must be one of {', '.join(ROUTER_STARTS)} in a study")
+    if study.warmup.get("routing", "uniform") != "uniform":
+        raise ConfigError(
+            f"{spec}: the warm-up of a decomposed student runs behind the uniform router (routing: uniform)"
+        )
     return study
 
 
@@ -187,15 +229,30 @@ class StudyRun:
         self.ablations = _split(cfg.ablations, tuple(ABLATIONS), "ablations")
         self.sweep = parse_sweep(cfg.sweep, self.study)
         self.seeds = list(range(cfg.seeds))
-        self.start = self.study.warmup.get("router_init", "uniform")  # every row's router start
+        if cfg.student:
+            self.study.student = cfg.student
+        self.pretrained = self.study.student is not None
+        self.inits = PRETRAINED_INITS if self.pretrained else INITS
+        # every row's router start
+        self.start = self.study.warmup.get("router_init", "keep" if self.pretrained else "uniform")
+        if self.pretrained and cfg.ablations == "all":  # every ablation that applies to a pretrained student
+            self.ablations.remove("other-start")
+        elif self.pretrained and "other-start" in self.ablations:
+            raise ConfigError(
+                "--ablations other-start compares router starts of a decomposed student; a pretrained student keeps "
+                "its seeded router (leave other-start out)"
+            )
         if cfg.jobs < 1:
             raise ConfigError(f"--jobs {cfg.jobs}: give the number of processes to spread the rows over (1 or more)")
         if cfg.teacher and cfg.teacher_seed:
             raise ConfigError("--teacher-seed seeds a teacher trained here; it has no effect with --teacher")
+        if cfg.student and load_study(cfg.preset).decompose:
+            raise ConfigError(f"--student: the {cfg.preset} study decomposes its teacher; it has no pretrained student")
         self.out = Path(cfg.out)
         manifest = {
             "study": dataclasses.asdict(self.study),
             "teacher_override": cfg.teacher,
+            "student_override": cfg.student,
             "teacher_seed": cfg.teacher_seed,
             "eval_split": cfg.eval_split,
         }
@@ -214,6 +271,15 @@ class StudyRun:
         self.teacher = self.out / "teacher" if self.train_teacher else Path(cfg.teacher or self.study.teacher)
         if not self.train_teacher and not self.teacher.exists():
             raise UserError(f"--teacher {self.teacher} does not exist; give a checkpoint folder or a preset name")
+        # The pretrained student, the same way: a given or the study's checkpoint, or trained here.
+        self.train_student = self.pretrained and self.study.student in TEACHER_PRESETS
+        if self.train_student and not TEACHER_PRESETS[self.study.student].experts:
+            raise ConfigError(f"student: {self.study.student} is a dense preset; name an MoE one (tiny-moe)")
+        self.student = None
+        if self.pretrained:
+            self.student = self.out / "student" if self.train_student else Path(self.study.student)
+            if not self.train_student and not self.student.exists():
+                raise UserError(f"--student {self.student} does not exist; give a checkpoint folder or an MoE preset")
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_depth, self._lock_fd = 0, -1
         self.cells_file = self.out / "cells.json"
@@ -223,6 +289,8 @@ class StudyRun:
             ablations=self.ablations,
             seeds=self.seeds,
             router_start=self.start,
+            inits=self.inits,
+            row_labels=PRETRAINED_LABELS if self.pretrained else {},
             sweep=None
             if self.sweep is None
             else {
@@ -327,15 +395,16 @@ class StudyRun:
 
     def rows(self) -> list[tuple[str, str, str, dict, int | None]]:
         """(row, Stage I init, router start, padd-train overrides, seed) of every trained or evaluated student."""
-        out = [("base", "cluster", self.start, {}, None)] if "base" in self.methods else []
+        with_stage1 = self.inits["cluster"]
+        out = [("base", with_stage1, self.start, {}, None)] if "base" in self.methods else []
         for seed in self.seeds:
             for m in self.methods:
                 if m != "base":
-                    out.append((m, "cluster", self.start, {"method": m, **self.method_settings(m)}, seed))
+                    out.append((m, with_stage1, self.start, {"method": m, **self.method_settings(m)}, seed))
             for a in self.ablations:
                 v = ABLATIONS[a]
                 kw = {"method": "padd", **v.switches, **self.method_settings("padd", v.switches), **v.shared}
-                out.append((a, v.init, self.other_start if v.start == "other" else self.start, kw, seed))
+                out.append((a, self.inits[v.init], self.other_start if v.start == "other" else self.start, kw, seed))
             if self.sweep is not None:
                 method, option, values = self.sweep
                 for value, row in zip(values, self.sweep_rows(), strict=True):
@@ -343,7 +412,7 @@ class StudyRun:
                     off = OFF_AT_ZERO.get(option, ()) if value == 0 else ()
                     kept = {k: v for k, v in self.method_settings(method).items() if k not in off}
                     kw = {"method": method, **kept, option: value}
-                    out.append((row, "cluster", self.start, kw, seed))
+                    out.append((row, with_stage1, self.start, kw, seed))
         return out
 
     @property
@@ -355,8 +424,13 @@ class StudyRun:
 
         if self.train_teacher:
             self.cell("teacher", "teacher", self._teacher)
+        if self.train_student:
+            self.cell("student", "student", self._student)
         for init, starts in self.warm_starts().items():
-            self.cell(f"stage1-{init}", "stage I", lambda init=init: self._decompose(init))
+            if init == "seeded":
+                self.cell("stage1-seeded", "stage I", self._seed)
+            elif init != "unseeded":  # the unseeded student is the pretrained one as it is
+                self.cell(f"stage1-{init}", "stage I", lambda init=init: self._decompose(init))
             self.cell(f"warmup-{init}", "warm-up", lambda init=init: self._warmup(init))
             for start in starts:
                 if start != self.start:
@@ -380,7 +454,7 @@ class StudyRun:
         """Train (unless it is the base row), evaluate and analyse one row of the study."""
         name = _row_name((row, init, start, train_kw, seed))
         if row == "base":
-            student = self.warm(init, start)
+            student = self.student if self.pretrained else self.warm(init, start)
         else:
             self.cell(f"train/{name}", "phase B", lambda: self._train(name, self.warm(init, start), train_kw, seed))
             student = self.out / "train" / name / "student"
@@ -428,6 +502,11 @@ class StudyRun:
     def warm_starts(self) -> dict[str, list[str]]:
         """The warmed-up students to build: init -> router starts. Both inits at both starts for the
         report's NMI / ESI comparison (--compare-inits), else only those the rows train from."""
+        if self.pretrained:  # one start (the seeded router, kept); both inits to compare them
+            inits = {init for _, init, _, _, _ in self.rows()} | {self.inits["cluster"]}
+            if self.cfg.compare_inits:
+                inits |= set(self.inits.values())
+            return {init: [self.start] for init in self.inits.values() if init in inits}
         if self.cfg.compare_inits:
             return {init: [self.start, self.other_start] for init in ("cluster", "random")}
         needed: dict[str, list[str]] = {"cluster": [self.start]}
@@ -455,6 +534,32 @@ class StudyRun:
         )
         train_teacher(cfg, self.console)
 
+    def _student(self) -> None:
+        cfg = TeacherConfig(
+            out=str(self.student),
+            preset=self.study.student,
+            tokenizer=str(self.teacher),  # the paper's pairs share their tokenizers
+            seed=self.cfg.teacher_seed,
+            eval_per_skill=0,
+            overwrite=True,
+            **self._common(),
+        )
+        train_teacher(cfg, self.console)
+
+    def _seed(self) -> dict:
+        record = run_seed(
+            SeedConfig(
+                teacher=str(self.teacher),
+                student=str(self.student),
+                corpus=self.study.corpus,
+                out=str(self.out / "stage1-seeded"),
+                overwrite=True,
+                **{**self._common(), **self.study.seed},
+            ),
+            self.console,
+        )
+        return {k: record[k] for k in ("layer_map", "nmi", "esi", "topk_agreement_with_pretrained", "lm_loss")}
+
     def _decompose(self, init: str) -> dict:
         import torch
 
@@ -481,6 +586,8 @@ class StudyRun:
 
         settings = {**self.study.warmup}
         source, out = self.out / f"stage1-{init}", self.warm(init)
+        if init == "unseeded":
+            source = self.student
         if restart is not None:
             settings.update(epochs=0, router_init=restart)
             source, out = self.warm(init), self.warm(init, restart)
@@ -531,8 +638,7 @@ class StudyRun:
     def _analyse(self, name: str, student_dir: Path) -> None:
         import torch
 
-        partition = json.loads((self.out / "stage1-cluster" / STAGE1_FILE).read_text())
-        clusters = [torch.tensor(la["experts"]) for la in partition["layers"] if not la.get("dense")]
+        reference = read_reference(self.out / f"stage1-{self.inits['cluster']}")
         tokenizer = AutoTokenizer.from_pretrained(student_dir)
         windows = sample_corpus(
             self.study.analysis_corpus or self.study.corpus,
@@ -544,7 +650,8 @@ class StudyRun:
         device = torch.device(self.cfg.device)
         student = load_causal_lm(student_dir, device=device)
         teacher = load_causal_lm(self.teacher, device=device)
-        result = expert_specialisation(student, teacher, windows, [c.to(device) for c in clusters])
+        ref = reference.to(device)
+        result = expert_specialisation(student, teacher, windows, ref.clusters, teacher_layers=ref.teacher_layers)
         atomic_write_json(self.out / "analysis" / f"{name}.json", result)
         self.console.print(f"{name}: NMI {result['nmi']:.3f}, ESI {result['esi']:.3f} against the teacher's clusters")
 

@@ -1,9 +1,13 @@
-"""`padd teacher`: train a small dense transformers teacher from scratch on the miniature world.
+"""`padd teacher`: train a small transformers model from scratch on the miniature world.
 
-A Qwen2-class model (SwiGLU MLP, qkv biases) with its own byte-level BPE tokenizer (single digits),
-trained on prompt + step-by-step solution with the loss on the solution only, then evaluated with
-greedy Pass@1 per skill. The result loads with AutoModelForCausalLM / AutoTokenizer like any hub
-checkpoint and is the teacher of every later stage.
+The dense presets (tiny, mini) are Qwen2-class teachers (SwiGLU MLP, qkv biases) with their own
+byte-level BPE tokenizer (single digits). The MoE preset (tiny-moe) is the paper's other party: a
+pretrained Qwen3-MoE-class student of another width and depth, with more total and fewer active
+parameters than the tiny teacher, trained on less math than the teacher saw and usually with the
+teacher's tokenizer (`--tokenizer`, as the paper's pairs share theirs), so that it starts weaker on
+the math skills. Every model trains on prompt + step-by-step solution with the loss on the solution
+only and is evaluated with greedy Pass@1 per skill; it loads with AutoModelForCausalLM /
+AutoTokenizer like any hub checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from padd.errors import UserError
 from padd.eval import evaluate_bench
 from padd.io import atomic_write_json, check_out_dir
 from padd.tiny import build_tokenizer
-from padd.world.tasks import SKILLS, make_problems
+from padd.world.tasks import MATH_SKILLS, SKILLS, make_problems
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,13 @@ class TeacherPreset:
     batch_size: int
     lr: float
     train_per_skill: int
+    # an MoE model (Qwen3-MoE) when experts > 0: routed experts per layer, top-k, width of each
+    experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    head_dim: int | None = None
+    # training problems per math skill, when fewer than train_per_skill (a student that saw less math)
+    math_per_skill: int | None = None
 
 
 PRESETS = {
@@ -46,7 +57,63 @@ PRESETS = {
     "tiny": TeacherPreset(128, 512, 4, 4, 2, steps=1500, batch_size=32, lr=3e-3, train_per_skill=8000),
     # stronger: about 22 minutes on 2 CPU cores
     "mini": TeacherPreset(192, 768, 6, 6, 2, steps=2000, batch_size=32, lr=2e-3, train_per_skill=40000),
+    # the tiny teacher's pretrained MoE student (the paper's setting in miniature): width 160 and 5
+    # layers against 128 and 4; 3.4x the teacher's parameters, and top-2 of 16 experts of 76 neurons
+    # make its active FFN FLOPs per token 0.46x the teacher's (the paper's students: 0.47x per token).
+    # A tenth of the teacher's math problems and 40% of its steps leave it clearly weaker at math.
+    "tiny-moe": TeacherPreset(
+        160,
+        320,
+        5,
+        4,
+        2,
+        steps=600,
+        batch_size=32,
+        lr=3e-3,
+        train_per_skill=8000,
+        experts=16,
+        top_k=2,
+        moe_intermediate_size=76,
+        head_dim=40,
+        math_per_skill=800,
+    ),
 }
+
+
+def build_model(preset: TeacherPreset, tokenizer):
+    """A randomly initialised model of the preset's shape: Qwen2 (dense) or Qwen3-MoE (experts > 0)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    if not preset.experts:
+        return Qwen2ForCausalLM(Qwen2Config(**common))
+    config = Qwen3MoeConfig(
+        **common,
+        head_dim=preset.head_dim,
+        num_experts=preset.experts,
+        num_experts_per_tok=preset.top_k,
+        moe_intermediate_size=preset.moe_intermediate_size,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        # the router learns with the usual auxiliary load-balancing loss while it pretrains (switched
+        # off in the saved config: later stages balance with padd's own routing bias)
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+    )
+    return Qwen3MoeForCausalLM(config)
 
 
 def _examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
@@ -94,8 +161,8 @@ def accumulate_batch_gradient(model, examples, pad_id: int, device, micro_batche
 
 
 def train_teacher(cfg, console: Console | None = None) -> dict:
-    """Train the preset's teacher into cfg.out; returns {"pass@1": {skill: score}, ...}."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Train the preset's model into cfg.out; returns {"pass@1": {skill: score}, ...}."""
+    from transformers import AutoTokenizer
 
     console = console or Console()
     preset = PRESETS[cfg.preset]
@@ -105,13 +172,21 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     n_train = cfg.train_per_skill or preset.train_per_skill
-    rows = [r for s in SKILLS for r in make_problems(s, "train", n_train, cfg.seed, allow_fewer=True)]
+    n_math = min(n_train, preset.math_per_skill or n_train)
+    rows = [
+        r
+        for s in SKILLS
+        for r in make_problems(s, "train", n_math if s in MATH_SKILLS else n_train, cfg.seed, allow_fewer=True)
+    ]
     random.Random(cfg.seed).shuffle(rows)
-    # The tokenizer sees whole training texts, prompt template included, so the fixed instruction
-    # costs a few tokens rather than one per character.
-    tokenizer = build_tokenizer(
-        (build_prompt(None, r["problem"]) + " " + r["solution"] for r in rows[:20000]), vocab_size=512
-    )
+    if cfg.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    else:
+        # The tokenizer sees whole training texts, prompt template included, so the fixed instruction
+        # costs a few tokens rather than one per character.
+        tokenizer = build_tokenizer(
+            (build_prompt(None, r["problem"]) + " " + r["solution"] for r in rows[:20000]), vocab_size=512
+        )
     examples = _examples(tokenizer, rows)
     batch_size = cfg.batch_size or preset.batch_size
     if len(examples) < batch_size:
@@ -121,21 +196,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     console.print(
         f"{len(examples)} training examples, tokenizer of {len(tokenizer)} tokens ({time.perf_counter() - t0:.0f}s)"
     )
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=preset.hidden_size,
-            intermediate_size=preset.intermediate_size,
-            num_hidden_layers=preset.num_layers,
-            num_attention_heads=preset.num_heads,
-            num_key_value_heads=preset.num_kv_heads,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None,
-        )
-    ).to(cfg.device)
+    model = build_model(preset, tokenizer).to(cfg.device)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr or preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
     # Warm-up, stable, decay: a constant rate through the middle reaches the point where the model
     # learns to copy operands from the prompt sooner than a cosine that starts decaying at once.
@@ -157,6 +218,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
         bar.set_postfix(loss=f"{loss_ema:.3f}")
     train_s = time.perf_counter() - t0
     model.eval()
+    model.config.output_router_logits = False  # an MoE's auxiliary loss was for pretraining only
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -175,6 +237,9 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
         scores = {s: evaluate_bench(model, tokenizer, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
     record = {
         "preset": cfg.preset,
+        "architecture": model.config.model_type,
+        "train_per_skill": {sk: n_math if sk in MATH_SKILLS else n_train for sk in SKILLS},
+        "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "trained",
         "steps": steps,
         "lr": cfg.lr or preset.lr,
         "batch_size": batch_size,

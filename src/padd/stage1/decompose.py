@@ -21,8 +21,8 @@ from padd.models import load_causal_lm
 from padd.stage1.activations import collect_layer_stats, owned_layers
 from padd.stage1.build import TeacherError, build_student, validate_teacher
 from padd.stage1.partition import check_sizes, plan_layer
+from padd.stage1.reference import STAGE1_FILE
 
-STAGE1_FILE = "padd_stage1.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 

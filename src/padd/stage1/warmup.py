@@ -1,15 +1,19 @@
-"""`padd warmup` (docs/method.md §3 steps 5-6): train the experts behind a frozen uniform router, then start the router.
+"""`padd warmup` (docs/method.md §3 steps 5-6, 8): train the experts behind a frozen router, then start the router.
 
-Every token goes to K experts drawn uniformly at random with equal weights; the loss is
-KL(teacher ‖ student) on the teacher's logits at temperature 1; only expert weights train. The
-router for Phase B then starts `uniform` (zero weights plus a tiny random init that breaks ties),
-`centroid` (each expert's row points at the mean router input of the tokens whose largest teacher
-activation mass lies in its cluster) or `distill` (the router is fitted so that its normalised
-scores predict each token's teacher-cluster mass distribution).
+The loss is KL(teacher ‖ student) on the teacher's logits at temperature 1; only expert weights
+train. The frozen router is `uniform` (every token to K experts drawn uniformly at random with equal
+weights: the paper's, and the default for a student from padd decompose) or `frozen` (the student's
+own router, unchanged: the default for a pretrained or seeded student, whose router already routes
+by the teacher's clusters). The router for Phase B then starts `uniform` (zero weights plus a tiny
+random init that breaks ties), `centroid` (each expert's row points at the mean router input of the
+tokens whose largest teacher activation mass lies in its cluster), `distill` (the router is fitted
+so that its normalised scores predict each token's teacher-cluster mass distribution) or `keep`
+(the router as it is: the default for a pretrained or seeded student).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -26,11 +30,13 @@ from padd.io import atomic_save_dir, check_out_dir
 from padd.losses import distill_kl_loss
 from padd.models import load_causal_lm
 from padd.precision import autocast, routers_in_fp32, teacher_dtype
-from padd.routing import RouterRecorder, moe_gates, moe_layer_indices, router_log_scores, uniform_random_routing
-from padd.stage1.decompose import STAGE1_FILE
+from padd.router_adapter import log_scores
+from padd.routing import RouterRecorder, moe_gates, moe_layer_indices, uniform_random_routing
+from padd.stage1.reference import STAGE1_FILE, copy_reference, read_reference
 from padd.vocab import shared_vocab
 
-ROUTER_INITS = ("uniform", "centroid", "distill")
+ROUTER_INITS = ("uniform", "centroid", "distill", "keep")
+WARMUP_ROUTINGS = ("uniform", "frozen")
 
 
 def expert_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -48,19 +54,24 @@ def expert_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @torch.no_grad()
-def teacher_cluster_masses(teacher, windows: torch.Tensor, clusters: list[torch.Tensor], batch_size: int) -> list:
+def teacher_cluster_masses(
+    teacher, windows: torch.Tensor, clusters: list[torch.Tensor], batch_size: int, teacher_layers: list[int]
+) -> list:
     """Per MoE layer, each token's share of the teacher's activation mass in each cluster: [N, E].
 
-    clusters[l]: [E, S] teacher neuron indices of each expert of MoE layer l (from padd_stage1.json);
-    MoE layer l is decoder layer `moe_layers[l]` of the student, the same index in the teacher.
+    clusters[l]: [E, S] teacher neuron indices of each expert of MoE layer l, whose clusters come
+    from teacher layer teacher_layers[l] (padd.stage1.reference).
     """
     masses: list[list[torch.Tensor]] = [[] for _ in clusters]
-    layers = teacher.model.layers[len(teacher.model.layers) - len(clusters) :]  # leading dense layers skipped
+
+    def record(j: int):
+        def hook(module, args):
+            masses[j].append(args[0].reshape(-1, args[0].shape[-1]).float().abs()[:, clusters[j]].sum(-1))
+
+        return hook
+
     hooks = [
-        layer.mlp.down_proj.register_forward_pre_hook(
-            lambda m, a, j=j: masses[j].append(a[0].reshape(-1, a[0].shape[-1]).float().abs()[:, clusters[j]].sum(-1))
-        )
-        for j, layer in enumerate(layers)
+        teacher.model.layers[t].mlp.down_proj.register_forward_pre_hook(record(j)) for j, t in enumerate(teacher_layers)
     ]
     try:
         device = next(teacher.parameters()).device
@@ -106,23 +117,28 @@ def init_router(
     gen = torch.Generator().manual_seed(seed)
     gates = moe_gates(student)
     summary: dict = {"router_init": method}
-    with torch.no_grad():
-        for gate in gates:  # ties between experts are broken at random, not by expert index
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 1e-3)
-    if method != "uniform":
+    if method != "keep":
+        with torch.no_grad():
+            for gate in gates:  # ties between experts are broken at random, not by expert index
+                gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 1e-3)
+    if method in ("centroid", "distill"):
         for layer, (gate, q) in enumerate(zip(gates, masses, strict=True)):
             (h,) = router_inputs(student, probe, batch_size, layer=layer)
             with torch.no_grad():
-                gate.weight.copy_(_fitted_router(method, gate.weight.detach().float(), h, q, steps=steps, lr=lr))
+                fitted = _fitted_router(student.config, method, gate.weight.detach().float(), h, q, steps=steps, lr=lr)
+                gate.weight.copy_(fitted)
     if masses is None:
         return summary
     # how well the start predicts the teacher's cluster masses, against a flat router, on the inputs
     # of a forward that routes with every layer's start: what Phase B begins from
     h_all = router_inputs(student, probe, batch_size)
     with torch.no_grad():
-        fit = [float(_router_fit_kl(h, q, g.weight.float())) for g, h, q in zip(gates, h_all, masses, strict=True)]
+        config = student.config
+        fit = [
+            float(_router_fit_kl(config, h, q, g.weight.float())) for g, h, q in zip(gates, h_all, masses, strict=True)
+        ]
         flat = [
-            float(_router_fit_kl(h, q, torch.zeros_like(h[:1]).expand(q.shape[1], -1)))
+            float(_router_fit_kl(config, h, q, torch.zeros_like(h[:1]).expand(q.shape[1], -1)))
             for h, q in zip(h_all, masses, strict=True)
         ]
     summary["router_fit_kl"] = sum(fit) / len(fit)
@@ -131,10 +147,12 @@ def init_router(
     return summary
 
 
-def _fitted_router(method: str, weight: torch.Tensor, h: torch.Tensor, q: torch.Tensor, *, steps: int, lr: float):
+def _fitted_router(
+    config, method: str, weight: torch.Tensor, h: torch.Tensor, q: torch.Tensor, *, steps: int, lr: float
+):
     """A router weight [E, H] fitted to inputs h [N, H] and cluster-mass shares q [N, E]: `centroid`
     points each expert's row at the mean (unit) input of the tokens whose dominant cluster it is;
-    `distill` minimises KL(q ‖ p), p the normalised sigmoid scores of W h."""
+    `distill` minimises KL(q ‖ p), p the architecture's normalised router distribution of W h."""
     if method == "centroid":
         weight = weight.clone()
         dominant = q.argmax(-1)
@@ -151,16 +169,27 @@ def _fitted_router(method: str, weight: torch.Tensor, h: torch.Tensor, q: torch.
     opt = torch.optim.Adam([weight], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = _router_fit_kl(h, q, weight)
+            loss = _router_fit_kl(config, h, q, weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
     return weight.detach()
 
 
-def _router_fit_kl(h: torch.Tensor, q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """KL(q ‖ p): q the teacher-cluster mass shares [N, E], p the normalised router scores of W h."""
-    return (q * (q.clamp_min(1e-12).log() - router_log_scores(h @ weight.T))).sum(-1).mean()
+def _router_fit_kl(config, h: torch.Tensor, q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """KL(q ‖ p): q the teacher-cluster mass shares [N, E], p the router's normalised distribution of
+    W h (softmax, or normalised sigmoid scores: padd.router_adapter.log_scores)."""
+    return (q * (q.clamp_min(1e-12).log() - log_scores(config, h @ weight.T))).sum(-1).mean()
+
+
+def warmup_defaults(cfg: WarmupConfig) -> tuple[str, str]:
+    """(warm-up routing, router start) of a run: as given, else by the student's kind — for a student
+    padd decompose built, the paper's frozen uniform router and uniform start; for a pretrained or
+    seeded one, its own router frozen and kept (docs/method.md §3 step 8)."""
+    decomposed = (Path(cfg.student) / STAGE1_FILE).exists()
+    routing = cfg.routing or ("uniform" if decomposed else "frozen")
+    router_init = cfg.router_init or ("uniform" if decomposed else "keep")
+    return routing, router_init
 
 
 def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
@@ -174,11 +203,13 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     device = ranks.device(cfg.device)
     if cfg.epochs < 0:
         raise UserError(f"--epochs {cfg.epochs}: give 0 (router start only) or more passes")
-    if cfg.router_init not in ROUTER_INITS:
-        raise UserError(f"--router-init must be one of {', '.join(ROUTER_INITS)}")
-    stage1_file = Path(cfg.student) / STAGE1_FILE
-    if cfg.router_init != "uniform" and not stage1_file.exists():
-        raise UserError(f"--router-init {cfg.router_init} needs {stage1_file} (written by padd decompose)")
+    routing, router_init = warmup_defaults(cfg)
+    reference = read_reference(cfg.student)
+    if router_init in ("centroid", "distill") and reference is None:
+        raise UserError(
+            f"--router-init {router_init} fits the router to the teacher's clusters, which {cfg.student} does "
+            f"not carry (no {STAGE1_FILE} or padd_seed.json): run padd decompose or padd seed first"
+        )
     t0 = time.perf_counter()
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
     student = load_causal_lm(cfg.student, device=device, train=True)
@@ -221,7 +252,8 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
             batch = windows[local[b * cfg.batch_size : (b + 1) * cfg.batch_size]].to(device)
             with torch.no_grad(), autocast(device, cfg.precision):
                 t_logits = vocab.kd_view(teacher(input_ids=batch, use_cache=False).logits)
-            with uniform_random_routing(student, gen), autocast(device, cfg.precision):
+            frozen_router = uniform_random_routing(student, gen) if routing == "uniform" else contextlib.nullcontext()
+            with frozen_router, autocast(device, cfg.precision):
                 s_logits = vocab.kd_view(trained(input_ids=batch, use_cache=False).logits)
             loss = distill_kl_loss(s_logits, t_logits, torch.ones(batch.shape, device=batch.device))
             value = float(ranks.all_reduce_sum(loss.detach().clone()) / ranks.world)
@@ -246,11 +278,10 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
 
     probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
     masses = None
-    if stage1_file.exists():  # the start's fit to the teacher's clusters is reported for every init
-        layers = [la for la in json.loads(stage1_file.read_text())["layers"] if not la.get("dense")]
-        clusters = [torch.tensor(la["experts"], device=device) for la in layers]
-        masses = teacher_cluster_masses(teacher, probe, clusters, cfg.batch_size)
-    router = init_router(student, cfg.router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
+    if reference is not None:  # the start's fit to the teacher's clusters is reported for every init
+        ref = reference.to(device)
+        masses = teacher_cluster_masses(teacher, probe, ref.clusters, cfg.batch_size, ref.teacher_layers)
+    router = init_router(student, router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
     record = {
         "student": str(Path(cfg.student).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()),
@@ -260,6 +291,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         "last_kl": log[-1]["kl"] if log else None,
         "warmup_seconds": round(warm_s, 2),
         "processes": ranks.world,
+        "warmup_routing": routing,
         **router,
         "config": to_dict(cfg),
     }
@@ -267,8 +299,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp)
         s_tok.save_pretrained(tmp)
-        if stage1_file.exists():
-            (tmp / STAGE1_FILE).write_text(stage1_file.read_text())
+        copy_reference(cfg.student, tmp)
         (tmp / "padd_warmup.json").write_text(json.dumps(record, indent=1))
         (tmp / "warmup_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
@@ -281,5 +312,8 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         else "no training (--epochs 0)"
     )
     fit = f" (fit to the teacher's clusters: KL {router['router_fit_kl']:.4f})" if "router_fit_kl" in router else ""
-    console.print(f"warm-up: {trained} in {warm_s:.1f}s; router start {cfg.router_init}{fit}; written to {out}")
+    console.print(
+        f"warm-up: {trained} behind the {routing} router in {warm_s:.1f}s; router start {router_init}{fit}; "
+        f"written to {out}"
+    )
     return record
