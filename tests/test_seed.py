@@ -113,8 +113,9 @@ def test_seed_warmup_train_on_a_pretrained_student(model_type, tmp_path, llama_t
     assert len(record["cka"]) == 2 and len(record["cka"][0]) == n_layers
     for key in ("nmi", "esi"):
         assert 0.0 <= record[key]["before"] <= 1.0 and 0.0 <= record[key]["after"] <= 1.0
-    assert record["lm_loss"]["before"] > 0 and record["lm_loss"]["after"] > 0
+    assert record["lm_loss"]["before"] > 0 and record["lm_loss"]["relative_rise"] < 0.02  # at the default strength
     assert 0.0 < record["topk_agreement_with_pretrained"] <= 1.0
+    assert 0.0 < record["next_token_agreement"] <= 1.0
     for layer in record["layers"]:
         assert sorted(layer["cluster_of_expert"]) == list(range(8))  # one-to-one
         assert layer["kl_after"] <= layer["kl_before"] and layer["relative_change"] > 0
@@ -144,3 +145,12 @@ def test_seed_refuses_a_decomposed_student_and_a_negative_strength(tmp_path, lla
     flags = dict(student=student, teacher=llama_teacher, corpus="world", out=tmp_path / "y", seed_strength=-1)
     assert padd("seed", **flags) == 2
     assert "--seed-strength" in capsys.readouterr().err
+
+
+def test_an_option_the_chosen_layer_map_does_not_use_is_refused():
+    from padd.config import ConfigError, SeedConfig
+
+    base = dict(teacher="t", student="s", corpus="c", out="o")
+    assert SeedConfig(**base).cka_tokens == 1024
+    with pytest.raises(ConfigError, match="--cka-tokens"):
+        SeedConfig(**base, layer_map="proportional", cka_tokens=512)

@@ -6,6 +6,7 @@ from padd.cli import main
 
 REQUIRED = {
     "decompose": ["--corpus", "world", "--out", "{out}", "--experts", "2", "--top-k", "1"],
+    "seed": ["--corpus", "world", "--out", "{out}"],
     "warmup": ["--corpus", "world", "--out", "{out}"],
     "train": ["--data", "world:add", "--out", "{out}"],
     "eval": ["--out", "{out}/e.json"],
@@ -33,6 +34,7 @@ def no_model(tmp_path):
 # command -> (its model flags, with the kind each must be)
 CASES = {
     "decompose": {"--teacher": "dense"},
+    "seed": {"--student": "moe", "--teacher": "dense"},
     "warmup": {"--student": "moe", "--teacher": "dense"},
     "train": {"--student": "moe", "--teacher": "dense"},
     "eval": {"--model": "any"},

@@ -235,11 +235,13 @@ class SeedConfig(RunOptions):
         choices=("cka", "proportional"),
     )
     seed_strength: float = opt(
-        1.0, "weight of the router fit to the matched cluster masses against its distance from the pretrained weights"
+        1.0,
+        "weight of the router fit to the matched cluster masses against its distance from the pretrained weights "
+        "(0: keep them)",
     )
     tokens: int = opt(8192, "corpus tokens for the statistics, the matching and the router fit")
     heldout_tokens: int = opt(4096, "further corpus tokens for NMI / ESI, top-K agreement and LM loss before and after")
-    cka_tokens: int = opt(1024, "tokens of the CKA layer map (its cost grows with their square)")
+    cka_tokens: int | None = opt(None, "tokens of the CKA layer map, cost growing with their square (default: 1024)")
     seq_len: int = opt(256, "tokens per window")
     batch_size: int = opt(8, "windows per forward")
     proj_dim: int = opt(512, "random-projection width of the neuron features (0: keep all tokens)")
@@ -252,6 +254,13 @@ class SeedConfig(RunOptions):
     )
     text_field: str | None = opt(None, "corpus field(s) holding the text, comma-separated")
     split: str = opt("train", "split of a datasets corpus")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer_map == "proportional" and self.cka_tokens is not None:
+            raise ConfigError("--cka-tokens sizes the CKA layer map; --layer-map proportional uses none: drop one")
+        if self.cka_tokens is None:
+            self.cka_tokens = 1024
 
 
 @dataclass
@@ -342,9 +351,9 @@ class TeacherConfig(RunOptions):
     out: str = req("output directory of the checkpoint and tokenizer")
     preset: str = opt(
         "tiny",
-        "model and training budget: the dense tiny / mini teachers, or tiny-moe (a pretrained MoE student "
-        "for the tiny teacher)",
-        choices=("tiny", "mini", "tiny-moe"),
+        "model and training budget: the dense tiny / mini teachers, tiny-lm (tiny, with the loss on every "
+        "token), or tiny-moe (a pretrained MoE student for them)",
+        choices=("tiny", "mini", "tiny-lm", "tiny-moe"),
     )
     tokenizer: str | None = opt(
         None, "take this checkpoint's tokenizer (the teacher's, for a student) instead of training one"

@@ -266,7 +266,8 @@ def _seeding_claims(run: RunFiles) -> list[str]:
         f"tokens NMI {seeded['nmi']['before']:.3f} → {seeded['nmi']['after']:.3f}, ESI {seeded['esi']['before']:.3f} → "
         f"{seeded['esi']['after']:.3f}, top-K agreement with the pretrained routers "
         f"{seeded['topk_agreement_with_pretrained']:.3f}, LM loss {loss['before']:.4f} → {loss['after']:.4f} "
-        f"({100 * loss['relative_rise']:+.2f}%; experts untouched)."
+        f"({100 * loss['relative_rise']:+.2f}%), greedy next token unchanged at "
+        f"{seeded.get('next_token_agreement', float('nan')):.3f} of positions (experts untouched)."
     ]
     start = run.manifest.get("router_start", "keep")
     c, r = run.analysis.get(f"seeded-{start}"), run.analysis.get(f"unseeded-{start}")

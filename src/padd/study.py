@@ -558,7 +558,8 @@ class StudyRun:
             ),
             self.console,
         )
-        return {k: record[k] for k in ("layer_map", "nmi", "esi", "topk_agreement_with_pretrained", "lm_loss")}
+        kept = ("layer_map", "nmi", "esi", "topk_agreement_with_pretrained", "lm_loss", "next_token_agreement")
+        return {k: record[k] for k in kept}
 
     def _decompose(self, init: str) -> dict:
         import torch

@@ -49,6 +49,8 @@ class TeacherPreset:
     head_dim: int | None = None
     # training problems per math skill, when fewer than train_per_skill (a student that saw less math)
     math_per_skill: int | None = None
+    # the loss on every token, prompt included (a pretrained LM), instead of on the solution only
+    loss_on_prompt: bool = False
 
 
 PRESETS = {
@@ -57,17 +59,24 @@ PRESETS = {
     "tiny": TeacherPreset(128, 512, 4, 4, 2, steps=1500, batch_size=32, lr=3e-3, train_per_skill=8000),
     # stronger: about 22 minutes on 2 CPU cores
     "mini": TeacherPreset(192, 768, 6, 6, 2, steps=2000, batch_size=32, lr=2e-3, train_per_skill=40000),
+    # the tiny teacher pretrained as a language model (the loss on every token, prompt included): the
+    # teacher of the pretrained-student study, whose warm-up distils it on whole world texts
+    "tiny-lm": TeacherPreset(
+        128, 512, 4, 4, 2, steps=1500, batch_size=32, lr=3e-3, train_per_skill=8000, loss_on_prompt=True
+    ),
     # the tiny teacher's pretrained MoE student (the paper's setting in miniature): width 160 and 5
     # layers against 128 and 4; 3.4x the teacher's parameters, and top-2 of 16 experts of 76 neurons
     # make its active FFN FLOPs per token 0.46x the teacher's (the paper's students: 0.47x per token).
-    # A tenth of the teacher's math problems and 40% of its steps leave it clearly weaker at math.
+    # It pretrains as a language model (the loss on every token, prompt included), so that its loss
+    # on held-out world text measures what it knows; under a fifth of the teacher's math problems and
+    # 60% of its steps leave it clearly weaker at math (README, "The paper's setting in miniature").
     "tiny-moe": TeacherPreset(
         160,
         320,
         5,
         4,
         2,
-        steps=600,
+        steps=900,
         batch_size=32,
         lr=3e-3,
         train_per_skill=8000,
@@ -75,7 +84,8 @@ PRESETS = {
         top_k=2,
         moe_intermediate_size=76,
         head_dim=40,
-        math_per_skill=800,
+        math_per_skill=1500,
+        loss_on_prompt=True,
     ),
 }
 
@@ -188,6 +198,8 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
             (build_prompt(None, r["problem"]) + " " + r["solution"] for r in rows[:20000]), vocab_size=512
         )
     examples = _examples(tokenizer, rows)
+    if preset.loss_on_prompt:
+        examples = [(ids, 0) for ids, _ in examples]
     batch_size = cfg.batch_size or preset.batch_size
     if len(examples) < batch_size:
         raise UserError(

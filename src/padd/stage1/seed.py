@@ -130,16 +130,17 @@ def fit_router(
 
 
 @torch.no_grad()
-def lm_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy of `model` on token windows [B, T]."""
+def lm_loss(model, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, torch.Tensor]:
+    """(mean next-token cross-entropy, greedy next token [B·(T−1)]) of `model` on windows [B, T]."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, greedy = 0.0, 0, []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
         count += ids[:, 1:].numel()
-    return total / count
+        greedy.append(logits.argmax(-1).flatten().cpu())
+    return total / count, torch.cat(greedy)
 
 
 @torch.no_grad()
@@ -296,7 +297,7 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
     # before: NMI / ESI do not depend on which cluster is matched to which expert, so the unmatched
     # partitions measure the pretrained routers (and no second copy of the student is loaded)
     before_topk = selections(student, heldout, cfg.batch_size)
-    before_loss = lm_loss(student, heldout, cfg.batch_size)
+    before_loss, before_greedy = lm_loss(student, heldout, cfg.batch_size)
     unmatched = [partitions[t].to(device) for t in teacher_layers]
     before_spec = expert_specialisation(student, teacher, heldout, unmatched, teacher_layers=teacher_layers)
     gates = moe_gates(student)
@@ -330,7 +331,7 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
         )
     lap("match and fit")
 
-    after_loss = lm_loss(student, heldout, cfg.batch_size)
+    after_loss, after_greedy = lm_loss(student, heldout, cfg.batch_size)
     after_topk = selections(student, heldout, cfg.batch_size)
     after_spec = expert_specialisation(student, teacher, heldout, matched, teacher_layers=teacher_layers)
     lap("measure")
@@ -350,7 +351,11 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
         "esi": {"before": before_spec["esi"], "after": after_spec["esi"]},
         "topk_agreement_with_pretrained": topk_agreement(before_topk, after_topk),
         "lm_loss": {"before": before_loss, "after": after_loss, "relative_rise": rise},
-        "load_cv": {"after": sum(after_spec["load_cv"]) / len(after_spec["load_cv"])},
+        # the share of held-out positions whose greedy next token seeding left unchanged
+        "next_token_agreement": float((before_greedy == after_greedy).float().mean()),
+        "load_cv": {
+            k: sum(v["load_cv"]) / len(v["load_cv"]) for k, v in (("before", before_spec), ("after", after_spec))
+        },
         "timings_s": timings,
         "config": to_dict(cfg),
         "layers": layers_record,
@@ -391,7 +396,9 @@ def _print_summary(console: Console, record: dict, out: Path) -> None:
     for key in ("nmi", "esi"):
         table.add_row(key.upper(), f"{record[key]['before']:.3f} -> {record[key]['after']:.3f} (held-out)")
     table.add_row("top-K agreement", f"{record['topk_agreement_with_pretrained']:.3f} with the pretrained routers")
+    table.add_row("load CV", f"{record['load_cv']['before']:.3f} -> {record['load_cv']['after']:.3f} (top-K, held-out)")
     loss = record["lm_loss"]
     table.add_row("LM loss", f"{loss['before']:.4f} -> {loss['after']:.4f} ({100 * loss['relative_rise']:+.2f}%)")
+    table.add_row("next token", f"{record['next_token_agreement']:.3f} of greedy predictions unchanged (held-out)")
     table.add_row("time", " | ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
     console.print(table)
