@@ -45,6 +45,17 @@ def test_built_in_study_presets_load_and_reject_unknown_keys(tmp_path):
     for name in ("tiny", "mini"):
         study = load_study(name)
         assert study.teacher == name and study.train["steps"] > 0
+    pretrained = load_study("tiny-pretrained")  # the paper's setting: a pretrained student, seeded
+    assert (pretrained.teacher, pretrained.student) == ("tiny-lm", "tiny-moe") and not pretrained.decompose
+    SeedConfig(teacher="t", student="s", corpus="c", out="o", **pretrained.seed)
+    # a pretrained study has no decompose section, and a decomposed one no seed section
+    bad = tmp_path / "mixed.yaml"
+    bad.write_text("teacher: tiny\nstudent: tiny-moe\ndecompose: {experts: 8, top_k: 2}\n")
+    with pytest.raises(ConfigError, match="drop the decompose"):
+        load_study(str(bad))
+    bad.write_text("teacher: tiny\nseed: {tokens: 64}\ndecompose: {experts: 8, top_k: 2}\n")
+    with pytest.raises(ConfigError, match="need a pretrained MoE student"):
+        load_study(str(bad))
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher: tiny\ntrain: {stepz: 3}\n")
     with pytest.raises(ConfigError, match="train cannot set \\['stepz'\\]"):

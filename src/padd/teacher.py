@@ -65,7 +65,7 @@ PRESETS = {
         128, 512, 4, 4, 2, steps=1500, batch_size=32, lr=3e-3, train_per_skill=8000, loss_on_prompt=True
     ),
     # the tiny teacher's pretrained MoE student (the paper's setting in miniature): width 160 and 5
-    # layers against 128 and 4; 3.4x the teacher's parameters, and top-2 of 16 experts of 76 neurons
+    # layers against 128 and 4; 3.2x the teacher's parameters, and top-2 of 16 experts of 76 neurons
     # make its active FFN FLOPs per token 0.46x the teacher's (the paper's students: 0.47x per token).
     # It pretrains as a language model (the loss on every token, prompt included), so that its loss
     # on held-out world text measures what it knows; under a fifth of the teacher's math problems and
