@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +44,23 @@ class Problem:
     solution: str | None = None
 
 
+def _gold_text(value) -> str:
+    """A gold as text: a list (OlympiadBench's `final_answer`) joined with ", ", LaTeX `$` delimiters
+    dropped (`['$69$,$84$']` -> `69,84`), an integral float (AMC's `27.0`) as an integer."""
+    if isinstance(value, list):
+        return ", ".join(t for t in (_gold_text(v) for v in value) if t)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return re.sub(r"(?<!\\)\$", "", str(value)).strip()
+
+
 def _answer_of(row: dict, answer_field: str | None) -> str | None:
     fields = [answer_field] if answer_field else [f for f in ANSWER_FIELDS if f in row]
     for f in fields:
         value = row.get(f)
-        if value is None or str(value).strip() == "":
+        if value is None or _gold_text(value) == "":
             continue
-        text = str(value)
+        text = _gold_text(value)
         if "####" in text:  # GSM8K: the rationale, then "#### 1,234"
             return text.rsplit("####", 1)[1].strip().replace(",", "")
         return (last_boxed(text) or text).strip()

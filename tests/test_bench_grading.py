@@ -1,0 +1,88 @@
+"""The field's benchmark layouts load to their intended gold, and the grader accepts the common
+correct forms of each without accepting what it should not (each case failed before the fix)."""
+
+import json
+
+import pytest
+
+from padd.data import load_problems
+from padd.grading import extract_answer, grade
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_olympiadbench_list_golds_are_joined_without_dollars(tmp_path):
+    rows = [  # the Qwen2.5-Math evaluation layout of OlympiadBench: a list of LaTeX strings with $
+        {"id": 1, "question": "Find f(n).", "final_answer": ["$\\frac{1}{2 n+2}$"], "solution": ["..."]},
+        {"id": 2, "question": "Find both.", "final_answer": ["$69$,$84$"], "solution": ["..."]},
+        {"id": 3, "question": "Which?", "final_answer": ["1,3"], "solution": ["..."]},
+        {"id": 4, "question": "Two?", "final_answer": ["$6m$", "$2$"], "solution": ["..."]},
+    ]
+    golds = [p.answer for p in load_problems(str(_write(tmp_path / "olympiadbench.jsonl", rows)))]
+    assert golds == ["\\frac{1}{2 n+2}", "69,84", "1,3", "6m, 2"]
+    assert grade("\\boxed{\\frac{1}{2n+2}}", golds[0]) and grade("\\boxed{69, 84}", golds[1])
+    assert grade("\\boxed{1,3}", golds[2]) and not grade("\\boxed{1,4}", golds[2])
+
+
+def test_amc_integral_float_golds_read_as_integers(tmp_path):
+    rows = [{"question": "How many?", "answer": 27.0}, {"question": "Ratio?", "answer": 0.5}]
+    golds = [p.answer for p in load_problems(str(_write(tmp_path / "amc23.jsonl", rows)))]
+    assert golds == ["27", "0.5"]
+
+
+def test_minerva_gold_is_the_solutions_last_box(tmp_path):
+    rows = [{"problem": "Mass?", "solution": "First \\boxed{2} is wrong; it is \\boxed{4e33}.", "type": "x"}]
+    (problem,) = load_problems(str(_write(tmp_path / "minerva_math.jsonl", rows)))
+    assert problem.answer == "4e33"
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "expected"),
+    [
+        # scientific notation, both ways, with a relative tolerance of 1e-4
+        ("\\boxed{4 \\times 10^{33}}", "4e33", True),
+        ("\\boxed{4\\cdot 10^{33}}", "4e33", True),
+        ("\\boxed{4e33}", "4 \\times 10^{33}", True),
+        ("\\boxed{1.3 \\times 10^{-7}}", "1.3e-7", True),
+        ("\\boxed{1.30001 \\times 10^{-7}}", "1.3e-7", True),
+        ("\\boxed{1.4 \\times 10^{-7}}", "1.3e-7", False),
+        ("\\boxed{5 \\times 10^{33}}", "4e33", False),
+        ("\\boxed{-0.33333}", "-1./3", True),
+        ("\\boxed{10001}", "10000", False),  # integers are exact: no tolerance
+        ("\\boxed{-\\frac{1}{3}}", "-1./3", True),
+        # words in \text{} against bare words; word order still matters
+        ("\\boxed{Evelyn}", "\\text{Evelyn}", True),
+        ("\\boxed{\\text{east}}", "east", True),
+        ("\\boxed{\\text{ellipse}}", "\\text{Ellipse}", True),
+        ("\\boxed{cba}", "\\text{abc}", False),
+        # an expression gold does not collapse to a bare number
+        ("\\boxed{2}", "\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}", False),
+        ("\\boxed{2}", "2 m", False),
+        # what already worked still works
+        ("\\boxed{6m}", "6m", True),
+        ("\\boxed{8 \\%}", "8\\%", True),
+        ("\\boxed{1,000}", "1000", True),
+        ("\\boxed{2\\frac{1}{2}}", "\\frac{5}{2}", True),
+        ("\\boxed{30^\\circ}", "30", True),
+    ],
+)
+def test_grade_science_notation_words_and_expressions(prediction, gold, expected):
+    assert grade(prediction, gold) is expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        ("... so 3*9 = 27. The final answer is $27$. I hope it is correct.", "27"),
+        ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
+        ("so the result is \\boxed 5", "5"),
+        ("so the result is \\boxed 5.", "5"),
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ],
+)
+def test_answers_without_braces_are_extracted(completion, answer):
+    assert extract_answer(completion) == answer
+    assert grade(completion, answer)
