@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli gpu-check clean
+.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-demo: $(STAMP)
 
 bench-cli: $(STAMP)
 	$(PY) benchmarks/bench_cli_startup.py
+
+bench-grader: $(STAMP)
+	$(PY) benchmarks/bench_grader.py
 
 # Every GPU-only check and measurement, on a CUDA machine. .venv holds the CPU build of torch, so
 # this runs in an environment of its own with CUDA torch and vLLM:

@@ -86,3 +86,68 @@ def test_grade_science_notation_words_and_expressions(prediction, gold, expected
 def test_answers_without_braces_are_extracted(completion, answer):
     assert extract_answer(completion) == answer
     assert grade(completion, answer)
+
+
+def test_eval_with_a_bench_dir_records_templates_skips_truncation_and_answers(tmp_path, llama_teacher, capsys):
+    """`padd eval --bench-dir DIR --bench NAME,...`: the usual file names resolve; the eval JSON records
+    the prompt template and its text, per benchmark the rows, skipped rows and truncated prompts, k
+    and the temperature, and per row the extracted answer beside the gold. A prompt longer than the
+    context fails with what to do, or is cut from the left with --truncate-prompts."""
+    from helpers import padd
+
+    bench = tmp_path / "data"
+    (bench / "amc23").mkdir(parents=True)
+    _write(bench / "amc23" / "test.jsonl", [{"question": "What is 1 + 1?", "answer": 2.0}, {"question": "x"}])
+    long = "What is " + " + ".join(["1"] * 400) + "?"  # over 512 positions in the tiny tokenizer
+    _write(bench / "aime24.jsonl", [{"problem": long, "answer": "400"}, {"problem": "What is 2 + 2?", "answer": 4}])
+    out = tmp_path / "e.json"
+    flags = dict(model=llama_teacher, bench_dir=bench, out=out, max_new_tokens=4, progress=False)
+    assert padd("eval", bench="amc23,aime24", **flags) == 2
+    assert "--truncate-prompts" in capsys.readouterr().err
+    assert (
+        padd("eval", bench="amc23,aime24", truncate_prompts=True, samples=2, prompt_template="qwen-math", **flags) == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["prompt_template"] == "qwen-math" and "<|im_start|>system" in report["prompt_template_text"]
+    amc, aime = report["benchmarks"]["amc23"], report["benchmarks"]["aime24"]
+    assert (amc["n"], amc["skipped"], amc["truncated_prompts"]) == (1, 1, 0)
+    assert (aime["n"], aime["skipped"], aime["truncated_prompts"]) == (2, 0, 1)
+    assert (amc["k"], amc["temperature"]) == (2, 0.6) and "avg@2" in amc and "pass@2" in amc
+    row = amc["rows"][0]
+    assert row["answer"] == "2" and "extracted" in row
+    assert padd("eval", bench="gsm8k", **flags) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the previous run's loading bars
+    assert last.startswith("padd eval: error: --bench gsm8k") and "gsm8k/test.jsonl" in last
+
+
+def test_padd_accepts_every_correct_variant_of_every_fixture_gold_and_no_wrong_one():
+    """benchmarks/bench_grader.py's table (README, "grader agreement") on the layout fixtures."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_grader.py"
+    spec = importlib.util.spec_from_file_location("bench_grader", path)
+    bench_grader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_grader)
+    rows = bench_grader.agreement()
+    assert {r["bench"] for r in rows} == set(bench_grader.BENCHES)
+    for r in rows:
+        assert r["padd_correct"] == r["correct"] and r["padd_wrong"] == 0, r
+    minerva = next(r for r in rows if r["bench"] == "minerva_math")
+    assert minerva["mv_correct"] < minerva["correct"]  # what plain math-verify misses there
+
+
+def test_the_layout_fixtures_evaluate_from_a_bench_dir(tmp_path, llama_teacher):
+    from pathlib import Path
+
+    from helpers import padd
+
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
+    out = tmp_path / "e.json"
+    names = "aime24,amc23,math500,minerva_math,olympiadbench"
+    assert padd("eval", model=llama_teacher, bench_dir=fixtures, bench=names, out=out, max_new_tokens=2) == 0
+    report = json.loads(out.read_text())
+    assert list(report["benchmarks"]) == names.split(",")
+    golds = {b: [r["answer"] for r in v["rows"]] for b, v in report["benchmarks"].items()}
+    assert golds["amc23"] == ["27", "0.5"] and golds["olympiadbench"][1] == "69,84"
+    assert golds["minerva_math"][0] == "4e33"

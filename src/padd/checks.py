@@ -87,5 +87,15 @@ def check_paths(command: str, cfg) -> None:
         value = getattr(cfg, field, None)
         if value is not None:
             check_model_dir(str(value), flag, kind)
+    if command == "eval" and getattr(cfg, "bench_dir", None):
+        # names resolve inside --bench-dir: every one must be found there before the model loads
+        from padd.data import resolve_bench
+
+        if not Path(cfg.bench_dir).is_dir():
+            raise UserError(f"--bench-dir {cfg.bench_dir}: no such folder")
+        for name in (cfg.bench or "").split(","):
+            if name.strip():
+                resolve_bench(name.strip(), cfg.bench_dir)
+        return
     for flag, field in DATA_PATHS.get(command, ()):
         check_data_path(getattr(cfg, field, None), flag)

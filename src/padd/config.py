@@ -296,6 +296,18 @@ class EvalConfig:
     world_per_skill: int = opt(200, "problems per skill for world benchmarks")
     problem_field: str | None = opt(None, "field of the problem text (default: recognised layouts)")
     answer_field: str | None = opt(None, "field of the reference answer (default: recognised layouts)")
+    bench_dir: str | None = opt(
+        None, "folder of evaluation files: --bench names (aime24, math500, ...) resolve to DIR/NAME/test.jsonl etc."
+    )
+    prompt_template: str = opt(
+        "auto",
+        "prompt format: qwen-math (Qwen2.5-Math's CoT chat prompt), plain, chat (the tokenizer's template); "
+        "auto: chat when the tokenizer has one, else plain",
+        choices=("auto", "qwen-math", "plain", "chat"),
+    )
+    truncate_prompts: bool = opt(
+        False, "keep the last tokens of a prompt too long for the context and the budget (default: fail)"
+    )
     device: str = opt("cpu", "device to run on", choices=("cpu", "cuda"))
     seed: int = opt(0, "seed of the sampling")
     progress: bool = opt(True, "show progress bars")

@@ -113,7 +113,12 @@ def _rows_of_file(path: Path):
         raise DataError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
 
 
-def load_problems(
+def load_problems(spec: str, **kwargs) -> list[Problem]:
+    """The usable problems of a SPEC (`load_problem_set`'s, without the count of skipped rows)."""
+    return load_problem_set(spec, **kwargs)[0]
+
+
+def load_problem_set(
     spec: str,
     *,
     split: str = "test",
@@ -122,8 +127,9 @@ def load_problems(
     limit: int | None = None,
     world_per_skill: int = 200,
     seed: int = 0,
-) -> list[Problem]:
-    """Load a problem set from a SPEC: `world`, `world:SKILL`, a local file or folder, or a `datasets` name.
+) -> tuple[list[Problem], int]:
+    """Load a problem set from a SPEC: `world`, `world:SKILL`, a local file or folder, or a `datasets` name;
+    returns (the usable problems, how many rows were skipped as malformed).
 
     Args:
         split: the split of a `datasets` dataset or of the world (`train` / `val` / `test`); a local
@@ -178,7 +184,7 @@ def load_problems(
         raise DataError(f"{spec}: no usable row ({skipped} skipped); check --problem-field / --answer-field")
     if skipped:
         log.warning("%s: skipped %d malformed row(s), kept %d", spec, skipped, len(problems))
-    return problems
+    return problems, skipped
 
 
 def batch_problems(problems: list, batch: int, size: int, seed: int, rank: int = 0, world: int = 1) -> list:
@@ -194,12 +200,53 @@ def batch_problems(problems: list, batch: int, size: int, seed: int, rank: int =
     return [problems[i] for i in picked[rank * share : (rank + 1) * share]]
 
 
-def build_prompt(tokenizer, problem: str) -> str:
-    """The prompt text: the tokenizer's chat template when it has one, a plain template otherwise (or
-    when `tokenizer` is None)."""
-    content = f"{problem}\n{INSTRUCTION}"
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+# The prompt formats evaluations are compared in. `qwen-math` is Qwen2.5-Math's chain-of-thought
+# prompt (its evaluation's `qwen25-math-cot`); `plain` is padd's own, which the world's models learn.
+PROMPT_TEMPLATES = {
+    "qwen-math": (
+        "<|im_start|>system\n" + INSTRUCTION + "<|im_end|>\n<|im_start|>user\n{problem}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+    "plain": "Problem: {problem}\n" + INSTRUCTION + "\nSolution:",
+    "chat": "the tokenizer's chat template, user message: {problem}\n" + INSTRUCTION,
+}
+
+
+def build_prompt(tokenizer, problem: str, template: str = "auto") -> str:
+    """The prompt text of one problem in a template of PROMPT_TEMPLATES; `auto` is the tokenizer's
+    chat template when it has one, `plain` otherwise (or when `tokenizer` is None)."""
+    if template == "auto":
+        template = "chat" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "plain"
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("--prompt-template chat: this tokenizer has no chat template; use qwen-math or plain")
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": f"{problem}\n{INSTRUCTION}"}], tokenize=False, add_generation_prompt=True
         )
-    return f"Problem: {content}\nSolution:"
+    if template not in PROMPT_TEMPLATES:
+        raise DataError(f"unknown prompt template {template!r}; choose auto, {', '.join(PROMPT_TEMPLATES)}")
+    return PROMPT_TEMPLATES[template].replace("{problem}", problem)  # the instruction holds literal braces
+
+
+def template_of(tokenizer, template: str) -> str:
+    """The template `auto` resolves to for this tokenizer (for the eval record)."""
+    if template != "auto":
+        return template
+    return "chat" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "plain"
+
+
+# `--bench-dir`: where the usual evaluation files of a benchmark name are looked for, in order
+# (the Qwen2.5-Math evaluation's data/NAME/test.jsonl first)
+BENCH_FILES = ("{name}/test.jsonl", "{name}.jsonl", "{name}/test.parquet", "{name}.parquet", "{name}/test.json")
+
+
+def resolve_bench(name: str, bench_dir: str | None) -> str:
+    """A benchmark SPEC: a world name, a path, a `datasets` name, or (with a bench dir) a name whose
+    usual file is found there (`aime24` -> DIR/aime24/test.jsonl)."""
+    if bench_dir is None or parse_world_spec(name) is not None or Path(name).exists():
+        return name
+    tried = [Path(bench_dir) / pattern.format(name=name) for pattern in BENCH_FILES]
+    for path in tried:
+        if path.is_file():
+            return str(path)
+    raise DataError(f"--bench {name}: none of {', '.join(map(str, tried))} exists; give the file's path instead")

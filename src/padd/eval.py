@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from padd.config import to_dict
-from padd.data import build_prompt, load_problems
+from padd.data import PROMPT_TEMPLATES, build_prompt, load_problem_set, resolve_bench, template_of
+from padd.errors import UserError
 from padd.flops import forward_flops_per_token
 from padd.generation.rollout import TransformersRollout
-from padd.grading import grade
+from padd.grading import extract_answer, grade
 from padd.io import atomic_write_json
 from padd.models import load_causal_lm
 
@@ -52,17 +53,46 @@ def complete(
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
-def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
+def fit_prompts(tokenizer, prompts: list[str], context: int | None, max_new_tokens: int, truncate: bool, spec: str):
+    """(prompts, how many were cut): a prompt whose tokens and the generation budget exceed the
+    model's context keeps its last tokens with `truncate`, else the evaluation stops saying what to do."""
+    if not context:
+        return prompts, 0
+    room = context - max_new_tokens
+    if room <= 0:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {context} positions")
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    long = [i for i, x in enumerate(ids) if len(x) > room]
+    if long and not truncate:
+        raise UserError(
+            f"{spec}: {len(long)} prompt(s) longer than the {context} positions minus --max-new-tokens "
+            f"{max_new_tokens} (the longest {max(len(ids[i]) for i in long)} tokens); pass --truncate-prompts to "
+            f"keep each one's last {room} tokens, or lower --max-new-tokens"
+        )
+    fitted = list(prompts)
+    for i in long:
+        fitted[i] = tokenizer.decode(ids[i][-room:])
+    return fitted, len(long)
+
+
+def evaluate_bench(model, tokenizer, spec: str, cfg, console: Console | None = None) -> dict:
     """Greedy Pass@1 (and avg@k, pass@k with k samples) on one benchmark SPEC, keeping every completion."""
-    problems = load_problems(
-        spec,
+    problems, skipped = load_problem_set(
+        resolve_bench(spec, getattr(cfg, "bench_dir", None)),
         split=cfg.split,
         world_per_skill=cfg.world_per_skill,
         limit=cfg.limit,
         problem_field=cfg.problem_field,
         answer_field=cfg.answer_field,
     )
-    prompts = [build_prompt(tokenizer, p.problem) for p in problems]
+    template = getattr(cfg, "prompt_template", "auto")
+    prompts = [build_prompt(tokenizer, p.problem, template) for p in problems]
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompts, truncated = fit_prompts(
+        tokenizer, prompts, context, cfg.max_new_tokens, getattr(cfg, "truncate_prompts", False), spec
+    )
+    if truncated and console is not None:
+        console.print(f"[yellow]{spec}: {truncated} prompt(s) cut to their last {context - cfg.max_new_tokens} tokens")
     kw = {
         "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.batch_size,
@@ -78,16 +108,23 @@ def evaluate_bench(model, tokenizer, spec: str, cfg) -> dict:
                 "problem": p.problem,
                 "answer": p.answer,
                 "greedy": g[0],
+                "extracted": extract_answer(g[0]),
                 "greedy_correct": grade(g[0], p.answer),
             }
         )
-    result = {"n": len(rows), "pass@1": sum(r["greedy_correct"] for r in rows) / len(rows)}
+    result = {
+        "n": len(rows),
+        "skipped": skipped,
+        "truncated_prompts": truncated,
+        "pass@1": sum(r["greedy_correct"] for r in rows) / len(rows),
+    }
     if cfg.samples > 1:
         sampled = complete(model, tokenizer, prompts, num_samples=cfg.samples, temperature=cfg.temperature, **kw)
         for row, p, comps in zip(rows, problems, sampled, strict=True):
             row["samples"] = comps
             row["samples_correct"] = [grade(c, p.answer) for c in comps]
         k = cfg.samples
+        result["k"], result["temperature"] = k, cfg.temperature
         result[f"avg@{k}"] = sum(sum(r["samples_correct"]) / k for r in rows) / len(rows)
         result[f"pass@{k}"] = sum(pass_at_k(k, sum(r["samples_correct"]), k) for r in rows) / len(rows)
     result["rows"] = rows
@@ -102,13 +139,15 @@ def run_eval(cfg, console: Console | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = load_causal_lm(cfg.model, dtype="auto", device=cfg.device)
     benches = [b.strip() for b in (cfg.bench or ",".join(DEFAULT_BENCHES)).split(",") if b.strip()]
-    results = {b: evaluate_bench(model, tokenizer, b, cfg) for b in benches}
-    metric_names = [m for m in next(iter(results.values())) if m not in ("rows", "n")]
+    results = {b: evaluate_bench(model, tokenizer, b, cfg, console) for b in benches}
+    metric_names = [m for m in next(iter(results.values())) if m.startswith(("pass@", "avg@"))]
     average = {m: sum(r[m] for r in results.values()) / len(results) for m in metric_names}
     report = {
         "model": str(cfg.model),
         "flops_per_token@1024": forward_flops_per_token(model.config, 1024),
         "average": average,
+        "prompt_template": template_of(tokenizer, cfg.prompt_template),
+        "prompt_template_text": PROMPT_TEMPLATES[template_of(tokenizer, cfg.prompt_template)],
         "benchmarks": results,
         "config": to_dict(cfg),
     }
