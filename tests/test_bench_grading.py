@@ -67,6 +67,8 @@ def test_minerva_gold_is_the_solutions_last_box(tmp_path):
         ("\\boxed{1,000}", "1000", True),
         ("\\boxed{2\\frac{1}{2}}", "\\frac{5}{2}", True),
         ("\\boxed{30^\\circ}", "30", True),
+        ("\\boxed{84, 69}", "69,84", True),  # OlympiadBench's multiple answers: unordered
+        ("\\boxed{(1, 3)}", "(3, 1)", False),  # a tuple stays ordered
     ],
 )
 def test_grade_science_notation_words_and_expressions(prediction, gold, expected):
