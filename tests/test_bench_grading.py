@@ -69,6 +69,9 @@ def test_minerva_gold_is_the_solutions_last_box(tmp_path):
         ("\\boxed{30^\\circ}", "30", True),
         ("\\boxed{84, 69}", "69,84", True),  # OlympiadBench's multiple answers: unordered
         ("\\boxed{(1, 3)}", "(3, 1)", False),  # a tuple stays ordered
+        ("\\boxed{5}", "5 \\text{ cm}", True),  # units in a text wrapper are not variables
+        ("\\boxed{5}", "5\\mbox{ inches}", True),
+        ("\\boxed{3}", "x = 3", True),
     ],
 )
 def test_grade_science_notation_words_and_expressions(prediction, gold, expected):

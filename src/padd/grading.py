@@ -22,7 +22,8 @@ _WORD = re.compile(r"^[A-Za-z][A-Za-z0-9]+$")
 _TEXT_WRAPPER = re.compile(r"^\\(?:text|textbf|textit|mathrm|mbox)\s*\{(.*)\}$")
 _SCIENTIFIC = re.compile(r"(?<![\w.])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
 _TRAILING_POINT = re.compile(r"(\d)\.(?![\d])")  # "-1./3" -> "-1/3"
-_COMMANDS = re.compile(r"\\[A-Za-z]+|\\text\s*\{[^}]*\}|\\mathrm\s*\{[^}]*\}")
+# units in a text wrapper first, then bare commands (\\frac, \\pi, ...)
+_COMMANDS = re.compile(r"\\(?:text|mathrm|mbox|textrm)\s*\{[^}]*\}|\\[A-Za-z]+")
 # One pathological expression must not hang an evaluation: math-verify's own limits (signal based).
 TIMEOUT_S = 5
 # Relative tolerance of a non-integer numeric gold (Qwen2.5-Math's evaluation uses the same).
