@@ -53,6 +53,9 @@ def test_built_in_study_presets_load_and_reject_unknown_keys(tmp_path):
     bad.write_text("teacher: tiny\nstudent: tiny-moe\ndecompose: {experts: 8, top_k: 2}\n")
     with pytest.raises(ConfigError, match="drop the decompose"):
         load_study(str(bad))
+    bad.write_text("teacher: tiny\nstudent: tiny-moe\nexactness_check: false\n")
+    with pytest.raises(ConfigError, match="exactness_check"):
+        load_study(str(bad))
     bad.write_text("teacher: tiny\nseed: {tokens: 64}\ndecompose: {experts: 8, top_k: 2}\n")
     with pytest.raises(ConfigError, match="need a pretrained MoE student"):
         load_study(str(bad))

@@ -107,7 +107,7 @@ class Study:
     analysis_split: str = "test"  # its split (the world's test split is disjoint from its train split)
     analysis_tokens: int = 4096  # tokens of it
     analysis_seq_len: int = 128  # tokens per window of it
-    exactness_check: bool = True  # compare student (all experts on) and teacher logits in float32 on CPU
+    exactness_check: bool = True  # padd decompose's student (all experts on) against the teacher, float32, CPU
     decompose: dict = field(default_factory=dict)
     seed: dict = field(default_factory=dict)  # padd seed settings (a study with a pretrained student)
     warmup: dict = field(default_factory=dict)
@@ -148,6 +148,8 @@ def load_study(spec: str) -> Study:
             )
     study = Study(**raw)
     if study.student is not None:
+        if "exactness_check" in raw:
+            raise ConfigError(f"{spec}: exactness_check tests padd decompose's student; a seeded student has none")
         if study.decompose:
             raise ConfigError(
                 f"{spec}: a study with a pretrained student seeds it (seed:); drop the decompose: section"
