@@ -3,12 +3,13 @@
 The loss is KL(teacher ‖ student) on the teacher's logits at temperature 1; only expert weights
 train. The frozen router is `uniform` (every token to K experts drawn uniformly at random with equal
 weights: the paper's, and the default for a student from padd decompose) or `frozen` (the student's
-own router, unchanged: the default for a pretrained or seeded student, whose router already routes
-by the teacher's clusters). The router for Phase B then starts `uniform` (zero weights plus a tiny
-random init that breaks ties), `centroid` (each expert's row points at the mean router input of the
-tokens whose largest teacher activation mass lies in its cluster), `distill` (the router is fitted
-so that its normalised scores predict each token's teacher-cluster mass distribution) or `keep`
-(the router as it is: the default for a pretrained or seeded student).
+own router, unchanged: the default for a pretrained student, whose experts learnt behind it, and
+for a seeded one, whose router padd seed pointed at the teacher's clusters). The router for Phase B
+then starts `uniform` (zero weights plus a tiny random init that breaks ties), `centroid` (each
+expert's row points at the mean router input of the tokens whose largest teacher activation mass
+lies in its cluster), `distill` (the router is fitted so that its normalised scores predict each
+token's teacher-cluster mass distribution) or `keep` (the router as it is: the default for a
+pretrained or seeded student).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from padd.stage1.reference import STAGE1_FILE, copy_reference, read_reference
 from padd.vocab import shared_vocab
 
 ROUTER_INITS = ("uniform", "centroid", "distill", "keep")
-WARMUP_ROUTINGS = ("uniform", "frozen")
 
 
 def expert_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
