@@ -17,7 +17,6 @@ seeded from the dense teacher's neuron clusters, its experts are left as they ar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from padd.stage1.activations import collect_layer_stats
 from padd.stage1.cluster import balanced_kmeans
 from padd.stage1.layer_map import cka_matrix, ffn_input_grams, monotone_layer_map, proportional_layer_map
 from padd.stage1.reference import SEED_FILE, STAGE1_FILE
+from padd.stage1.warmup import router_inputs, teacher_cluster_masses
 from padd.vocab import shared_vocab
 
 # The LM-loss rise on held-out text above which `padd seed` warns that seeding harms the student.
@@ -162,57 +162,6 @@ def topk_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(same.mean())
 
 
-@torch.no_grad()
-def cluster_masses(teacher, windows: torch.Tensor, teacher_layer: int, clusters: torch.Tensor, batch_size: int = 8):
-    """Each token's share of teacher layer `teacher_layer`'s activation mass in each cluster: [N, C].
-
-    clusters: [C, S] neuron indices. Only the layers up to `teacher_layer` run."""
-    masses = []
-    mlp = teacher.model.layers[teacher_layer].mlp
-
-    def hook(module, args):
-        a = args[0].reshape(-1, args[0].shape[-1]).float().abs()
-        masses.append(a[:, clusters].sum(-1).cpu())
-        raise _Stop
-
-    handle = mlp.down_proj.register_forward_pre_hook(hook)
-    device = next(teacher.parameters()).device
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            with contextlib.suppress(_Stop):
-                teacher.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    total = torch.cat(masses)
-    return total / total.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward once the layer it needs has run."""
-
-
-@torch.no_grad()
-def router_inputs_at(student, windows: torch.Tensor, moe_index: int, batch_size: int = 8) -> torch.Tensor:
-    """The input [N, H] of MoE layer `moe_index`'s router on `windows`, the layers before it routing
-    with their current routers; the forward stops there."""
-    gate = moe_gates(student)[moe_index]
-    kept = []
-
-    def hook(module, args):
-        kept.append(args[0].detach().float().reshape(-1, args[0].shape[-1]))
-        raise _Stop
-
-    handle = gate.register_forward_pre_hook(hook)
-    device = next(student.parameters()).device
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            with contextlib.suppress(_Stop):
-                student.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return torch.cat(kept)
-
-
 # -- the command ------------------------------------------------------------------------------------
 
 
@@ -300,11 +249,12 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
     before_loss, before_greedy = lm_loss(student, heldout, cfg.batch_size)
     unmatched = [partitions[t].to(device) for t in teacher_layers]
     before_spec = expert_specialisation(student, teacher, heldout, unmatched, teacher_layers=teacher_layers)
+    # the teacher's cluster masses do not depend on the student's routers: one pass for every layer
+    masses = teacher_cluster_masses(teacher, fit, unmatched, cfg.batch_size, teacher_layers)
     gates = moe_gates(student)
     layers_record, matched = [], []
-    for j, (gate, t) in enumerate(zip(gates, teacher_layers, strict=True)):
-        q = cluster_masses(teacher, fit, t, partitions[t].to(device), cfg.batch_size)
-        h = router_inputs_at(student, fit, j, cfg.batch_size)
+    for j, (gate, t, q) in enumerate(zip(gates, teacher_layers, masses, strict=True)):
+        (h,) = router_inputs(student, fit, cfg.batch_size, layer=j)
         bias = getattr(gate, "bias", None)
         with torch.no_grad():
             probs = log_scores(student.config, torch.nn.functional.linear(h, gate.weight.float(), bias)).exp()

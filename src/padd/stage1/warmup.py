@@ -84,18 +84,38 @@ def teacher_cluster_masses(
     return [m / m.sum(-1, keepdim=True).clamp_min(1e-12) for m in total]
 
 
+class _StopForward(Exception):
+    """Raised from a hook to end a forward once the layer it needs has run."""
+
+
 @torch.no_grad()
 def router_inputs(student, windows: torch.Tensor, batch_size: int, layer: int | None = None) -> list[torch.Tensor]:
     """Per MoE layer (or only MoE layer `layer`), the router's input h [N, H] on `windows`, the
     student routing with its routers as they are now (each layer's input depends on the routing of
-    the layers before it). Keeping one layer holds N·H floats instead of L·N·H."""
+    the layers before it). Keeping one layer holds N·H floats instead of L·N·H, and its forwards
+    stop at that layer's router."""
     device = next(student.parameters()).device
+    batches = [windows[start : start + batch_size].to(device) for start in range(0, windows.shape[0], batch_size)]
+    if layer is not None:
+        kept: list[torch.Tensor] = []
+
+        def stop(module, args):
+            kept.append(args[0].detach().float().reshape(-1, args[0].shape[-1]))
+            raise _StopForward
+
+        handle = moe_gates(student)[layer].register_forward_pre_hook(stop)
+        try:
+            for batch in batches:
+                with contextlib.suppress(_StopForward):
+                    student.model(input_ids=batch, use_cache=False)
+        finally:
+            handle.remove()
+        return [torch.cat(kept)]
     inputs: list[list[torch.Tensor]] = []
-    for start in range(0, windows.shape[0], batch_size):
+    for batch in batches:
         with RouterRecorder(student, keep_inputs=True, keep_logits=False) as rec:
-            student(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-        kept = rec.inputs if layer is None else rec.inputs[layer : layer + 1]
-        inputs.append([h.float() for h in kept])
+            student(input_ids=batch, use_cache=False)
+        inputs.append([h.float() for h in rec.inputs])
     return [torch.cat(per_layer) for per_layer in zip(*inputs, strict=True)]
 
 
