@@ -523,30 +523,25 @@ class StudyRun:
         start = start or self.start
         return self.out / (f"warmup-{init}" if start == self.start else f"warmup-{init}-{start}")
 
-    def _teacher(self) -> None:
-
+    def _pretrain(self, out: Path, preset: str, **options) -> None:
+        """`padd teacher` for a model the preset names: the teacher, or the pretrained student."""
         cfg = TeacherConfig(
-            out=str(self.teacher),
-            preset=self.study.teacher,
-            steps=self.study.teacher_steps,
+            out=str(out),
+            preset=preset,
             seed=self.cfg.teacher_seed,
             eval_per_skill=0,
             overwrite=True,
+            **options,
             **self._common(),
         )
         train_teacher(cfg, self.console)
+
+    def _teacher(self) -> None:
+        self._pretrain(self.teacher, self.study.teacher, steps=self.study.teacher_steps)
 
     def _student(self) -> None:
-        cfg = TeacherConfig(
-            out=str(self.student),
-            preset=self.study.student,
-            tokenizer=str(self.teacher),  # the paper's pairs share their tokenizers
-            seed=self.cfg.teacher_seed,
-            eval_per_skill=0,
-            overwrite=True,
-            **self._common(),
-        )
-        train_teacher(cfg, self.console)
+        # with the teacher's tokenizer: the paper's pairs share theirs
+        self._pretrain(self.student, self.study.student, tokenizer=str(self.teacher))
 
     def _seed(self) -> dict:
         record = run_seed(
