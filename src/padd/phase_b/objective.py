@@ -66,8 +66,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.rollout != "vllm" and (vllm := [n for n in ("vllm_gpu_memory", "vllm_max_model_len") if getattr(cfg, n)]):
         raise ConfigError(f"{', '.join(map(_flag, vllm))} only act with --rollout vllm")
     filled = {name: default for name, default in used.items() if getattr(cfg, name) is None}
-    if cfg.rollout == "vllm" and cfg.vllm_gpu_memory is None:
-        filled["vllm_gpu_memory"] = 0.3
+    if cfg.rollout == "vllm" and cfg.device == "cpu" and cfg.vllm_gpu_memory is not None:
+        raise ConfigError(
+            "--vllm-gpu-memory only acts on a GPU; on a CPU, VLLM_CPU_KVCACHE_SPACE (GiB) sizes the engine"
+        )
     cfg = dataclasses.replace(cfg, **filled)
     # With one update per rollout batch the rollout-time router is the current one: Γ would be 0 on
     # every token and stage III (or RSPO's weight) would never act.

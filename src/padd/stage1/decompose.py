@@ -16,6 +16,7 @@ from padd.corpus import sample_corpus
 from padd.distributed import setup
 from padd.errors import UserError
 from padd.flops import forward_flops_per_token, param_counts
+from padd.generation.vllm import vllm_unserved_shapes
 from padd.io import atomic_save_dir, atomic_write_json, check_out_dir
 from padd.models import load_causal_lm
 from padd.stage1.activations import collect_layer_stats, owned_layers
@@ -156,6 +157,8 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     record["timings_s"] = timings
     atomic_write_json(out / STAGE1_FILE, record)
     print_summary(console, tcfg, student.config, record, out)
+    for problem in vllm_unserved_shapes(student.config):
+        console.print(f"[yellow]warning: vLLM's CPU build cannot serve this student: {problem}")
     ranks.barrier()
     return record
 
