@@ -93,7 +93,8 @@ def test_the_routing_hooks_work_on_every_architecture(model_type):
     assert replay.differ == 0 and torch.allclose(replayed, logits, atol=1e-5)
     n_prompt = 4
     old_topk = topk[:, :, n_prompt - 1 : ids.shape[1] - 1]
-    with torch.no_grad(), TokenGammaMeter(model, router_weights(model), old_topk, n_prompt) as meter:
+    n_completion = ids.shape[1] - n_prompt
+    with torch.no_grad(), TokenGammaMeter(model, router_weights(model), old_topk, n_prompt, n_completion) as meter:
         model(input_ids=ids)
     assert float(meter.token_gamma().abs().max()) == 0.0
     with torch.no_grad(), uniform_random_routing(model), RouterRecorder(model, keep_logits=False) as rec:

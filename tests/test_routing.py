@@ -175,10 +175,17 @@ def test_token_gamma_meter_matches_the_reference_on_the_completion_positions(lla
         old = rec.log_scores_under(anchor, (n, p + c))
     window = slice(p - 1, p + c - 1)
     expected = token_gamma(now[:, :, window], old[:, :, window], topk_old, torch.ones(n, c))
-    with torch.no_grad(), TokenGammaMeter(student, anchor, topk_old, n_prompt=p) as meter:
+    with torch.no_grad(), TokenGammaMeter(student, anchor, topk_old, n_prompt=p, n_completion=c) as meter:
         student(ids)
     torch.testing.assert_close(meter.token_gamma(), expected)
     assert expected.min() > 0  # the anchor differs, so every position moved
-    with torch.no_grad(), TokenGammaMeter(student, router_weights(student), topk_old, n_prompt=p) as meter:
+    with torch.no_grad(), TokenGammaMeter(student, router_weights(student), topk_old, p, c) as meter:
         student(ids)
     assert torch.equal(meter.token_gamma(), torch.zeros(n, c))
+
+    # without a rollout-time top-K (one update per batch), the forward's own selection is read
+    own = rec.selections((n, p + c))[:, :, window]
+    expected = token_gamma(now[:, :, window], old[:, :, window], own, torch.ones(n, c))
+    with torch.no_grad(), TokenGammaMeter(student, anchor, None, n_prompt=p, n_completion=c) as meter:
+        student(ids)
+    torch.testing.assert_close(meter.token_gamma(), expected)

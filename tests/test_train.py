@@ -411,3 +411,46 @@ def test_running_mean_shift_norm_makes_lambda_scale_free(tmp_path, routed_studen
     assert all(r["shift_scale"] > 0 for r in off_policy)
     damped = [r["pr_damping_mean"] for r in off_policy if r["pr_negative_frac"] > 0]
     assert damped and all(0.01 < d < 0.9 for d in damped)
+
+
+@pytest.mark.parametrize("method", ["grpo", "padd"])
+def test_one_update_per_batch_skips_the_old_policy_forward_and_trains_alike(
+    tmp_path, routed_student, llama_teacher, varied_rewards, method
+):
+    """With M = 1 the student that sampled is the one that updates: π_old and the rollout-time top-K
+    come from the update's own forward, and the run equals one that recomputes them in a second
+    forward (the loss, every logged value and the trained weights)."""
+    from padd.phase_b.loop import Trainer
+
+    runs = []
+    for recompute in (False, True):
+        cfg = TrainConfig(
+            student=str(routed_student),
+            teacher=str(llama_teacher),
+            data="world:add+reverse",
+            world_per_skill=20,
+            prompts_per_step=4,
+            group_size=2,
+            max_new_tokens=6,
+            out=str(tmp_path / f"run{recompute}"),
+            method=method,
+            lr=1e-2,
+            updates_per_batch=1,
+            gamma_anchor="previous",
+            progress=False,
+        )
+        trainer = Trainer(cfg)
+        assert trainer.old_policy_forward is False
+        trainer.old_policy_forward = recompute
+        log = trainer.step() + trainer.step()
+        runs.append((log, dict(trainer.student.named_parameters())))
+    (fast, fast_weights), (slow, slow_weights) = runs
+    timing = ("time_", "mem_", "tokens_per_s")
+    for a, b in zip(fast, slow, strict=True):
+        assert {k for k in a if not k.startswith(timing)} == {k for k in b if not k.startswith(timing)}
+        for key, value in a.items():
+            if not key.startswith(timing):
+                assert value == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert fast[-1]["gamma_step"] > 0  # the router moved, and Γ was measured against the previous one
+    for name, weight in fast_weights.items():
+        torch.testing.assert_close(weight, slow_weights[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -161,15 +161,25 @@ class TokenGammaMeter(_GateHooks):
 
     Args:
         anchor: per MoE layer, the anchor router's weight [E, H] (whole, not sharded).
-        topk_old: [L, N, C, K] experts selected at rollout time at those positions.
-        n_prompt: P, the width of the left-padded prompts.
+        topk_old: [L, N, C, K] experts selected at rollout time at those positions, or None when the
+            forward's own selection is the rollout-time one (one update per rollout batch: the student
+            that sampled is the one running this forward).
+        n_prompt / n_completion: P, the width of the left-padded prompts, and C.
     """
 
-    def __init__(self, model: torch.nn.Module, anchor: list[torch.Tensor], topk_old: torch.Tensor, n_prompt: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        anchor: list[torch.Tensor],
+        topk_old: torch.Tensor | None,
+        n_prompt: int,
+        n_completion: int,
+    ):
         self.gates, self.config = moe_gates(model), model.config
-        if len(anchor) != len(self.gates) or topk_old.shape[0] != len(self.gates):
-            raise ValueError(f"{len(anchor)} anchor routers / {topk_old.shape[0]} top-K layers for {len(self.gates)}")
-        self.anchor, self.topk_old, self.n_prompt = anchor, topk_old, n_prompt
+        layers = len(self.gates) if topk_old is None else topk_old.shape[0]
+        if len(anchor) != len(self.gates) or layers != len(self.gates):
+            raise ValueError(f"{len(anchor)} anchor routers / {layers} top-K layers for {len(self.gates)}")
+        self.anchor, self.topk_old, self.n_prompt, self.n_completion = anchor, topk_old, n_prompt, n_completion
         self.per_layer: list[torch.Tensor | None] = [None] * len(self.gates)
         self._handles: list = []
 
@@ -178,19 +188,22 @@ class TokenGammaMeter(_GateHooks):
             # autocast off: other hooks (routers_in_fp32's) may have turned it back on by now, and a
             # bf16 anchor against the float32 router would measure rounding (~1e-2), not Γ (~1e-4)
             with torch.no_grad(), torch.autocast(inputs[0].device.type, enabled=False):
-                n, c = self.topk_old.shape[1:3]
                 h = inputs[0].reshape(-1, inputs[0].shape[-1])
+                p, c = self.n_prompt, self.n_completion
+                n = h.shape[0] // (p + c)
                 now = output[0].detach()  # the router's own float32 logits on h
                 # the same op as the router's (F.linear in float32): equal weights give Γ = 0 exactly
                 bias = getattr(gate, "bias", None)  # gpt_oss routers have a linear bias
                 bias = None if bias is None else bias.detach().float()
                 old = torch.nn.functional.linear(h.float(), self.anchor[layer].to(h.device).float(), bias)
-                p = self.n_prompt
                 now, old = (
                     router_adapter.log_scores(self.config, x).view(n, -1, x.shape[-1])[:, p - 1 : p + c - 1]
                     for x in (now, old)
                 )
-                index = self.topk_old[layer].to(h.device).long()
+                if self.topk_old is None:  # the experts this forward selected (the gate's third output)
+                    index = output[2].detach().view(n, p + c, -1)[:, p - 1 : p + c - 1].long()
+                else:
+                    index = self.topk_old[layer].to(h.device).long()
                 self.per_layer[layer] = (now - old).abs().gather(-1, index).mean(-1)  # [N, C]
 
         return fn

@@ -3,6 +3,8 @@
     collect:  prompts -> G completions each -> rewards (padd.grade) -> group advantages
               -> no-grad forward: π_old (at the sampling temperature), rollout-time top-K
               = one `Trajectory`
+              (with M = 1 the update's own forward gives both, as the student has not moved since
+              it sampled: this forward is skipped)
     update:   for each of its M mini-batches: student forward (+ per-token Γ on this forward's
               router inputs) -> teacher forward -> loss -> AdamW step -> routing-bias step (IV)
     sync:     the rollout backend samples the next batch from the updated student
@@ -83,6 +85,10 @@ class Trainer:
         self.opt_step = 0
         self.router_before_last_step = router_weights(self.student)  # Γ's anchor under --gamma-anchor previous
         self.shift_scale = ShiftScale(self.objective.shift_norm)
+        # One update per rollout batch: the student that sampled is the one that updates, so π_old and
+        # the rollout-time top-K are the update forward's own (detached); a second forward would only
+        # recompute them.
+        self.old_policy_forward = cfg.updates_per_batch > 1
 
     def _attach_training_state(self) -> None:
         """Data-parallel wrapping, then optimizer, warm-up scheduler and bias balancer bound to the
@@ -128,15 +134,19 @@ class Trainer:
             )
             answers = [p.answer for p in problems for _ in range(cfg.group_size)]
             rewards = torch.tensor([float(grade(t, a)) for t, a in zip(rollout.texts, answers, strict=True)])
-        # replay (R3) before recording, so the recorder sees the selection the forward used
-        engine = engine_routing(self.student, rollout, replay=cfg.routing_replay, count=True)
-        recorder = RouterRecorder(self.student, keep_logits=False)
-        with clock("student"), torch.no_grad(), self.amp(), engine, recorder:
-            self.student.eval()
-            logits = forward_completion(self.student, rollout, dev)
-            old_logps = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [N, C]
-            del logits
-            old_topk = recorder.selections(tuple(rollout.input_ids.shape))[:, :, completion_positions(rollout)]
+        old_logps = old_topk = None
+        engine_counts = (0, 0)
+        if self.old_policy_forward:
+            # replay (R3) before recording, so the recorder sees the selection the forward used
+            engine = engine_routing(self.student, rollout, replay=cfg.routing_replay, count=True)
+            recorder = RouterRecorder(self.student, keep_logits=False)
+            with clock("student"), torch.no_grad(), self.amp(), engine, recorder:
+                self.student.eval()
+                logits = forward_completion(self.student, rollout, dev)
+                old_logps = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [N, C]
+                del logits
+                old_topk = recorder.selections(tuple(rollout.input_ids.shape))[:, :, completion_positions(rollout)]
+            engine_counts = (getattr(engine, "differ", 0), getattr(engine, "counted", 0))
         trajectory = Trajectory(
             rollout=rollout,
             rewards=rewards,
@@ -146,7 +156,6 @@ class Trainer:
             # Γ's anchor for this batch's updates: the router that made the rollouts (§4 III)
             rollout_router=router_weights(self.student) if cfg.gamma_anchor == "rollout" else None,
         )
-        engine_counts = (getattr(engine, "differ", 0), getattr(engine, "counted", 0))
         return trajectory, trajectory.metrics(self.dist, *engine_counts)
 
     def _update(self, mb: Trajectory, clock: PhaseClock) -> dict:
@@ -157,13 +166,17 @@ class Trainer:
         anchor = mb.rollout_router if mb.rollout_router is not None else self.router_before_last_step
 
         self.student.train()
-        engine = engine_routing(self.student, rollout, replay=cfg.routing_replay)
-        meter = TokenGammaMeter(self.student, anchor, mb.old_topk, rollout.prompt_ids.shape[1])
+        # the engine-vs-trainer routing mismatch is counted here when no π_old forward did it
+        engine = engine_routing(self.student, rollout, replay=cfg.routing_replay, count=mb.old_logps is None)
+        meter = TokenGammaMeter(
+            self.student, anchor, mb.old_topk, rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+        )
         recorder = RouterRecorder(self.student)
         with clock("student"), self.amp(), engine, meter, recorder:
             logits = forward_completion(self.trained, rollout, dev)  # [n, C, V]
             logp = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [n, C]
             token_gamma = meter.token_gamma() * mask  # [n, C], no gradient
+        old_logps = logp.detach() if mb.old_logps is None else mb.old_logps.to(dev)
         where = completion_positions(rollout)
         topk_now = recorder.selections(tuple(rollout.input_ids.shape))[:, :, where]  # [L, n, C, K]
 
@@ -176,7 +189,7 @@ class Trainer:
             obj,
             self.vocab.kd_view(logits),
             logp,
-            mb.old_logps.to(dev),
+            old_logps,
             teacher_logits,
             adv,
             mask,
@@ -205,7 +218,12 @@ class Trainer:
         # Logged values are token-weighted means over all ranks (the same on every rank); for a
         # quantile that is the weighted mean of each rank's own.
         weighted = self.dist.sum_dict({k: v * float(loss.local_tokens) for k, v in scalars.items()})
+        checks = {}
+        if mb.old_logps is None:  # the checks of π_old that the π_old forward would have given (all ranks)
+            batch = mb.metrics(self.dist, getattr(engine, "differ", 0), getattr(engine, "counted", 0), old_logps)
+            checks = {k: v for k, v in batch.items() if k in ("routing_mismatch", "sampler_logp_gap")}
         return {
+            **checks,
             "step": self.opt_step,
             **{k: v / float(loss.global_tokens) for k, v in weighted.items()},
             "grad_norm": float(full_tensor(grad_norm)),

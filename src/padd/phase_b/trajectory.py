@@ -40,8 +40,10 @@ class Trajectory:
     rollout:        the sequences (prompt [N, P], completion [N, C], masks, texts, engine routing)
     rewards:        [N] verifier scores
     advantages:     [N] group-normalised rewards (A_i)
-    old_logps:      [N, C] log π_old of each completion token, at the sampling temperature
-    old_topk:       [L, N, C, K] experts the rollout-time student selected for each completion token
+    old_logps:      [N, C] log π_old of each completion token, at the sampling temperature; None with
+                    one update per batch, where the update's own forward gives it
+    old_topk:       [L, N, C, K] experts the rollout-time student selected for each completion token;
+                    None where old_logps is
     rollout_router: the router weights that made the rollouts (one [E, H] per MoE layer), Γ's anchor
                     for every mini-batch of the batch; None when Γ is measured against the router
                     before each optimizer step instead (--gamma-anchor previous)
@@ -50,8 +52,8 @@ class Trajectory:
     rollout: Rollout
     rewards: torch.Tensor
     advantages: torch.Tensor
-    old_logps: torch.Tensor
-    old_topk: torch.Tensor
+    old_logps: torch.Tensor | None
+    old_topk: torch.Tensor | None
     rollout_router: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -68,8 +70,8 @@ class Trajectory:
             rollout=self.rollout.select(index),
             rewards=self.rewards[index],
             advantages=self.advantages[index],
-            old_logps=self.old_logps[index],
-            old_topk=self.old_topk[:, index],
+            old_logps=None if self.old_logps is None else self.old_logps[index],
+            old_topk=None if self.old_topk is None else self.old_topk[:, index],
             rollout_router=self.rollout_router,
         )
 
@@ -79,13 +81,16 @@ class Trajectory:
         for chunk in torch.randperm(len(self)).chunk(count):
             yield self.select(chunk)
 
-    def metrics(self, dist, engine_differ: int = 0, engine_counted: int = 0) -> dict[str, float]:
+    def metrics(
+        self, dist, engine_differ: int = 0, engine_counted: int = 0, old_logps: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """The batch's metrics over all ranks (`dist`: padd.distributed.Dist): mean reward, accuracy,
         completion tokens; with the engine's routing, the share of token-layer selections where the
         trainer's own router disagrees with it (of `engine_counted`); with the sampler's
         log-probabilities, the largest |π_old − sampler| (π_old must be the distribution the sampler
-        drew from)."""
+        drew from; `old_logps` stands in for a trajectory's own None)."""
         rollout = self.rollout
+        old_logps = self.old_logps if old_logps is None else old_logps
         totals = dist.sum_dict(
             {
                 "reward": float(self.rewards.sum()),
@@ -103,8 +108,8 @@ class Trajectory:
         }
         if totals["engine_counted"] > 0:
             metrics["routing_mismatch"] = totals["engine_differ"] / totals["engine_counted"]
-        if rollout.sampler_logps is not None:
-            gap = (self.old_logps.cpu() - rollout.sampler_logps)[rollout.completion_mask.bool()].abs()
+        if rollout.sampler_logps is not None and old_logps is not None:
+            gap = (old_logps.cpu() - rollout.sampler_logps)[rollout.completion_mask.bool()].abs()
             gap = dist.all_reduce_max(torch.tensor([float(gap.max()) if gap.numel() else 0.0]))
             metrics["sampler_logp_gap"] = float(gap[0])
         return metrics
