@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv venv-vllm test-vllm demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader gpu-check clean
+.PHONY: venv venv-vllm test-vllm demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader bench-generation bench-trl gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ bench-cli: $(STAMP)
 
 bench-grader: $(STAMP)
 	$(PY) benchmarks/bench_grader.py
+
+# against vLLM's CPU build, so in .venv-vllm
+bench-generation: $(VLLM_STAMP)
+	$(VLLM_PY) benchmarks/bench_generation.py
+
+bench-trl: $(VLLM_STAMP)
+	$(VLLM_PY) benchmarks/bench_trl.py
 
 # Every GPU-only check and measurement, on a CUDA machine. .venv holds the CPU build of torch, so
 # this runs in an environment of its own with CUDA torch and vLLM:

@@ -4,7 +4,7 @@ rollout backends, on the same student, prompts and budget, in one process.
 Two workloads: a Phase B rollout batch (32 prompts × 1 sampled completion at temperature 1, 64 new
 tokens; as a step samples 8 prompts × G = 4) and a `padd eval` pass (200 prompts, greedy, 96 new
 tokens). Students: Stage I students (E = 8, top-4) of random teachers of two shapes, the tiny
-preset's (hidden 128) and a wider one (hidden 512, 4 layers); random weights seldom emit EOS, so
+preset's (`tiny`, hidden 128) and a wider one (`hidden-512`, 4 layers); random weights seldom emit EOS, so
 completions run to the budget on both sides. The calls alternate (--repeats each) and the median is
 kept; the engine's start (load, torch.compile, KV cache) is reported apart.
 
@@ -32,10 +32,10 @@ WORKLOADS = {
     "eval pass": dict(prompts=200, temperature=0.0, max_new_tokens=96),
 }
 SHAPES = {
-    "tiny (hidden 128)": dict(
+    "tiny": dict(
         hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
     ),
-    "hidden 512": dict(
+    "hidden-512": dict(
         hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2
     ),
 }

@@ -1,17 +1,22 @@
 """A Phase B step of padd against TRL's GRPOTrainer, the trainer users would pick instead.
 
-Like for like: the same student (the tiny preset's shape, Stage I's E = 8, top-4; random weights, so
-completions mostly run to the budget), the same prompts in the same order, G completions each, the
-same completion budget and temperature, one optimizer step per rollout batch, the GRPO loss with no
-KL term (padd `--method grpo`; TRL `loss_type="grpo"`, `beta=0`), AdamW at the same learning rate,
-float32 on the CPU. Both generate with transformers' `generate`; TRL runs with its default gradient
-checkpointing and without it. Where vLLM is installed (its CPU build in .venv-vllm), padd also runs
-with `--rollout vllm`. The runs alternate (--repeats each) and each keeps its fastest; the first
-step of a run is a warm-up and is left out. Wall time per step is measured around the whole step;
-"generation" is sampling plus grading (padd's generation phase; TRL's `_generate_and_score_completions`),
-"rest" the forwards, backward and optimizer step (and padd's weight sync to the engine).
+Like for like: the same student (Stage I's E = 8, top-4, of a random teacher of the tiny preset's
+shape or a wider one, `--shape hidden-512`; random weights, so completions mostly run to the
+budget), the same prompts in the same order, G completions each, the same completion budget and
+temperature, one optimizer step per rollout batch, the GRPO loss with no KL term (padd `--method
+grpo`; TRL `loss_type="grpo"`, `beta=0`), AdamW at the same learning rate, float32 on the CPU. Both
+generate with transformers' `generate`; TRL runs with its default gradient checkpointing and without
+it. Where vLLM is installed (its CPU build in .venv-vllm), padd also runs with `--rollout vllm`.
+
+The runs alternate (--repeats each); the first step of a run is a warm-up and is left out, and every
+other step of every run counts: the table gives medians per step (a 2-core machine shared with
+others jitters by a quarter from one call to the next). Wall time is measured around the whole step;
+"generation" is sampling plus grading (padd's generation phase; TRL's
+`_generate_and_score_completions`), "rest" the forwards, backward and optimizer step (and padd's
+weight sync to the engine).
 
     .venv-vllm/bin/python benchmarks/bench_trl.py     # padd, padd + vLLM, TRL, TRL with checkpointing
+    .venv-vllm/bin/python benchmarks/bench_trl.py --shape hidden-512
     .venv/bin/python benchmarks/bench_trl.py          # without vLLM
 """
 
@@ -31,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench_phase_b import random_teacher
+from bench_generation import SHAPES, student_of
 
 
 def padd_run(student: Path, teacher: Path, work: Path, args, rollout: str) -> list[dict]:
@@ -139,10 +144,10 @@ def trl_run(student: Path, work: Path, args, prompts: list[str], answers: list[s
 
 
 def summary(steps: list[dict]) -> dict:
-    """Means over the steps after the first (warm-up)."""
-    kept = steps[1:] or steps
-    out = {k: statistics.mean(s[k] for s in kept) for k in ("wall", "generation", "tokens")}
-    out["rest"] = out["wall"] - out["generation"]
+    """Medians over the steps given (generation and the rest each their own median)."""
+    out = {k: statistics.median(s[k] for s in steps) for k in ("wall", "generation", "tokens")}
+    out["rest"] = statistics.median(s["wall"] - s["generation"] for s in steps)
+    out["steps"] = len(steps)
     return out
 
 
@@ -155,24 +160,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="completion budget")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--data", default="world:add+sub+mul+expr+word")
+    parser.add_argument("--shape", default="tiny", choices=tuple(SHAPES), help="the random teacher's shape")
     parser.add_argument("--workdir", type=Path, help="where models and runs go (default: a temp folder)")
     args = parser.parse_args()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    from padd.config import DecomposeConfig
+    from transformers import AutoTokenizer
+
     from padd.data import batch_problems, build_prompt, load_problems
-    from padd.stage1.decompose import decompose
 
     work = Path(tempfile.mkdtemp(prefix="padd-bench-trl-", dir=args.workdir))
-    teacher = random_teacher("tiny", work / "teacher")
-    student = work / "student"
-    decompose(
-        DecomposeConfig(
-            teacher=str(teacher), corpus="world", out=str(student), experts=8, top_k=4, tokens=2048, progress=False
-        ),
-        Console(quiet=True),
-    )
-    from transformers import AutoTokenizer
+    student = student_of(SHAPES[args.shape], work)
+    teacher = work / "teacher"
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     problems = load_problems(args.data, split="train", world_per_skill=2000, seed=0)
@@ -189,18 +188,18 @@ def main() -> None:
     }
     if importlib.util.find_spec("vllm") is not None:
         runners["padd --rollout vllm (vLLM's CPU build)"] = lambda w: padd_run(student, teacher, w, args, "vllm")
-    best: dict[str, dict] = {}
+    pooled: dict[str, list[dict]] = {name: [] for name in runners}
     for repeat in range(args.repeats):
-        for name, run in runners.items():
-            result = summary(run(work / f"{len(best)}-{repeat}-{name.split()[0]}"))
-            Console().print(f"{name}, run {repeat + 1}: {result['wall']:.3f} s per step")
-            if name not in best or result["wall"] < best[name]["wall"]:
-                best[name] = result
+        for index, (name, run) in enumerate(runners.items()):
+            steps = run(work / f"run-{index}-{repeat}")[1:]  # the first step warms up
+            pooled[name] += steps
+            Console().print(f"{name}, run {repeat + 1}: {summary(steps)['wall']:.3f} s per step (median)")
+    best = {name: summary(steps) for name, steps in pooled.items()}
 
     trl = best["TRL GRPOTrainer"]["wall"]
     table = Table(
-        title=f"One GRPO step: {args.prompts} prompts × {args.group_size} completions, ≤ {args.max_new_tokens} "
-        f"tokens, one optimizer step (CPU, {torch.get_num_threads()} threads)"
+        title=f"One GRPO step, {args.shape} student: {args.prompts} prompts × {args.group_size} completions, "
+        f"≤ {args.max_new_tokens} tokens, one optimizer step (CPU, {torch.get_num_threads()} threads; medians)"
     )
     for col in ("trainer", "completion tokens", "generation s", "rest s", "step s", "× TRL"):
         table.add_column(col, justify="right")
@@ -214,7 +213,7 @@ def main() -> None:
             f"{r['wall'] / trl:.2f}",
         )
     Console(width=160).print(table)
-    print(json.dumps({"threads": torch.get_num_threads(), "results": best}))
+    print(json.dumps({"shape": args.shape, "threads": torch.get_num_threads(), "results": best}))
 
 
 if __name__ == "__main__":

@@ -100,3 +100,26 @@ def test_policy_logps_match_trl_at_a_sampling_temperature(llama_student):
         )
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert not torch.allclose(ours, token_logps(forward_completion(model, rollout, "cpu"), completion), atol=1e-3)
+
+
+def test_forward_completion_runs_the_lm_head_on_the_completion_positions_only(llama_student):
+    """The logits of positions P-1 … P+C-2 with the LM head on the last C + 1 positions only equal
+    those of a whole-sequence forward, left-padded prompts included."""
+    from transformers import AutoModelForCausalLM
+
+    from padd.generation.rollout import Rollout
+    from padd.phase_b.trajectory import completion_positions, forward_completion
+
+    model = AutoModelForCausalLM.from_pretrained(llama_student).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt, completion = torch.randint(3, 60, (2, 6), generator=g), torch.randint(3, 60, (2, 5), generator=g)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    rollout = Rollout(prompt, prompt_mask, completion, torch.ones_like(completion), ["", ""])
+    mask = rollout.attention_mask
+    with torch.no_grad():
+        whole = model(
+            input_ids=rollout.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)
+        ).logits
+        kept = forward_completion(model, rollout, "cpu")
+    assert kept.shape == (2, 5, whole.shape[-1])
+    torch.testing.assert_close(kept, whole[:, completion_positions(rollout)], rtol=1e-5, atol=1e-5)

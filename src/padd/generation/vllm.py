@@ -40,12 +40,11 @@ def vllm_unserved_shapes(config) -> list[str]:
             f"head_dim {head_dim} < {VLLM_CPU_MIN_HEAD_DIM}: vLLM's CPU attention kernels need at least "
             f"{VLLM_CPU_MIN_HEAD_DIM} (fewer attention heads in the teacher give wider ones)"
         )
-    widths = {getattr(config, "moe_intermediate_size", None)} - {None}
-    widths |= {config.moe_intermediate_size * n for n in [getattr(config, "n_shared_experts", 0) or 0] if n}
-    odd = sorted(w for w in widths if w % VLLM_CPU_EXPERT_WIDTH_MULTIPLE)
-    if odd:
+    # a shared expert's width is a multiple of this one, so the routed width decides
+    width = getattr(config, "moe_intermediate_size", None)
+    if width and width % VLLM_CPU_EXPERT_WIDTH_MULTIPLE:
         problems.append(
-            f"expert width {', '.join(map(str, odd))} is not a multiple of {VLLM_CPU_EXPERT_WIDTH_MULTIPLE}: vLLM's "
+            f"expert width {width} is not a multiple of {VLLM_CPU_EXPERT_WIDTH_MULTIPLE}: vLLM's "
             "CPU MoE kernel pads the widths, and its in-place weight reload (padd train --rollout vllm) then "
             "fails; choose --experts (or --expert-size) so that each width is a multiple of "
             f"{VLLM_CPU_EXPERT_WIDTH_MULTIPLE}"
