@@ -93,7 +93,9 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
         backends = {"transformers generate": TransformersRollout(model, tokenizer, batch_size=256)}
         start = time.perf_counter()
-        backends["vLLM (CPU build)"] = VLLMRollout(str(student), AutoTokenizer.from_pretrained(student), device="cpu")
+        backends["vLLM (CPU build)"] = VLLMRollout(
+            str(student), AutoTokenizer.from_pretrained(student), device="cpu", dtype="float32"
+        )
         startup = time.perf_counter() - start
         for workload, settings in WORKLOADS.items():
             prompts = [build_prompt(tokenizer, p.problem) for p in problems[: settings["prompts"]]]
@@ -101,6 +103,8 @@ def main() -> None:
             tokens: dict[str, int] = {}
             for _ in range(args.repeats):
                 for name, backend in backends.items():
+                    if hasattr(backend, "llm"):  # no prefill from the previous call's cached prefixes
+                        backend.llm.reset_prefix_cache()
                     torch.manual_seed(0)
                     start = time.perf_counter()
                     rollout = backend.sample(

@@ -73,11 +73,12 @@ def main() -> None:
                 t_theirs = time.perf_counter() - start
                 obj_theirs = kmeans_objective(x, torch.as_tensor(theirs.labels_).long(), n_clusters)
                 ratio, speedup = obj_ours / obj_theirs, t_theirs / t_ours
-                ok = "green" if speedup >= 20 and ratio <= 1.02 else "red"
+                # the target is against the package's default ten initialisations only
+                ok = ("green" if speedup >= 20 and ratio <= 1.02 else "red") if n_init == 10 else "default"
                 cells += [f"{t_theirs:.2f}", f"[{ok}]{speedup:.1f}x[/]", f"[{ok}]{ratio:.4f}[/]"]
                 Console().print(f"{n}x{d} E={n_clusters} {kind}, n_init={n_init}: {speedup:.1f}x, ratio {ratio:.4f}")
             table.add_row(str(n), str(d), str(n_clusters), kind, f"{t_ours:.2f}", *cells)
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

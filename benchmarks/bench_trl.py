@@ -154,7 +154,7 @@ def summary(steps: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run (the first is a warm-up)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per trainer, interleaved; the fastest is kept")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per trainer, interleaved; their steps pooled")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="completion budget")
@@ -194,16 +194,16 @@ def main() -> None:
             steps = run(work / f"run-{index}-{repeat}")[1:]  # the first step warms up
             pooled[name] += steps
             Console().print(f"{name}, run {repeat + 1}: {summary(steps)['wall']:.3f} s per step (median)")
-    best = {name: summary(steps) for name, steps in pooled.items()}
+    medians = {name: summary(steps) for name, steps in pooled.items()}
 
-    trl = best["TRL GRPOTrainer"]["wall"]
+    trl = medians["TRL GRPOTrainer"]["wall"]
     table = Table(
         title=f"One GRPO step, {args.shape} student: {args.prompts} prompts × {args.group_size} completions, "
         f"≤ {args.max_new_tokens} tokens, one optimizer step (CPU, {torch.get_num_threads()} threads; medians)"
     )
     for col in ("trainer", "completion tokens", "generation s", "rest s", "step s", "× TRL"):
         table.add_column(col, justify="right")
-    for name, r in best.items():
+    for name, r in medians.items():
         table.add_row(
             name,
             f"{r['tokens']:.0f}",
@@ -213,7 +213,7 @@ def main() -> None:
             f"{r['wall'] / trl:.2f}",
         )
     Console(width=160).print(table)
-    print(json.dumps({"shape": args.shape, "threads": torch.get_num_threads(), "results": best}))
+    print(json.dumps({"shape": args.shape, "threads": torch.get_num_threads(), "results": medians}))
 
 
 if __name__ == "__main__":

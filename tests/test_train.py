@@ -440,7 +440,7 @@ def test_one_update_per_batch_skips_the_old_policy_forward_and_trains_alike(
             progress=False,
         )
         trainer = Trainer(cfg)
-        assert trainer.old_policy_forward is False
+        assert trainer.old_policy_forward is False  # the tiny students have no dropout or router jitter
         trainer.old_policy_forward = recompute
         log = trainer.step() + trainer.step()
         runs.append((log, dict(trainer.student.named_parameters())))
@@ -454,3 +454,13 @@ def test_one_update_per_batch_skips_the_old_policy_forward_and_trains_alike(
     assert fast[-1]["gamma_step"] > 0  # the router moved, and Γ was measured against the previous one
     for name, weight in fast_weights.items():
         torch.testing.assert_close(weight, slow_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_noisy_training_forward_keeps_the_old_policy_forward():
+    from types import SimpleNamespace
+
+    from padd.phase_b.loop import noisy_in_training
+
+    assert not noisy_in_training(SimpleNamespace(attention_dropout=0.0, router_jitter_noise=0))
+    assert noisy_in_training(SimpleNamespace(attention_dropout=0.1))
+    assert noisy_in_training(SimpleNamespace(router_jitter_noise=0.01))

@@ -103,12 +103,18 @@ def test_vllm_backends_without_vllm_say_what_to_do(tmp_path, llama_student, llam
     assert code != 0 and "needs vLLM" in capsys.readouterr().err
 
 
-def test_vllm_only_options_are_refused_where_they_cannot_act(tmp_path, llama_student):
+def test_vllm_only_options_are_refused_where_they_cannot_act(tmp_path, llama_student, llama_teacher, capsys):
     code = main(
         ["eval", "--model", str(llama_student), "--out", str(tmp_path / "e.json"), "--backend", "vllm"]
         + ["--batch-size", "8"]
     )
-    assert code != 0
+    assert code != 0 and "--batch-size sets generate's batches" in capsys.readouterr().err
+    train = ["train", "--student", str(llama_student), "--teacher", str(llama_teacher), "--data", "world:add"]
+    train += ["--out", str(tmp_path / "run"), "--rollout", "vllm", "--no-progress"]
+    assert main([*train, "--routing-replay"]) != 0  # refused before any model loads, vLLM or not
+    assert "only its Model Runner V2 gives" in capsys.readouterr().err
+    assert main([*train, "--vllm-gpu-memory", "0.5"]) != 0
+    assert "--vllm-gpu-memory only acts on a GPU" in capsys.readouterr().err
 
 
 # -- with vLLM installed (vLLM's CPU build under `make test-vllm`) ---------------------------------
@@ -201,15 +207,6 @@ def test_train_with_vllm_rollouts(tmp_path, served):
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(r["loss"] == r["loss"] and r["completion_tokens"] > 0 for r in log)
     assert AutoModelForCausalLM.from_pretrained(run / "student").config.n_shared_experts == 0
-
-
-@needs_vllm
-@pytest.mark.skipif(torch.cuda.is_available(), reason="R3 runs on a GPU (test below)")
-def test_routing_replay_on_a_cpu_is_refused_saying_why(tmp_path, served, capsys):
-    args = ["--student", str(served["routed"]), "--teacher", str(served["teacher"]), "--data", "world:add"]
-    args += ["--out", str(tmp_path / "run"), "--rollout", "vllm", "--routing-replay", "--no-progress"]
-    assert main(["train", *args]) != 0
-    assert "--routing-replay needs vLLM's routed-expert return" in capsys.readouterr().err
 
 
 @needs_vllm

@@ -499,7 +499,7 @@ class TrainConfig(RunOptions):
         None, "vllm rollouts on a GPU: share of its memory the engine may take (weights + KV cache; default 0.3)"
     )
     vllm_max_model_len: int | None = opt(
-        None, "vllm rollouts: longest prompt + completion (default: the model's context)"
+        None, "vllm rollouts: longest prompt + completion (default: 2048 + the budget, within the model's context)"
     )
     no_kd: bool = opt(False, "padd ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "padd ablation: drop III's damping (λ = 0)")

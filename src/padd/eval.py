@@ -18,6 +18,9 @@ from padd.grading import extract_answer, grade
 from padd.io import atomic_write_json
 from padd.models import load_causal_lm
 
+# `padd eval --backend vllm` has the GPU to itself (no trainer beside it)
+EVAL_GPU_MEMORY = 0.85
+
 DEFAULT_BENCHES = ("world:add", "world:sub", "world:mul", "world:expr", "world:word", "world:reverse")
 
 
@@ -56,11 +59,31 @@ def generation_backend(cfg, tokenizer) -> RolloutBackend:
         from transformers import AutoConfig
 
         from padd.generation.vllm import VLLMRollout
+        from padd.routing import BIAS_FILE
 
+        if (Path(cfg.model) / BIAS_FILE).exists():
+            raise UserError(
+                f"{cfg.model} routes with padd's selection bias ({BIAS_FILE}, for an architecture without a "
+                "native one), which vLLM does not read: evaluate it with --backend transformers"
+            )
         # the checkpoint's own dtype, as transformers loads it (vLLM's "auto" runs float32 in bfloat16 on a
         # CPU), so that the two backends give the same greedy verdicts; no routing asked for
-        dtype = str(getattr(AutoConfig.from_pretrained(cfg.model), "dtype", None) or "float32").removeprefix("torch.")
-        return VLLMRollout(cfg.model, tokenizer, device=cfg.device, dtype=dtype, seed=cfg.seed, progress=cfg.progress)
+        config = AutoConfig.from_pretrained(cfg.model)
+        dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+        # room for prompts of up to 2048 tokens (longer ones are cut or refused by fit_prompts), within the
+        # model's context: vLLM must fit one whole sequence's KV cache to start
+        length = cfg.max_new_tokens + 2048
+        context = getattr(config, "max_position_embeddings", None)
+        return VLLMRollout(
+            cfg.model,
+            tokenizer,
+            device=cfg.device,
+            dtype=dtype,
+            gpu_memory_utilization=EVAL_GPU_MEMORY,
+            max_model_len=length if context is None else min(context, length),
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
     model = load_causal_lm(cfg.model, dtype="auto", device=cfg.device)
     return TransformersRollout(model, tokenizer, batch_size=cfg.batch_size or 32, progress=cfg.progress)
 

