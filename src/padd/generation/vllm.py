@@ -198,7 +198,7 @@ class VLLMRollout:
         if max_model_len and context and max_model_len > context:
             raise UserError(
                 f"--vllm-max-model-len {max_model_len} is longer than the model's {context} positions "
-                "(max_position_embeddings); leave it unset to use the model's context"
+                "(max_position_embeddings); give a shorter one, or leave it unset for the default"
             )
         self.tokenizer, self.progress = tokenizer, progress
         self.moe_layers = moe_layers
@@ -229,16 +229,16 @@ class VLLMRollout:
             # TypeError: a vLLM without the option; ValueError (pydantic's validation error): a vLLM that
             # has it but not here, e.g. its CPU build, which lacks the Model Runner V2 it needs. Any
             # other error (a KV cache too small, a bad argument) is not about routing and goes up.
-            if not any(word in str(err) for word in ROUTING_RETURN_ERRORS):
+            said = [line.strip() for line in str(err).splitlines() if any(w in line for w in ROUTING_RETURN_ERRORS)]
+            if not said:
                 raise
             if require_routing:
                 raise UserError(
                     f"--routing-replay needs vLLM's routed-expert return (enable_return_routed_experts), which "
-                    f"this vLLM cannot give here: {str(err).splitlines()[0]}"
+                    f"this vLLM cannot give here: {said[0]}"
                 ) from err
             warnings.warn(
-                f"this vLLM cannot return routed experts ({str(err).splitlines()[0]}): routing_mismatch will not "
-                "be logged",
+                f"this vLLM cannot return routed experts ({said[0]}): routing_mismatch will not be logged",
                 stacklevel=2,
             )
             self.routing = False
