@@ -18,6 +18,7 @@ to max_new_tokens (the worst case of generation). `qwen2.5-0.5b` is a random-wei
     python benchmarks/bench_phase_b.py --teacher tiny=runs/demo/teacher --student tiny=runs/demo/warmup-cluster
     python benchmarks/bench_phase_b.py --device cuda --shapes qwen2.5-0.5b
     python benchmarks/bench_phase_b.py --device cuda --shapes qwen2.5-0.5b --rollout vllm   # vs. generate
+    .venv-vllm/bin/python benchmarks/bench_phase_b.py --shapes tiny --rollout vllm          # vLLM's CPU build
 """
 
 from __future__ import annotations
@@ -110,14 +111,15 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument(
-        "--rollout", default="transformers", choices=("transformers", "vllm"), help="rollout backend (vllm: GPU)"
+        "--rollout",
+        default="transformers",
+        choices=("transformers", "vllm"),
+        help="rollout backend (vllm: its GPU build with --device cuda, or its CPU build in .venv-vllm)",
     )
     parser.add_argument("--steps", type=int, default=4, help="rollout batches per run (the first is a warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, interleaved; the fastest is kept")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and runs go (default: a temp folder)")
     args = parser.parse_args()
-    if args.rollout == "vllm" and args.device != "cuda":
-        parser.error("--rollout vllm needs --device cuda")
     from padd.config import DecomposeConfig, TrainConfig
     from padd.phase_b.loop import run_train
     from padd.stage1.decompose import decompose
