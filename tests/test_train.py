@@ -49,6 +49,14 @@ def routed_student(tmp_path_factory, llama_student, llama_teacher, corpus_file):
     return out
 
 
+def small_config(student, teacher, out, **options) -> TrainConfig:
+    """A TrainConfig for driving `Trainer` step by step: 4 prompts × 2 completions of 6 tokens, lr 1e-2."""
+    base = dict(data="world:add+reverse", world_per_skill=20, prompts_per_step=4, group_size=2, max_new_tokens=6)
+    return TrainConfig(
+        student=str(student), teacher=str(teacher), out=str(out), **base, lr=1e-2, progress=False, **options
+    )
+
+
 def train(student, teacher, out, *extra):
     return main(
         ["train", "--student", str(student), "--teacher", str(teacher), "--out", str(out), *FAST, *map(str, extra)]
@@ -328,21 +336,14 @@ def test_token_gamma_compares_both_routers_on_the_same_inputs(tmp_path, routed_s
     from padd.phase_b.loop import Trainer
     from padd.routing import moe_gates, router_weights
 
-    cfg = TrainConfig(
-        student=str(routed_student),
-        teacher=str(llama_teacher),
-        data="world:add+reverse",
-        world_per_skill=20,
-        prompts_per_step=4,
-        group_size=2,
-        max_new_tokens=6,
-        out=str(tmp_path / "frozen"),
+    cfg = small_config(
+        routed_student,
+        llama_teacher,
+        tmp_path / "frozen",
         method="padd",
-        lr=1e-2,
         eta=0.0,
         updates_per_batch=2,
         precision=precision,
-        progress=False,
     )
     trainer = Trainer(cfg)
     for gate in moe_gates(trainer.student):
@@ -424,20 +425,13 @@ def test_one_update_per_batch_skips_the_old_policy_forward_and_trains_alike(
 
     runs = []
     for recompute in (False, True):
-        cfg = TrainConfig(
-            student=str(routed_student),
-            teacher=str(llama_teacher),
-            data="world:add+reverse",
-            world_per_skill=20,
-            prompts_per_step=4,
-            group_size=2,
-            max_new_tokens=6,
-            out=str(tmp_path / f"run{recompute}"),
+        cfg = small_config(
+            routed_student,
+            llama_teacher,
+            tmp_path / f"run{recompute}",
             method=method,
-            lr=1e-2,
             updates_per_batch=1,
             gamma_anchor="previous",
-            progress=False,
         )
         trainer = Trainer(cfg)
         assert trainer.old_policy_forward is False  # the tiny students have no dropout or router jitter

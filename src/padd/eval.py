@@ -58,7 +58,7 @@ def generation_backend(cfg, tokenizer) -> RolloutBackend:
     if cfg.backend == "vllm":
         from transformers import AutoConfig
 
-        from padd.generation.vllm import VLLMRollout
+        from padd.generation.vllm import VLLMRollout, engine_length
         from padd.routing import BIAS_FILE
 
         if (Path(cfg.model) / BIAS_FILE).exists():
@@ -70,17 +70,14 @@ def generation_backend(cfg, tokenizer) -> RolloutBackend:
         # CPU), so that the two backends give the same greedy verdicts; no routing asked for
         config = AutoConfig.from_pretrained(cfg.model)
         dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-        # room for prompts of up to 2048 tokens (longer ones are cut or refused by fit_prompts), within the
-        # model's context: vLLM must fit one whole sequence's KV cache to start
-        length = cfg.max_new_tokens + 2048
-        context = getattr(config, "max_position_embeddings", None)
         return VLLMRollout(
             cfg.model,
             tokenizer,
             device=cfg.device,
             dtype=dtype,
             gpu_memory_utilization=EVAL_GPU_MEMORY,
-            max_model_len=length if context is None else min(context, length),
+            # longer prompts are cut or refused by fit_prompts
+            max_model_len=engine_length(getattr(config, "max_position_embeddings", None), cfg.max_new_tokens),
             seed=cfg.seed,
             progress=cfg.progress,
         )

@@ -5,7 +5,7 @@ transformers' `generate` on the training model (`rollout.TransformersRollout`) a
 from __future__ import annotations
 
 from padd.generation.rollout import RolloutBackend, TransformersRollout
-from padd.generation.vllm import VLLMRollout
+from padd.generation.vllm import VLLMRollout, engine_length
 from padd.routing import moe_layer_indices
 
 
@@ -14,10 +14,7 @@ def rollout_backend(cfg, model, tokenizer, *, rank: int, main: bool, sharded: bo
     if cfg.rollout == "transformers":
         # Sharded, every rank must run as many forwards as the slowest: generate keeps them in step.
         return TransformersRollout(model, tokenizer, synced=sharded, record_routing=True)
-    # long enough for prompts of up to 2048 tokens and the budget, within the model's context (vLLM must
-    # fit one whole sequence's KV cache to start)
-    length = 2048 + cfg.max_new_tokens
-    length = min(length, getattr(model.config, "max_position_embeddings", None) or length)
+    length = engine_length(getattr(model.config, "max_position_embeddings", None), cfg.max_new_tokens)
     return VLLMRollout(
         cfg.student,
         tokenizer,

