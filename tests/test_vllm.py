@@ -24,12 +24,6 @@ from test_routing import tiny_student
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
-def vllm_platform():
-    from padd.generation.vllm import vllm_platform
-
-    return vllm_platform() if HAS_VLLM else None
-
-
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM: `make test-vllm` runs these on vLLM's CPU build")
 needs_model_runner_v2 = pytest.mark.skipif(
     not (HAS_VLLM and torch.cuda.is_available()),
@@ -73,6 +67,14 @@ def test_engine_routing_keeps_the_moe_layers_of_per_decoder_layer_arrays():
 def test_moe_layer_indices_cover_every_layer_of_a_stage1_student(llama_teacher):
     student = tiny_student(llama_teacher)
     assert moe_layer_indices(student) == list(range(student.config.num_hidden_layers))
+
+
+def test_the_engine_context_holds_the_prompt_room_and_the_budget_within_the_models():
+    from padd.generation.vllm import PROMPT_ROOM, engine_length
+
+    assert engine_length(512, 96) == 512  # a small model's whole context
+    assert engine_length(32768, 96) == PROMPT_ROOM + 96  # not 32k: vLLM must fit one sequence's KV cache
+    assert engine_length(None, 96) == PROMPT_ROOM + 96
 
 
 def test_shapes_the_cpu_kernels_do_not_serve_are_named(llama_student):
@@ -176,6 +178,10 @@ def test_sampled_rollouts_carry_the_engines_logprobs(served):
     assert rollout.completion_ids.shape[0] == 9
     logps = rollout.sampler_logps[rollout.completion_mask.bool()]
     assert (logps <= 0).all() and (logps < 0).any()
+    # each request draws its own random stream: one seed shared by all would give the same prompt's
+    # first sample the same completion in every request
+    same = engine(served["routed"]).sample(["1 + 2 ="] * 2, 2, temperature=1.0, max_new_tokens=8)
+    assert not torch.equal(same.completion_ids[0], same.completion_ids[2])
 
 
 @needs_vllm
