@@ -185,9 +185,16 @@ def test_sampled_rollouts_carry_the_engines_logprobs(served):
 
 
 @needs_vllm
-def test_a_context_longer_than_the_models_is_refused(served):
+def test_a_context_longer_than_the_models_is_refused(tmp_path, served, capsys, monkeypatch):
     with pytest.raises(UserError, match="longer than the model's 512 positions"):
         engine(served["routed"], max_model_len=4096)
+    import padd.phase_b.loop as loop
+
+    monkeypatch.setattr(loop, "load_causal_lm", None)  # refused before any model loads
+    args = ["--student", str(served["routed"]), "--teacher", str(served["teacher"]), "--data", "world:add"]
+    args += ["--out", str(tmp_path / "run"), "--rollout", "vllm", "--vllm-max-model-len", "4096", "--device", DEVICE]
+    assert main(["train", *args]) != 0
+    assert "longer than the model's 512 positions" in capsys.readouterr().err
 
 
 @needs_vllm

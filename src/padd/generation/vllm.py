@@ -44,6 +44,20 @@ def engine_length(context: int | None, max_new_tokens: int) -> int:
     return min(context, length) if context else length
 
 
+def check_engine_length(model_dir: str, max_model_len: int | None) -> int | None:
+    """The model's context (max_position_embeddings, from its config only); fails, saying what to do,
+    when `max_model_len` is longer."""
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    if max_model_len and context and max_model_len > context:
+        raise UserError(
+            f"--vllm-max-model-len {max_model_len} is longer than the model's {context} positions "
+            "(max_position_embeddings); give a shorter one, or leave it unset for the default"
+        )
+    return context
+
+
 def vllm_unserved_shapes(config) -> list[str]:
     """Why vLLM's CPU build cannot serve a model of this transformers config: one line per problem, [] if none."""
     problems = []
@@ -191,7 +205,6 @@ class VLLMRollout:
         `engine_length` with a budget as long as PROMPT_ROOM);
         `gpu_memory_utilization`: the engine's share of the GPU (default 0.3, beside a trainer);
         `enforce_eager`: skip vLLM's torch.compile and graph capture (faster start, slower decode)."""
-        from transformers import AutoConfig
 
         # One engine in this process, so weights reach it by reference, not through a pipe.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -202,12 +215,7 @@ class VLLMRollout:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
-        context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
-        if max_model_len and context and max_model_len > context:
-            raise UserError(
-                f"--vllm-max-model-len {max_model_len} is longer than the model's {context} positions "
-                "(max_position_embeddings); give a shorter one, or leave it unset for the default"
-            )
+        context = check_engine_length(model_dir, max_model_len)
         self.tokenizer, self.progress = tokenizer, progress
         self.moe_layers = moe_layers
         pad_prompts_left(tokenizer)

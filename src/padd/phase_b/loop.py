@@ -28,7 +28,7 @@ from padd.data import batch_problems, build_prompt, load_problems
 from padd.distributed import full_tensor, is_sharded, setup, shard, wrap_for_training
 from padd.errors import UserError
 from padd.generation import rollout_backend
-from padd.generation.vllm import check_vllm_device
+from padd.generation.vllm import check_engine_length, check_vllm_device
 from padd.grading import grade
 from padd.io import atomic_write_json, check_out_dir
 from padd.losses import group_advantages, token_logps
@@ -58,8 +58,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None):
         cfg = resolve(cfg)  # the method's defaults filled in; options it would ignore refused
-        if cfg.rollout == "vllm":
-            check_vllm_device(cfg.device)  # before any model loads
+        if cfg.rollout == "vllm":  # before any model loads
+            check_vllm_device(cfg.device)
+            check_engine_length(cfg.student, cfg.vllm_max_model_len)
         self.cfg, self.console = cfg, console or Console()
         self.objective = objective_of(cfg)
         # π_old and π_θ are the sampler's distribution: logits / T, as the rollouts drew the tokens
