@@ -1,8 +1,10 @@
 import pytest
 import torch
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
+from helpers import MOE_COMMON, MOE_CONFIGS
 from padd.flops import forward_flops_per_token, param_counts
 from padd.stage1.build import build_student
 from padd.stage1.partition import plan_layer
@@ -62,3 +64,26 @@ def test_param_counts(qwen2_teacher):
     assert total == sum(p.numel() for p in student.parameters())
     expert = 3 * student.config.hidden_size * student.config.moe_intermediate_size
     assert total - active == student.config.num_hidden_layers * (8 - 2) * expert
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_flops_match_the_counter(model_type):
+    name, moe = MOE_CONFIGS[model_type]
+    config = getattr(transformers, name)(**{**MOE_COMMON, **moe})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("eager")
+    ids = torch.randint(0, config.vocab_size, (1, 24))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(ids, use_cache=False)
+    assert forward_flops_per_token(config, 24) == pytest.approx(counter.get_total_flops() / 24, rel=1e-6)
+
+
+@pytest.mark.parametrize("model_type", sorted(set(MOE_CONFIGS) - {"gpt_oss"}))
+def test_moe_param_counts_are_the_built_models(model_type):
+    """Every MoE architecture padd trains (gpt-oss' attention sinks and biases are left out)."""
+    name, moe = MOE_CONFIGS[model_type]
+    config = getattr(transformers, name)(**{**MOE_COMMON, **moe})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert param_counts(config)[0] == sum(p.numel() for p in model.parameters())

@@ -1,8 +1,8 @@
 """Analytic per-token forward FLOPs and parameter counts from a model config.
 
-Dense (Llama, Qwen2, Mistral, Qwen3) configs and the MoE architectures of padd.router_adapter with
-standard attention (DeepSeek's latent attention and gpt-oss' sinks are counted as standard
-attention). FLOPs count matrix products only (2 per
+Dense (Llama, Qwen2, Mistral, Qwen3) configs and the MoE architectures of padd.router_adapter,
+DeepSeek's multi-head latent attention included (gpt-oss' sinks and biases are left out of
+its counts). FLOPs count matrix products only (2 per
 multiply-add), as `torch.utils.flop_counter.FlopCounterMode` does; attention scores are counted over
 all `context_len` keys, as dense attention kernels compute them. For MoE layers only the router, the
 K active experts and the shared experts count.
@@ -18,6 +18,32 @@ def _attn_dims(cfg) -> tuple[int, int, int, int]:
     n_heads, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or h // n_heads
     return h, n_heads, n_kv, head_dim
+
+
+def _attention(cfg) -> tuple[int, int, int]:
+    """(projection multiply-adds per token, score multiply-adds per token and key, parameters) of one
+    attention block, its norms excluded. Latent attention (DeepSeek-V2/V3: `kv_lora_rank`) projects
+    keys and values through a rank-`kv_lora_rank` latent, as transformers computes it (not absorbed)."""
+    h, n_heads, n_kv, hd = _attn_dims(cfg)
+    if getattr(cfg, "kv_lora_rank", None):
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q_rank = getattr(cfg, "q_lora_rank", None)
+        q = h * q_rank + q_rank * n_heads * qk if q_rank else h * n_heads * qk
+        kv = h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * n_heads * (
+            cfg.qk_nope_head_dim + cfg.v_head_dim
+        )
+        proj = q + kv + n_heads * cfg.v_head_dim * h
+        latent_norms = cfg.kv_lora_rank + (q_rank or 0)
+        return proj, n_heads * (qk + cfg.v_head_dim), proj + latent_norms
+    proj = h * (n_heads * hd + 2 * n_kv * hd) + n_heads * hd * h
+    params = proj
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "model_type", "") in ("qwen2", "qwen2_moe"):
+        params += n_heads * hd + 2 * n_kv * hd
+    if getattr(cfg, "use_qk_norm", False) or getattr(cfg, "model_type", "") in ("qwen3", "qwen3_moe"):
+        params += 2 * hd  # per-head q and k norms
+    if getattr(cfg, "model_type", "") == "olmoe":
+        params += n_heads * hd + n_kv * hd  # q and k norms over all heads
+    return proj, 2 * n_heads * hd, params
 
 
 def _moe_layers(cfg) -> set[int]:
@@ -46,22 +72,22 @@ def _mlp_macs(cfg, layer: int, active: bool) -> int:
 
 def forward_flops_per_token(cfg, context_len: int) -> float:
     """Forward FLOPs per token of a sequence of `context_len` tokens (embedding lookups and norms excluded)."""
-    h, n_heads, n_kv, hd = _attn_dims(cfg)
-    proj = h * (n_heads * hd + 2 * n_kv * hd) + n_heads * hd * h
-    scores = 2 * n_heads * hd * context_len  # QK^T and AV
-    layers = sum(proj + scores + _mlp_macs(cfg, i, active=True) for i in range(cfg.num_hidden_layers))
-    return 2.0 * (layers + h * cfg.vocab_size)
+    proj, scores_per_key, _ = _attention(cfg)
+    attention = proj + scores_per_key * context_len  # QK^T and AV over every key
+    layers = sum(attention + _mlp_macs(cfg, i, active=True) for i in range(cfg.num_hidden_layers))
+    return 2.0 * (layers + cfg.hidden_size * cfg.vocab_size)
+
+
+def expert_flops_per_token(cfg) -> float:
+    """The part of `forward_flops_per_token` in MoE layers' experts (routed and shared, not the router)."""
+    macs = sum(_mlp_macs(cfg, i, active=True) - cfg.hidden_size * router_adapter.num_experts(cfg) for i in _moe_layers(cfg))
+    return 2.0 * macs
 
 
 def param_counts(cfg) -> tuple[int, int]:
     """(total, active-per-token) parameter counts; inactive routed experts are the only difference."""
-    h, n_heads, n_kv, hd = _attn_dims(cfg)
-    attn = h * (n_heads * hd + 2 * n_kv * hd) + n_heads * hd * h + 2 * h
-    qkv_bias = getattr(cfg, "attention_bias", False) or getattr(cfg, "model_type", "") == "qwen2"
-    if qkv_bias:
-        attn += n_heads * hd + 2 * n_kv * hd
-    if getattr(cfg, "use_qk_norm", False) or getattr(cfg, "model_type", "") == "qwen3":
-        attn += 2 * hd
+    h = cfg.hidden_size
+    attn = _attention(cfg)[2] + 2 * h  # with the layer's two norms
     embed = cfg.vocab_size * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2) + h
     total = embed + sum(attn + _mlp_macs(cfg, i, active=False) for i in range(cfg.num_hidden_layers))
     active = embed + sum(attn + _mlp_macs(cfg, i, active=True) for i in range(cfg.num_hidden_layers))
