@@ -29,3 +29,18 @@ def test_peak_memory_catches_a_buffer_freed_inside_the_phase():
         time.sleep(0.05)  # ten sampling periods
         del buffer
     assert clock.peak_gb["big"] - clock.peak_gb["small"] > 0.2
+
+
+def test_a_phase_does_not_inherit_the_memory_an_earlier_phase_freed():
+    """Small tensors come from the heap, which keeps their pages after they are freed (a few survivors
+    pin it): the clock hands the free pages back before each phase, so an idle phase after a busy one
+    logs its own peak, not the busy one's."""
+    clock = PhaseClock(torch.device("cpu"), ("busy", "idle"))
+    with clock("busy"):
+        small = [torch.ones(8_000) for _ in range(10_000)]  # 32 KB each: 320 MB of heap
+        survivors = small[::50]
+        del small
+    with clock("idle"):
+        pass
+    assert clock.peak_gb["busy"] - clock.peak_gb["idle"] > 0.2
+    del survivors

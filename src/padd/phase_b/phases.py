@@ -3,11 +3,15 @@
 On CUDA the clock synchronises at phase boundaries (kernels run asynchronously, so an unsynchronised
 timer charges one phase's work to the next) and reads the allocator's peak. On CPU a daemon thread
 samples the process's resident set size every few milliseconds (Linux /proc; elsewhere memory is
-not reported), so the peak of a phase is the largest RSS seen while it ran.
+not reported), so the peak of a phase is the largest RSS seen while it ran; glibc's allocator first
+hands back the pages freed before the phase (malloc_trim), which it would otherwise keep and count
+towards every later phase.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 import time
@@ -18,6 +22,17 @@ import torch
 
 _STATM = "/proc/self/statm"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _libc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
 
 
 def _rss_bytes() -> int | None:
@@ -45,6 +60,10 @@ class _RssSampler:
             time.sleep(self.interval)
 
     def reset(self) -> None:
+        # Freed memory stays in the process (glibc keeps it for reuse) and would count towards every
+        # later phase: hand it back first, so that a phase's peak is its own.
+        if _TRIM is not None:
+            _TRIM(0)
         with self._lock:
             self.peak = _rss_bytes() or 0
 
