@@ -91,12 +91,12 @@ PRESETS = {
 }
 
 
-def build_model(preset: TeacherPreset, tokenizer):
-    """A randomly initialised model of the preset's shape: Qwen2 (dense) or Qwen3-MoE (experts > 0)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+def model_config(preset: TeacherPreset, *, vocab_size: int, eos_token_id: int, pad_token_id: int):
+    """The preset's model config: Qwen2 (dense) or Qwen3-MoE (experts > 0)."""
+    from transformers import Qwen2Config, Qwen3MoeConfig
 
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=preset.hidden_size,
         intermediate_size=preset.intermediate_size,
         num_hidden_layers=preset.num_layers,
@@ -104,13 +104,13 @@ def build_model(preset: TeacherPreset, tokenizer):
         num_key_value_heads=preset.num_kv_heads,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
         bos_token_id=None,
     )
     if not preset.experts:
-        return Qwen2ForCausalLM(Qwen2Config(**common))
-    config = Qwen3MoeConfig(
+        return Qwen2Config(**common)
+    return Qwen3MoeConfig(
         **common,
         head_dim=preset.head_dim,
         num_experts=preset.experts,
@@ -124,7 +124,16 @@ def build_model(preset: TeacherPreset, tokenizer):
         output_router_logits=True,
         router_aux_loss_coef=0.01,
     )
-    return Qwen3MoeForCausalLM(config)
+
+
+def build_model(preset: TeacherPreset, tokenizer):
+    """A randomly initialised model of the preset's shape (`model_config`) for `tokenizer`."""
+    from transformers import Qwen2ForCausalLM, Qwen3MoeForCausalLM
+
+    config = model_config(
+        preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return (Qwen3MoeForCausalLM if preset.experts else Qwen2ForCausalLM)(config)
 
 
 def _examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
