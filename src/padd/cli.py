@@ -11,6 +11,7 @@ from padd.config import (
     DecomposeConfig,
     DemoConfig,
     EvalConfig,
+    PlanConfig,
     ReproduceConfig,
     SeedConfig,
     TeacherConfig,
@@ -41,6 +42,12 @@ def _eval(cfg: EvalConfig) -> None:
     from padd.eval import run_eval
 
     run_eval(cfg)
+
+
+def _plan(cfg: PlanConfig) -> None:
+    from padd.plan.report import run_plan
+
+    run_plan(cfg)
 
 
 def _reproduce(cfg: ReproduceConfig) -> None:
@@ -100,6 +107,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     ),
     "train": (TrainConfig, _train, "Phase B: PADD (or a baseline) on verifiable problems"),
     "eval": (EvalConfig, _eval, "Pass@1 / avg@k / pass@k of a model on math benchmarks"),
+    "plan": (PlanConfig, _plan, "memory per GPU and time of a study on given GPUs, from the models' configs alone"),
 }
 
 

@@ -118,6 +118,8 @@ def _preset_section(cls: type, name: str) -> dict:
         "TrainConfig": "train",
         "EvalConfig": "eval",
     }
+    if cls.__name__ == "PlanConfig":  # a plan reads the whole study
+        return {"study": name, **(raw.get("plan") or {})}
     if cls.__name__ not in section:
         raise ConfigError(f"--config {name}: the {name} preset has no section for this command; give a YAML file")
     values = dict(raw.get(section[cls.__name__]) or {})
@@ -131,11 +133,16 @@ def _preset_section(cls: type, name: str) -> dict:
 def load_config(cls: type, ns: argparse.Namespace | dict) -> Any:
     """Build `cls` from defaults < YAML (`config` key) < explicit flags; check required and unknown keys."""
     given = dict(vars(ns) if isinstance(ns, argparse.Namespace) else ns)
+    if cls.__name__ == "PlanConfig" and given.get("study") and "config" not in given:
+        given["config"] = given["study"]  # --study STUDY is --config STUDY: the study's plan: section too
     values: dict[str, Any] = {}
     yaml_path = given.pop("config", None)
     names = {f.name for f in dataclasses.fields(cls)}
     if yaml_path is not None:
         loaded = _preset_section(cls, str(yaml_path)) if str(yaml_path) in BUILTIN_PRESETS else None
+        if loaded is None and cls.__name__ == "PlanConfig" and Path(yaml_path).is_file():
+            study = yaml.safe_load(Path(yaml_path).read_text()) or {}
+            loaded = {"study": str(yaml_path), **((study.get("plan") if isinstance(study, dict) else None) or {})}
         if loaded is None:
             if not Path(yaml_path).is_file():
                 raise ConfigError(f"--config {yaml_path}: no such file; give a YAML file or one of {BUILTIN_PRESETS}")
@@ -221,6 +228,9 @@ class DecomposeConfig(RunOptions):
     kmeans_iters: int = opt(50, "Lloyd iterations of the balanced K-Means")
 
 
+CKA_TOKENS = 1024  # padd seed's CKA layer map, when --layer-map cka
+
+
 @dataclass
 class SeedConfig(RunOptions):
     """`padd seed`: Stage I for a pretrained MoE student — routers seeded from the teacher's clusters."""
@@ -260,7 +270,7 @@ class SeedConfig(RunOptions):
         if self.layer_map == "proportional" and self.cka_tokens is not None:
             raise ConfigError("--cka-tokens sizes the CKA layer map; --layer-map proportional uses none: drop one")
         if self.cka_tokens is None:
-            self.cka_tokens = 1024
+            self.cka_tokens = CKA_TOKENS
 
 
 @dataclass
@@ -513,6 +523,69 @@ class TrainConfig(RunOptions):
     precision: str = opt(
         "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")
     )
+
+
+@dataclass
+class PlanConfig:
+    """`padd plan`: memory per GPU and time of a study's stages on given hardware, from the models'
+    configs alone (no weights). `--config STUDY` reads the whole study (teacher, student, every
+    stage's settings, and its `plan:` section); the flags below override it."""
+
+    study: str | None = opt(None, "study preset (tiny, mini, tiny-pretrained) or study YAML to plan (as --config)")
+    teacher: str | None = opt(
+        None,
+        "teacher: a checkpoint folder, a config.json, a bundled config's name (Qwen2.5-Math-7B, "
+        "deepseek-math-7b-instruct) or a world preset (default: the study's)",
+    )
+    student: str | None = opt(
+        None,
+        "pretrained MoE student in the same forms (Qwen3-30B-A3B, DeepSeek-V2-Lite; default: the study's, "
+        "else one decomposed from the teacher)",
+    )
+    experts: int | None = opt(None, "decomposed student: routed experts per layer (default: the study's)")
+    top_k: int | None = opt(None, "decomposed student: experts per token (default: the study's)")
+    shared_neurons: int | None = opt(None, "decomposed student: neurons of the shared expert (default: 0)")
+    expert_size: int | None = opt(None, "decomposed student: neurons per expert (default: d_ff / experts)")
+    dense_layers: int | None = opt(None, "decomposed student: leading dense layers (default: 0)")
+    stage1_tokens: int | None = opt(None, "Stage I's statistics tokens (default: the study's, else 8192)")
+    warmup_tokens: int | None = opt(None, "warm-up tokens (default: the study's, else padd warmup's)")
+    warmup_seq_len: int | None = opt(None, "warm-up tokens per window (default: the study's, else padd warmup's)")
+    warmup_batch_size: int | None = opt(None, "warm-up windows per step (default: the study's, else padd warmup's)")
+    warmup_epochs: int | None = opt(None, "warm-up passes (default: the study's, else 1)")
+    method: str | None = opt(None, "Phase B method (default: the study's rows' padd)", choices=tuple(METHODS))
+    steps: int | None = opt(None, "rollout batches (default: the study's, else padd train's)")
+    prompts_per_step: int | None = opt(None, "prompts per rollout batch (default: the study's, else padd train's)")
+    group_size: int | None = opt(None, "completions per prompt (default: the study's, else padd train's)")
+    updates_per_batch: int | None = opt(None, "mini-batches per rollout batch (default: the study's, else 2)")
+    max_new_tokens: int | None = opt(None, "generation budget per completion (default: the study's, else 160)")
+    temperature: float | None = opt(None, "sampling temperature (default: the study's, else 1.0)")
+    precision: str | None = opt(None, "fp32 or bf16 (default: the study's sections')", choices=("fp32", "bf16"))
+    parallel: str | None = opt(None, "ddp or fsdp (default: the study's sections')", choices=("ddp", "fsdp"))
+    rollout: str | None = opt(None, "rollout engine (default: the study's)", choices=("transformers", "vllm"))
+    vllm_gpu_memory: float | None = opt(None, "the vLLM engine's share of a GPU (default: the study's, else 0.3)")
+    prompt_tokens: int = opt(256, "tokens of a batch's longest prompt")
+    completion_tokens: int | None = opt(
+        None, "tokens of a batch's longest completion, the padded length of every forward (default: the budget)"
+    )
+    device: str = opt("cuda", "what the run will use: GPUs, or this machine's CPU", choices=("cuda", "cpu"))
+    gpus: int = opt(1, "GPUs (processes) of the warm-up and Phase B")
+    gpu_memory: str | None = opt(None, "memory per GPU in GiB, e.g. 80GB (default: an H100's 80; cpu: this machine's)")
+    gpu_tflops: float | None = opt(
+        None, "peak dense TFLOP/s per GPU at the run's precision (default: an H100's 989 bf16, 67 fp32)"
+    )
+    gpu_tflops_fp32: float | None = opt(
+        None, "peak float32 TFLOP/s per GPU, the rate of the student's experts under bf16 (default: an H100's 67)"
+    )
+    bandwidth: float | None = opt(None, "memory bandwidth per GPU, TB/s (default: an H100's 3.35)")
+    link_bandwidth: float | None = opt(
+        None, "interconnect per GPU, GB/s, for FSDP2's gathers (default: NVLink 4's 450)"
+    )
+    mfu: float = opt(0.4, "model FLOPs utilisation of the compute-bound phases")
+    reserve: float | None = opt(
+        None, "GiB per device the run cannot use (default: 3 on a GPU; on cpu the Python runtime's, measured)"
+    )
+    match_gpu_hours: float | None = opt(None, "also solve for the MFU at which the run takes this many GPU-hours")
+    out: str | None = opt(None, "also write the plan as JSON to this file")
 
 
 @dataclass

@@ -49,6 +49,7 @@ from padd.config import (
     ConfigError,
     DecomposeConfig,
     EvalConfig,
+    PlanConfig,
     ReproduceConfig,
     SeedConfig,
     TeacherConfig,
@@ -87,6 +88,7 @@ _SECTIONS = {
     "warmup": WarmupConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "plan": PlanConfig,
 }
 
 
@@ -114,6 +116,7 @@ class Study:
     train: dict = field(default_factory=dict)  # padd train settings shared by every method
     methods: dict = field(default_factory=dict)  # method -> its own options (padd.methods), e.g. padd: {lam: 100}
     eval: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)  # padd plan's settings of this study (hardware, prompt length)
 
 
 def load_study(spec: str) -> Study:
@@ -130,7 +133,7 @@ def load_study(spec: str) -> Study:
         raise ConfigError(f"{spec}: unknown study keys {sorted(unknown)}; known: {sorted(known)}")
     method_only = set(METHOD_ONLY_OPTIONS)
     for section, cls in _SECTIONS.items():
-        allowed = {f.name for f in dataclasses.fields(cls)} - _WIRED
+        allowed = {f.name for f in dataclasses.fields(cls)} - _WIRED - {"study"}
         if section == "train":  # method options belong under methods: METHOD; the rows set the switches
             allowed -= method_only | {"no_kd", "no_pr", "no_reward_balance"}
         if bad := set(raw.get(section) or {}) - allowed:

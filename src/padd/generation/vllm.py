@@ -29,6 +29,7 @@ from padd.generation.rollout import Rollout, decode_completions, pad_prompts_lef
 # Prompt tokens the engine's context holds beside the generation budget by default. The context is
 # no longer than needed: vLLM must fit one whole sequence's KV cache to start.
 PROMPT_ROOM = 2048
+GPU_SHARE = 0.3  # the engine's default share of a GPU beside the trainer (--vllm-gpu-memory)
 # What vLLM's errors say when it cannot return routed experts (an older vLLM, or its CPU build).
 ROUTING_RETURN_ERRORS = ("enable_return_routed_experts", "Model Runner V2", "AuxOutput")
 
@@ -231,7 +232,9 @@ class VLLMRollout:
             logprobs_mode="processed_logprobs",
         )
         if device == "cuda":
-            engine_args["gpu_memory_utilization"] = 0.3 if gpu_memory_utilization is None else gpu_memory_utilization
+            engine_args["gpu_memory_utilization"] = (
+                GPU_SHARE if gpu_memory_utilization is None else gpu_memory_utilization
+            )
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"
         self.routing, self.require_routing = record_routing and moe_layers is not None, require_routing

@@ -1,0 +1,143 @@
+"""`padd plan`'s memory per phase against what `padd train` measures, on this machine's CPU.
+
+For each shape it builds a random-weight teacher of a world preset's shape with the world's kind of
+tokenizer (a random model never emits EOS, so every completion runs to the budget, the plan's
+padded length), decomposes it (E = 8, top-4, as the presets do), runs the real `padd train` for a
+few rollout batches in a fresh process, and compares the peak memory each phase logged (mem_*_gb,
+the largest resident set size seen while it ran, batches after the first, when gradients and AdamW
+state exist) with `padd plan --device cpu` for the same settings and the longest prompt those
+batches drew.
+
+The runs set glibc's MALLOC_MMAP_THRESHOLD_ so that freed tensors go back to the system at once:
+at glibc's default the threshold grows after the first large free, later allocations come from a
+fragmenting heap, and the resident set runs above the live tensors the plan predicts (the tiny
+shape: 5-10% per phase; a quarter in the generate phase with 186-token prompts). On a GPU the
+logged peak is torch's allocated memory, with no such gap.
+
+    python benchmarks/bench_plan.py                    # tiny, mini and mini with a 16k vocabulary
+    python benchmarks/bench_plan.py --shapes tiny --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PHASES = ("generation", "teacher", "student", "update")
+# world preset shape, vocabulary padded to (None: the tokenizer's)
+SHAPES = {"tiny": ("tiny", None), "mini": ("mini", None), "mini-16k": ("mini", 16384)}
+# the tiny and mini study presets' padd train settings
+TRAIN = dict(prompts_per_step=8, group_size=4, updates_per_batch=2, max_new_tokens=96, temperature=0.8)
+DATA, PER_SKILL, SEED = "world", 50, 0
+
+
+def build(shape: str, work: Path) -> tuple[Path, Path]:
+    """(teacher, student): a random teacher of `shape` and its decomposition, saved under `work`."""
+    import torch
+    from rich.console import Console
+
+    from padd.config import DecomposeConfig
+    from padd.corpus import iter_texts
+    from padd.stage1.decompose import decompose
+    from padd.teacher import PRESETS, build_model
+    from padd.tiny import build_tokenizer
+
+    preset, vocab = SHAPES[shape]
+    texts = iter_texts("world")
+    tokenizer = build_tokenizer((next(texts) for _ in range(4000)), vocab_size=512)
+    torch.manual_seed(0)
+    model = build_model(PRESETS[preset], tokenizer)
+    if vocab:  # rows no token uses: a real-size vocabulary's logits at the tiny shape's cost
+        model.resize_token_embeddings(vocab)
+    teacher, student = work / "teacher", work / "student"
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    config = DecomposeConfig(
+        teacher=str(teacher),
+        corpus="world",
+        out=str(student),
+        experts=8,
+        top_k=4,
+        tokens=1024,
+        seq_len=64,
+        progress=False,
+    )
+    decompose(config, Console(quiet=True))
+    return teacher, student
+
+
+def longest_prompt(student: Path, steps: int) -> int:
+    """Tokens of the longest prompt the run's `steps` rollout batches draw (their padded prompt width)."""
+    from transformers import AutoTokenizer
+
+    from padd.data import batch_problems, build_prompt, load_problems
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    problems = load_problems(DATA, split="train", world_per_skill=PER_SKILL, seed=SEED)
+    drawn = [p for b in range(steps) for p in batch_problems(problems, b, TRAIN["prompts_per_step"], SEED, 0, 1)]
+    return max(len(tokenizer(build_prompt(tokenizer, p.problem)).input_ids) for p in drawn)
+
+
+def measured_peaks(teacher: Path, student: Path, out: Path, steps: int) -> dict[str, float]:
+    """Each phase's logged peak (GiB) over the batches after the first, from a fresh `padd train`."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
+    command = [sys.executable, "-m", "padd", "train", "--student", str(student), "--teacher", str(teacher)]
+    command += ["--data", DATA, "--world-per-skill", str(PER_SKILL), "--out", str(out), "--steps", str(steps)]
+    command += [*flags, "--save-every", "0", "--overwrite", "--no-progress"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    later = [r for r in rows if r["batch"] > 1]
+    return {p: max(r[f"mem_{p}_gb"] for r in later) for p in PHASES}
+
+
+def predicted_peaks(teacher: Path, prompt_tokens: int, steps: int) -> dict[str, float]:
+    """`padd plan --device cpu`'s peak (GiB) of each Phase B phase for the same run."""
+    from padd.config import PlanConfig
+    from padd.plan.report import make_plan
+    from padd.plan.settings import GIB, resolve_plan
+
+    cfg = PlanConfig(
+        teacher=str(teacher), experts=8, top_k=4, device="cpu", steps=steps, prompt_tokens=prompt_tokens, **TRAIN
+    )
+    plan = make_plan(*resolve_plan(cfg))
+    return {p: (plan.peaks[p] / GIB + plan.hardware.reserve_gib) for p in PHASES}
+
+
+def compare(shape: str, work: Path, steps: int = 3) -> dict[str, tuple[float, float]]:
+    """phase -> (predicted, measured) peak GiB for `shape`."""
+    teacher, student = build(shape, work)
+    measured = measured_peaks(teacher, student, work / "run", steps)
+    predicted = predicted_peaks(teacher, longest_prompt(student, steps), steps)
+    return {p: (predicted[p], measured[p]) for p in PHASES}
+
+
+def main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated of {', '.join(SHAPES)}")
+    parser.add_argument("--steps", type=int, default=3, help="rollout batches per run (the first is left out)")
+    args = parser.parse_args()
+    table = Table(title="Peak memory per phase on CPU (GiB): padd plan against padd train's log")
+    table.add_column("shape")
+    for phase in PHASES:
+        table.add_column(f"{phase} plan / run", justify="right")
+    table.add_column("largest gap", justify="right")
+    for shape in args.shapes.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"padd-bench-plan-{shape}-") as work:
+            result = compare(shape, Path(work), args.steps)
+        gap = max(abs(pred / meas - 1) for pred, meas in result.values())
+        cells = [f"{pred:.2f} / {meas:.2f}" for pred, meas in result.values()]
+        table.add_row(shape, *cells, f"{gap:.0%}")
+    Console(width=max(120, Console().width)).print(table)
+
+
+if __name__ == "__main__":
+    main()

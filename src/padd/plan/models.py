@@ -1,0 +1,151 @@
+"""The models a plan reads: their configs (a checkpoint folder, a config JSON, a bundled copy of a
+published config, or a world preset) and their parameter counts on a meta-device build."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from padd import flops
+from padd.errors import UserError
+
+
+class PlanError(UserError):
+    """A model or setting the plan cannot read; the message says what to give."""
+
+
+def bundled_configs() -> dict[str, Path]:
+    """Config-only JSONs shipped with padd (the paper's models), by lower-cased name."""
+    folder = resources.files("padd.presets").joinpath("models")
+    return {Path(p.name).stem.lower(): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json")}
+
+
+def world_config(preset: str, vocab_size: int = 512):
+    """The config of a `padd teacher` world preset (its tokenizer's 512 tokens), without training it."""
+    from padd.teacher import PRESETS, model_config
+
+    return model_config(PRESETS[preset], vocab_size=vocab_size, eos_token_id=0, pad_token_id=1)
+
+
+def load_model_config(spec: str) -> tuple[Any, str]:
+    """(transformers config, where it came from) of a checkpoint folder, a config JSON, a world preset
+    (tiny, mini, tiny-lm, tiny-moe) or a bundled config named by a path's last part (so a study's
+    `/models/Qwen3-30B-A3B` plans without the weights being there)."""
+    from transformers import AutoConfig
+
+    from padd.teacher import PRESETS
+
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path), f"{path}/config.json"
+    if path.is_file() and path.suffix == ".json":
+        return _config_from_json(path), str(path)
+    if spec in PRESETS:
+        return world_config(spec), f"padd teacher --preset {spec}"
+    bundled = bundled_configs().get(path.name.lower().removesuffix(".json"))
+    if bundled is not None:
+        return _config_from_json(bundled), f"padd's copy of {path.name}'s config.json"
+    raise PlanError(
+        f"{spec}: no config.json there, and not a world preset ({', '.join(PRESETS)}) or a bundled config "
+        f"({', '.join(sorted(bundled_configs()))}); give a checkpoint folder or a config JSON"
+    )
+
+
+def _config_from_json(path: Path):
+    from transformers import AutoConfig
+
+    raw = json.loads(path.read_text())
+    if "model_type" not in raw:
+        raise PlanError(f"{path}: a config JSON needs its model_type")
+    raw.pop("auto_map", None)  # remote code is never run: transformers' own class of the model_type
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's parameter counts, from a meta-device build of its config.
+
+    total: every parameter; active: those one token runs through (K of the E routed experts);
+    experts: the routed and shared expert weights (what the warm-up trains); routed: the routed
+    experts' alone; largest_unit: the largest FSDP2 unit (one decoder layer, or the root's
+    embeddings and head); largest_tensor: the largest single weight.
+    """
+
+    name: str
+    source: str
+    config: Any = field(repr=False)
+    total: int
+    active: int
+    experts: int
+    routed: int
+    largest_unit: int
+    largest_tensor: int
+
+    @property
+    def moe(self) -> bool:
+        return self.total != self.active or self.experts > 0
+
+    def flops_per_token(self, context: int) -> float:
+        return flops.forward_flops_per_token(self.config, context)
+
+    def expert_share(self, context: int) -> float:
+        """Share of a token's forward FLOPs in MoE experts (0 for a dense model)."""
+        if not self.moe:
+            return 0.0
+        return flops.expert_flops_per_token(self.config) / self.flops_per_token(context)
+
+
+def measure_model(config, name: str, source: str) -> ModelShape:
+    """Count `config`'s parameters on a meta-device model (nothing allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from padd.routing import moe_layer_indices
+    from padd.stage1.warmup import expert_parameters
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    root = total - sum(layers)
+    moe = is_moe(config) and bool(moe_layer_indices(model))
+    experts = sum(p.numel() for p in expert_parameters(model)) if moe else 0
+    routed = 0
+    if moe:
+        routed = sum(
+            p.numel() for i in moe_layer_indices(model) for p in model.model.layers[i].mlp.experts.parameters()
+        )
+    active = total - round(routed * (1 - active_share(config))) if moe else total
+    largest_tensor = max(p.numel() for p in model.parameters())
+    return ModelShape(name, source, config, total, active, experts, routed, max(layers + [root]), largest_tensor)
+
+
+def is_moe(config) -> bool:
+    from padd.router_adapter import ROUTERS
+
+    return getattr(config, "model_type", None) in ROUTERS
+
+
+def decomposed_student(teacher_config, *, experts: int, top_k: int, shared: int, expert_size: int | None, dense: int):
+    """The Glm4Moe config `padd decompose` would write for this teacher (no weights needed)."""
+    from padd.stage1.build import student_config
+    from padd.stage1.partition import check_sizes
+
+    size = check_sizes(teacher_config.intermediate_size, experts, top_k, shared, expert_size, "cluster")
+    return student_config(
+        teacher_config,
+        n_experts=experts,
+        top_k=top_k,
+        expert_size=size,
+        n_shared_experts=-(-shared // size),  # as padd decompose pads the shared expert
+        dense_layers=dense,
+    )
+
+
+def active_share(cfg) -> float:
+    from padd.router_adapter import num_experts, top_k
+
+    return top_k(cfg) / num_experts(cfg)
