@@ -80,7 +80,9 @@ def forward_flops_per_token(cfg, context_len: int) -> float:
 
 def expert_flops_per_token(cfg) -> float:
     """The part of `forward_flops_per_token` in MoE layers' experts (routed and shared, not the router)."""
-    macs = sum(_mlp_macs(cfg, i, active=True) - cfg.hidden_size * router_adapter.num_experts(cfg) for i in _moe_layers(cfg))
+    macs = sum(
+        _mlp_macs(cfg, i, active=True) - cfg.hidden_size * router_adapter.num_experts(cfg) for i in _moe_layers(cfg)
+    )
     return 2.0 * macs
 
 
