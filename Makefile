@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv venv-vllm test-vllm demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader bench-generation bench-trl gpu-check clean
+.PHONY: venv venv-vllm test-vllm demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader bench-generation bench-trl bench-plan gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,9 @@ bench-generation: $(VLLM_STAMP)
 
 bench-trl: $(VLLM_STAMP)
 	$(VLLM_PY) benchmarks/bench_trl.py
+
+bench-plan: $(STAMP)
+	$(PY) benchmarks/bench_plan.py
 
 # Every GPU-only check and measurement, on a CUDA machine. .venv holds the CPU build of torch, so
 # this runs in an environment of its own with CUDA torch and vLLM:
