@@ -78,12 +78,11 @@ def forward_flops_per_token(cfg, context_len: int) -> float:
     return 2.0 * (layers + cfg.hidden_size * cfg.vocab_size)
 
 
-def expert_flops_per_token(cfg) -> float:
-    """The part of `forward_flops_per_token` in MoE layers' experts (routed and shared, not the router)."""
-    macs = sum(
-        _mlp_macs(cfg, i, active=True) - cfg.hidden_size * router_adapter.num_experts(cfg) for i in _moe_layers(cfg)
-    )
-    return 2.0 * macs
+def routed_expert_flops_per_token(cfg) -> float:
+    """The part of `forward_flops_per_token` in the K routed experts of the MoE layers."""
+    h = cfg.hidden_size
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    return 2.0 * len(_moe_layers(cfg)) * router_adapter.top_k(cfg) * 3 * h * width
 
 
 def param_counts(cfg) -> tuple[int, int]:

@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from padd.routing import RouterRecorder
 
+GENERATE_BATCH = 64  # sequences per generate call of the transformers backend
+
 
 @dataclass
 class Rollout:
@@ -137,7 +139,7 @@ class TransformersRollout:
         self,
         model,
         tokenizer,
-        batch_size: int = 64,
+        batch_size: int = GENERATE_BATCH,
         progress: bool = False,
         synced: bool = False,
         record_routing: bool = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from padd import flops
+from padd.generation.rollout import GENERATE_BATCH
 from padd.plan.models import ModelShape, is_moe
 from padd.plan.settings import GIB, Hardware, Run
 
@@ -93,33 +94,52 @@ def vllm_memory(student: ModelShape, run: Run, hw: Hardware) -> dict[str, float]
     return {"vLLM engine": run.vllm_share * hw.memory_gib * GIB}
 
 
+# the phases of the memory table: loading the models, Stage I, the warm-up, and Phase B's rollout
+# batch (generate, the teacher's forward, the student's forwards, the backward, the optimizer step)
+MEMORY_PHASES = ("load", "stage1", "warmup", "generation", "teacher", "student", "backward", "step")
+
+
 def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> dict[str, dict[str, float]]:
-    """Bytes per device of each phase at its peak, by component."""
+    """Bytes per device of each phase (MEMORY_PHASES) at its peak, by component."""
     gpus, b = hw.gpus, dtype_bytes(run.precision)
     vocab = student.config.vocab_size
     memory: dict[str, dict[str, float]] = {}
 
-    # Stage I: the teacher (and the student it builds or seeds) on one device, with the features
-    t_layers = teacher.config.num_hidden_layers
-    features = 4 * t_layers * teacher.config.intermediate_size * (run.proj_dim or run.stage1_tokens)
+    # padd train and padd warmup load the whole float32 student and the whole teacher onto every
+    # device, then shard them
+    shards = gpus if run.sharded_load else 1
+    teacher_bytes = max(dtype_bytes(run.precision), dtype_bytes(run.warmup_precision))
+    memory["load"] = {"student weights": 4 * student.total / shards, "teacher": teacher_bytes * teacher.total / shards}
+
+    # Stage I on one device: padd seed holds both models while it measures; padd decompose frees
+    # its statistics before it builds the student
+    t_cfg = teacher.config
     window = run.stage1_batch_size * run.stage1_seq_len
-    stage1 = {
-        "teacher": run.stage1_bytes[0] * teacher.total,
-        "student model": run.stage1_bytes[1] * student.total,
-        "activations": window * _layer_working_bytes(teacher.config, 4) + 4 * window * teacher.config.vocab_size,
-        "features": features,
+    statistics = {
+        "activations": window * _layer_working_bytes(t_cfg, 4),
+        "features": 4 * t_cfg.num_hidden_layers * t_cfg.intermediate_size * (run.proj_dim or run.stage1_tokens),
     }
+    stage1 = {"teacher": run.stage1_bytes[0] * teacher.total}
+    built = {"student model": run.stage1_bytes[1] * student.total}
+    if run.stage1 == "seed" or sum(statistics.values()) > built["student model"]:
+        stage1 |= statistics
+    if run.stage1 == "seed" or sum(statistics.values()) <= built["student model"]:
+        stage1 |= built
     memory["stage1"] = stage1
 
-    # warm-up: the experts train behind a frozen router on KL(teacher || student) over whole windows
+    # warm-up: every rank trains its batch_size windows per step (the experts, behind a frozen router)
+    # on KL(teacher || student) over whole windows, the teacher whole
     wb = dtype_bytes(run.warmup_precision)
-    warm_tokens = run.warmup_batch_size * run.warmup_seq_len / gpus
+    tokens = run.warmup_batch_size * run.warmup_seq_len
     saved, largest = saved_bytes_per_token(student.config, run.warmup_precision)
     warm = training_state(student, student.experts, run.warmup_parallel, gpus, run.offload_optimizer)
-    warm["teacher"] = dtype_bytes(run.warmup_precision) * teacher.total  # padd warmup never shards it
-    warm["activations"] = warm_tokens * _activations(saved, largest, student.config, run)
-    # student and teacher logits, the log-softmax chunks of the loss and the logits' gradient
-    warm["logits"] = warm_tokens * vocab * (2 * wb + 4) + 6 * KD_CHUNK_TOKENS * vocab * 4
+    warm["teacher"] = wb * teacher.total
+    warm["activations"] = tokens * _activations(saved, largest, student.config, run)
+    # both models' logits, the loss's masked copies of them, a float32 gradient, a chunk of the loss
+    warm["logits"] = tokens * vocab * (4 * wb + 4) + 6 * KD_CHUNK_TOKENS * vocab * 4
+    if run.warmup_parallel == "fsdp" and gpus > 1 and not run.sharded_load:
+        # at the end the sharded student is gathered whole on every rank for the router start
+        warm["gathered student"] = 4 * student.total
     memory["warmup"] = warm
 
     # Phase B: what stays resident through a rollout batch (gradients live until the next backward)
@@ -132,43 +152,52 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
 
     generation = dict(resident)
     if run.rollout == "transformers":
-        generation["KV cache"] = seqs * length * kv_values_per_token(student.config, "transformers") * b
-        generation["activations"] = seqs * run.prompt_tokens * _layer_working_bytes(student.config, b)
-        generation["logits"] = 3 * seqs * vocab * 4
+        chunk = min(seqs, GENERATE_BATCH)  # generate runs the batch in chunks of this many sequences
+        generation["KV cache"] = chunk * length * kv_values_per_token(student.config, "transformers") * b
+        generation["activations"] = chunk * run.prompt_tokens * _layer_working_bytes(student.config, b)
+        generation["logits"] = 3 * chunk * vocab * 4
     memory["generation"] = generation
 
     saved, largest = saved_bytes_per_token(student.config, run.precision)
     activations = mini * length * _activations(saved, largest, student.config, run)
     # the update's logits [n, C + 1, V] and their float32 log-softmax (kept for the backward), with the
     # float32 copy of the logits that feeds it while it runs
-    logits = mini * completion * vocab * (b + 4)
-    copy = mini * completion * vocab * 4 * (2 if run.temperature not in (0, 1) else 1)
+    cells = mini * completion * vocab  # entries of one forward's logits
+    logits = cells * (b + 4)
+    copy = cells * 4 * (2 if run.temperature not in (0, 1) else 1)
     student_phase = dict(resident) | {"activations": activations, "logits": logits + copy}
-    if run.updates_per_batch > 1:  # π_old: a no-grad forward of the whole rollout batch first
-        if run.micro_batch:
-            seqs = min(seqs, run.micro_batch)
-        old = seqs * completion * vocab * (b + 4 + 4) + seqs * length * _layer_working_bytes(student.config, b)
+    if run.old_policy_forward:  # π_old: a no-grad forward of the whole rollout batch first
+        old_seqs = min(seqs, run.micro_batch) if run.micro_batch else seqs
+        old = old_seqs * completion * vocab * (b + 4 + 4) + old_seqs * length * _layer_working_bytes(student.config, b)
         if old > activations + logits + copy:
             student_phase = dict(resident) | {"activations": 0.0, "logits": old}
     memory["student"] = student_phase
 
     teacher_phase = dict(resident) | {"activations": activations, "logits": logits}
     if run.kd:
-        tb = dtype_bytes(run.precision)
-        teacher_phase["teacher logits"] = mini * completion * vocab * tb
-        teacher_phase["teacher acts"] = mini * length * _layer_working_bytes(teacher.config, tb)
+        teacher_phase["teacher logits"] = cells * b
+        teacher_phase["teacher acts"] = mini * length * _layer_working_bytes(teacher.config, b)
     memory["teacher"] = teacher_phase
 
-    update = dict(resident) | {"activations": activations}
-    # backward: the logits, their log-softmax and its two float32 gradients, the logits' gradient,
-    # and the KD loss's recomputed chunks
-    update["logits"] = logits + mini * completion * vocab * (8 + b)
+    backward = dict(resident) | {"activations": activations}
+    # the logits and their log-softmax, its two float32 gradients and the logits' gradient, and with KD
+    # the teacher's logits and a chunk of the loss recomputed. The KD loss's masked copies of both
+    # logits and its own gradient buffers are not all alive at once: counting them adds 30% to the
+    # measured backward of the mini shape with a 16k vocabulary (benchmarks/bench_plan.py), this 5%.
+    backward["logits"] = logits + cells * (8 + b)
     if run.kd:
-        update["teacher logits"] = mini * completion * vocab * dtype_bytes(run.precision)
-        update["logits"] += 6 * min(KD_CHUNK_TOKENS, mini * completion) * vocab * 4
+        backward["teacher logits"] = cells * b
+        backward["logits"] += 6 * min(KD_CHUNK_TOKENS, cells / vocab) * vocab * 4
+    memory["backward"] = backward
+
+    # the optimizer step, once the backward has freed its activations, then the weight sync to vLLM
+    step = dict(resident)
     if not run.offload_optimizer:
-        update["AdamW temps"] = _optimizer_temporaries(student, run.parallel, gpus, hw.device)
-    memory["update"] = update
+        step["AdamW temps"] = _optimizer_temporaries(student, run.parallel, gpus, hw.device)
+    if run.rollout == "vllm" and not run.sharded_load:
+        # checkpoint_weights gathers whole float32 weights (FSDP2) or splits the grouped experts
+        step["weights for vLLM"] = 4 * (student.total if run.parallel == "fsdp" and gpus > 1 else student.routed)
+    memory["step"] = step
     return memory
 
 

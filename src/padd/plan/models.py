@@ -92,10 +92,10 @@ class ModelShape:
         return flops.forward_flops_per_token(self.config, context)
 
     def expert_share(self, context: int) -> float:
-        """Share of a token's forward FLOPs in MoE experts (0 for a dense model)."""
+        """Share of a token's forward FLOPs in the routed experts (0 for a dense model)."""
         if not self.moe:
             return 0.0
-        return flops.expert_flops_per_token(self.config) / self.flops_per_token(context)
+        return flops.routed_expert_flops_per_token(self.config) / self.flops_per_token(context)
 
 
 def measure_model(config, name: str, source: str) -> ModelShape:

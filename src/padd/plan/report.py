@@ -3,6 +3,7 @@ tables and written as JSON."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -11,23 +12,27 @@ from rich.console import Console
 from rich.table import Table
 
 from padd.config import PlanConfig
-from padd.plan.memory import dtype_bytes, phase_memory
+from padd.plan.memory import MEMORY_PHASES, dtype_bytes, phase_memory
 from padd.plan.models import ModelShape
 from padd.plan.settings import GIB, Hardware, Run, resolve_plan
 from padd.plan.timing import phase_seconds, vllm_kv_tokens
 
-PHASES = ("stage1", "warmup", "generation", "teacher", "student", "update")
-PHASE_TITLES = {
+TIME_PHASES = ("stage1", "warmup", "generation", "teacher", "student", "update")
+TITLES = {
+    "load": "load",
     "stage1": "Stage I",
     "warmup": "warm-up",
     "generation": "generate",
     "teacher": "teacher",
     "student": "student",
+    "backward": "backward",
+    "step": "step",
     "update": "update",
 }
-PHASE_CAPTION = (
-    "Phase B per rollout batch: generate (sampling), teacher (its forward, KD only), student (π_old and "
-    "the update's forward), update (backward and optimizer step)"
+MEMORY_CAPTION = (
+    "load: the whole student (float32) and teacher on each device before sharding. Phase B per rollout "
+    "batch: generate, teacher (its forward, KD only), student (π_old and the update's forward), backward, "
+    "step (AdamW, then the weights to vLLM)"
 )
 
 
@@ -67,11 +72,11 @@ def make_plan(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) 
     memory = phase_memory(teacher, student, run, hw)
     seconds, step_flops, notes = phase_seconds(teacher, student, run, hw)
     plan = Plan(teacher, student, run, hw, memory, seconds, step_flops, notes)
-    if run.rollout == "vllm" and hw.device == "cuda" and vllm_kv_tokens(student, run, hw) < run.sequence:
+    if run.rollout == "vllm" and hw.device == "cuda" and vllm_kv_tokens(student, run, hw) < run.vllm_length:
         plan.blocked = (
             f"the vLLM share ({run.vllm_share:g} of {hw.memory_gib:g} GiB) cannot hold the student's "
-            f"{dtype_bytes(run.precision) * student.total / GIB:.1f} GiB of weights and one sequence's KV cache: "
-            "the engine cannot start"
+            f"{dtype_bytes(run.precision) * student.total / GIB:.1f} GiB of weights and the KV cache of one "
+            f"{run.vllm_length}-token sequence: the engine cannot start"
         )
         notes.append(plan.blocked)
     return plan
@@ -109,7 +114,7 @@ def _own_setting(plan: Plan) -> tuple[str | None, int]:
         return f"--parallel fsdp for {where}: shard the weights, gradients and AdamW state over the GPUs", hw.gpus
     if run.rollout == "vllm" and hw.device == "cuda":
         # a larger share where the engine cannot start, else a smaller one
-        shares = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9) if plan.blocked else (0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+        shares = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9) if plan.blocked else (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
         for share in shares:
             if (share > run.vllm_share if plan.blocked else share < run.vllm_share) and _fits(
                 plan, replace(run, vllm_share=share), hw
@@ -124,44 +129,54 @@ def _own_setting(plan: Plan) -> tuple[str | None, int]:
                 "a change to the method's schedule)",
                 hw.gpus,
             )
-    for gpus in (g for g in GPU_COUNTS if g > hw.gpus):
+    for gpus in (g for g in GPU_COUNTS if g > hw.gpus and run.splits_over(g)):
         if _fits(plan, sharded, replace(hw, gpus=gpus)):
             return f"{gpus} GPUs, with --parallel fsdp", gpus
     return None, 0
 
 
 def _not_offered_yet(plan: Plan) -> tuple[str | None, int]:
-    """(the least of gradient accumulation over micro-batches, activation checkpointing and AdamW
-    state in CPU memory that makes the plan fit, on the fewest GPUs; the GPUs it needs)."""
+    """(the fewest of the features padd train does not offer yet that make the plan fit, on the fewest
+    GPUs; the GPUs it needs). The features: gradient accumulation over micro-batches (the π_old
+    forward in micro-batches too), activation checkpointing, AdamW state in CPU memory, and loading
+    and gathering weights through CPU memory (each GPU holds its shard only)."""
     run, hw = plan.run, plan.hardware
-    mini = run.sequences_per_forward(hw.gpus)[1]
-    ladder = [(False, False), (True, False), (True, True)]  # (checkpointing, offload)
-    for gpus in [hw.gpus, *(g for g in GPU_COUNTS if g > hw.gpus)]:
+    names = {
+        "checkpointing": "activation checkpointing",
+        "offload_optimizer": "AdamW state in CPU memory",
+        "sharded_load": "loading and gathering weights through CPU memory",
+    }
+    subsets = sorted(itertools.product((False, True), repeat=len(names)), key=sum)
+    for gpus in [hw.gpus, *(g for g in GPU_COUNTS if g > hw.gpus and run.splits_over(g))]:
         on = "" if gpus == hw.gpus else f"{gpus} GPUs with --parallel fsdp, "
         trial = run if gpus == hw.gpus else replace(run, parallel="fsdp", warmup_parallel="fsdp")
-        for checkpointing, offload in ladder:
-            for micro in (16, 8, 4, 2, 1):
-                what_if = replace(trial, micro_batch=micro, checkpointing=checkpointing, offload_optimizer=offload)
-                if micro > mini or not _fits(plan, what_if, replace(hw, gpus=gpus)):
+        mini = trial.sequences_per_forward(gpus)[1]
+        for subset in subsets:
+            features = dict(zip(names, subset, strict=True))
+            for micro in [mini, *(m for m in (16, 8, 4, 2, 1) if m < mini)]:
+                if not _fits(plan, replace(trial, micro_batch=micro, **features), replace(hw, gpus=gpus)):
                     continue
                 parts = [f"gradient accumulation over micro-batches of {micro}"] if micro < mini else []
-                parts += ["activation checkpointing"] * checkpointing + ["AdamW state in CPU memory"] * offload
+                parts += [names[k] for k, on_ in features.items() if on_]
+                if not parts:  # more GPUs alone: one of padd's own settings, found there
+                    continue
                 return on + ", ".join(parts), gpus
     return None, 0
 
 
 def mfu_for_gpu_hours(plan: Plan, target: float) -> float | None:
-    """The MFU at which the whole run takes `target` GPU-hours (None when the memory-bound parts alone
-    take longer). The compute-bound time scales as 1/MFU; decoding and the optimizer do not."""
+    """The lowest MFU at which the whole run takes at most `target` GPU-hours; None when even MFU 1
+    takes longer (the memory-bound parts alone), or when the device's TFLOP/s are not known. The
+    compute-bound time scales as 1/MFU; decoding and the optimizer step do not."""
 
     def hours(mfu: float) -> float:
         hw = replace(plan.hardware, mfu=mfu)
         return make_plan(plan.teacher, plan.student, plan.run, hw).gpu_hours
 
     low, high = 1e-4, 1.0
-    if hours(high) > target:
+    if math.isnan(hours(high)) or hours(high) > target:
         return None
-    if hours(low) < target:
+    if hours(low) <= target:
         return low
     for _ in range(60):
         mid = math.sqrt(low * high)
@@ -194,29 +209,30 @@ def print_plan(plan: Plan, console: Console, target_gpu_hours: float | None = No
     unit, scale = ("GiB", GIB) if plan.peak >= 4 * GIB else ("MiB", 2**20)
     where = f"{hw.gpus} × {hw.memory_gib:g} GiB GPUs" if hw.device == "cuda" else f"CPU, {hw.memory_gib:.0f} GiB"
     memory = Table(title=f"Memory per {'GPU' if hw.device == 'cuda' else 'process'} ({unit}), {where}")
-    memory.caption = PHASE_CAPTION
+    memory.caption = MEMORY_CAPTION
     memory.add_column("component")
-    for phase in PHASES:
-        memory.add_column(PHASE_TITLES[phase], justify="right")
+    for phase in MEMORY_PHASES:
+        memory.add_column(TITLES[phase], justify="right")
     components = list(dict.fromkeys(c for parts in plan.memory.values() for c in parts))
     for name in components:
-        memory.add_row(name, *(_amount(plan.memory[p].get(name, 0.0), scale) for p in PHASES))
+        memory.add_row(name, *(_amount(plan.memory[p].get(name, 0.0), scale) for p in MEMORY_PHASES))
     reserve = hw.reserve_gib * GIB
-    memory.add_row("reserve" if hw.device == "cuda" else "runtime", *([_amount(reserve, scale)] * len(PHASES)))
-    memory.add_row("[bold]peak[/bold]", *(f"[bold]{_amount(plan.peaks[p] + reserve, scale)}[/bold]" for p in PHASES))
+    memory.add_row("reserve" if hw.device == "cuda" else "runtime", *([_amount(reserve, scale)] * len(MEMORY_PHASES)))
+    peaks = [_amount(plan.peaks[p] + reserve, scale) for p in MEMORY_PHASES]
+    memory.add_row("[bold]peak[/bold]", *(f"[bold]{peak}[/bold]" for peak in peaks))
     ckpt = make_plan(plan.teacher, plan.student, replace(run, checkpointing=True), hw)
-    memory.add_row("with checkpointing", *(_amount(ckpt.peaks[p] + reserve, scale) for p in PHASES))
+    memory.add_row("with checkpointing", *(_amount(ckpt.peaks[p] + reserve, scale) for p in MEMORY_PHASES))
     console.print(memory)
 
     time = Table(title=f"Time at MFU {hw.mfu:g}" + (f" of {hw.tflops:g} TFLOP/s" if hw.tflops else ""))
     for col in ("phase", "FLOP / batch", "per batch", "whole run", "share"):
         time.add_column(col, justify="left" if col == "phase" else "right")
     total = sum(plan.seconds.values())
-    for phase in PHASES:
+    for phase in TIME_PHASES:
         per_batch = plan.seconds[phase] / run.steps if phase in plan.step_flops else math.nan
         work = _flop(plan.step_flops[phase]) if phase in plan.step_flops else "-"
         share = "-" if math.isnan(total) or not total else f"{plan.seconds[phase] / total:.0%}"
-        time.add_row(PHASE_TITLES[phase], work, _duration(per_batch), _duration(plan.seconds[phase]), share)
+        time.add_row(TITLES[phase], work, _duration(per_batch), _duration(plan.seconds[phase]), share)
     console.print(time)
 
     if math.isnan(total):

@@ -68,12 +68,15 @@ class Run:
     parallel: str
     rollout: str
     vllm_share: float | None
+    vllm_length: int | None  # the engine's longest sequence (padd.generation.vllm.engine_length)
+    old_policy_forward: bool  # a π_old forward before the updates (M > 1, or a noisy training forward)
     stage1_bytes: tuple[int, int] = (4, 4)  # bytes per weight of Stage I's teacher and student
     # what-ifs padd train does not offer yet, for `report.changes`: activation checkpointing, and
     # gradient accumulation over micro-batches of this many sequences (None: the whole mini-batch)
     checkpointing: bool = False
     micro_batch: int | None = None
     offload_optimizer: bool = False  # AdamW's moments and step in CPU memory (FSDP2's CPUOffloadPolicy)
+    sharded_load: bool = False  # each rank loads and gathers its shard only, whole weights via CPU memory
 
     @property
     def sequence(self) -> int:
@@ -85,6 +88,10 @@ class Run:
         seqs = self.prompts_per_step * self.group_size / gpus
         mini = math.ceil(seqs / self.updates_per_batch)
         return seqs, min(mini, self.micro_batch or mini)
+
+    def splits_over(self, gpus: int) -> bool:
+        """Whether padd train runs on `gpus` processes: every rank holds whole groups."""
+        return self.prompts_per_step % gpus == 0
 
 
 def runtime_footprint_gib(*configs) -> float:
@@ -134,8 +141,8 @@ def parse_gib(text: str | float) -> float:
 def hardware_of(cfg: PlanConfig, precision: str, *configs) -> Hardware:
     gpu = cfg.device == "cuda"
     memory = parse_gib(cfg.gpu_memory) if cfg.gpu_memory is not None else (H100["memory_gib"] if gpu else None)
-    if memory is None:
-        memory = machine_memory_gib()
+    if memory is None:  # the machine's memory, shared by its processes
+        memory = machine_memory_gib() / cfg.gpus
     tflops = cfg.gpu_tflops if cfg.gpu_tflops is not None else (H100["tflops"][precision] if gpu else None)
     bandwidth = cfg.bandwidth if cfg.bandwidth is not None else (H100["bandwidth_tbs"] if gpu else None)
     reserve = cfg.reserve if cfg.reserve is not None else (GPU_RESERVE_GIB if gpu else runtime_footprint_gib(*configs))
@@ -164,6 +171,7 @@ def _default(cls, name: str):
 def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware]:
     """The models, settings and hardware a PlanConfig describes (its study, then its flags)."""
     from padd.methods import METHODS
+    from padd.phase_b.loop import noisy_in_training
 
     study = None
     if cfg.study is not None:
@@ -213,19 +221,25 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
     parallel = _pick(cfg.parallel, train, "parallel", _default(TrainConfig, "parallel"))
     rollout = _pick(cfg.rollout, train, "rollout", _default(TrainConfig, "rollout"))
     share = _pick(cfg.vllm_gpu_memory, train, "vllm_gpu_memory", None)
-    if rollout != "vllm" and share is not None:
-        raise PlanError("--vllm-gpu-memory only acts with --rollout vllm")
-    if rollout == "vllm" and share is None and cfg.device == "cuda":
-        from padd.generation.vllm import GPU_SHARE
-
-        share = GPU_SHARE
     budget = _pick(cfg.max_new_tokens, train, "max_new_tokens", _default(TrainConfig, "max_new_tokens"))
+    if cfg.vllm_gpu_memory is not None and rollout != "vllm":
+        raise PlanError("--vllm-gpu-memory only acts with --rollout vllm")
+    vllm_length = None
+    if rollout != "vllm":
+        share = None  # a study's engine settings, for a plan of its transformers rollouts
+    else:
+        from padd.generation.vllm import GPU_SHARE, engine_length
+
+        share = GPU_SHARE if share is None and cfg.device == "cuda" else share
+        context = getattr(student.config, "max_position_embeddings", None)
+        vllm_length = train.get("vllm_max_model_len") or engine_length(context, budget)
+    updates = _pick(cfg.updates_per_batch, train, "updates_per_batch", _default(TrainConfig, "updates_per_batch"))
     completion = cfg.completion_tokens if cfg.completion_tokens is not None else budget
     if completion > budget:
         raise PlanError(f"--completion-tokens {completion} exceeds the budget --max-new-tokens {budget}")
     extra = 0
     if stage1 == "seed":
-        cka = section.get("cka_tokens") or CKA_TOKENS
+        cka = (section.get("cka_tokens") or CKA_TOKENS) if section.get("layer_map", "cka") == "cka" else 0
         extra = section.get("heldout_tokens", _default(SeedConfig, "heldout_tokens")) + cka
     # Stage I loads both models in --dtype; auto keeps each checkpoint's (padd decompose builds its
     # student in the teacher's)
@@ -253,9 +267,7 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
             cfg.prompts_per_step, train, "prompts_per_step", _default(TrainConfig, "prompts_per_step")
         ),
         group_size=_pick(cfg.group_size, train, "group_size", _default(TrainConfig, "group_size")),
-        updates_per_batch=_pick(
-            cfg.updates_per_batch, train, "updates_per_batch", _default(TrainConfig, "updates_per_batch")
-        ),
+        updates_per_batch=updates,
         prompt_tokens=cfg.prompt_tokens,
         completion_tokens=completion,
         method=method,
@@ -265,10 +277,13 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
         parallel=parallel,
         rollout=rollout,
         vllm_share=share,
+        vllm_length=vllm_length,
+        old_policy_forward=updates > 1 or noisy_in_training(student.config),
     )
-    if (run.prompts_per_step * run.group_size) % cfg.gpus:
+    if not run.splits_over(cfg.gpus):
         raise PlanError(
-            f"{run.prompts_per_step} prompts × {run.group_size} completions do not split evenly over {cfg.gpus} GPUs"
+            f"--prompts-per-step {run.prompts_per_step} does not split over {cfg.gpus} GPUs: padd train gives every "
+            "rank whole groups; give a multiple of the GPUs"
         )
     return teacher, student, run, hardware_of(cfg, precision, teacher.config, student.config)
 

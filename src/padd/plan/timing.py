@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from padd.generation.rollout import GENERATE_BATCH
 from padd.plan.memory import dtype_bytes, kv_values_per_token
 from padd.plan.models import ModelShape
 from padd.plan.settings import GIB, Hardware, Run
@@ -57,7 +58,7 @@ def phase_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwa
     length = run.warmup_seq_len
     tokens = run.warmup_tokens * run.warmup_epochs / hw.gpus
     student_passes = 3 + (1 if run.checkpointing else 0)
-    optimizer_steps = run.warmup_tokens * run.warmup_epochs / (run.warmup_batch_size * length)
+    optimizer_steps = tokens / (run.warmup_batch_size * length)  # each rank steps on its own batch_size windows
     optimizer = OPTIMIZER_BYTES * student.experts / (hw.gpus if run.warmup_parallel == "fsdp" else 1)
     seconds["warmup"] = (
         at_mfu(teacher.flops_per_token(length) * tokens)
@@ -76,7 +77,7 @@ def phase_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwa
         )
         * hw.gpus,
         "teacher": (teacher.flops_per_token(length) * seqs * length if run.kd else 0.0) * hw.gpus,
-        "student": s_fwd * ((2 if run.updates_per_batch > 1 else 1) + (1 if run.checkpointing else 0)) * hw.gpus,
+        "student": s_fwd * ((2 if run.old_policy_forward else 1) + (1 if run.checkpointing else 0)) * hw.gpus,
         "update": 2 * s_fwd * hw.gpus,
     }
     per_step = {
@@ -105,8 +106,12 @@ def _generation_seconds(
     student: ModelShape, run: Run, hw: Hardware, compute, expert_compute, bandwidth, notes: list
 ) -> float:
     """Prefill at the MFU, then one decode step per completion token, each bounded by the bytes it reads
-    (the weights the batch's tokens route to, and the KV cache) or its FLOPs, whichever is longer."""
+    (the weights the batch's tokens route to, and the KV cache) or its FLOPs, whichever is longer.
+    transformers' generate decodes the batch in chunks of GENERATE_BATCH sequences, one after the other;
+    vLLM all at once, in waves where its KV cache holds fewer tokens."""
     seqs = run.prompts_per_step * run.group_size / hw.gpus
+    chunks = math.ceil(seqs / GENERATE_BATCH) if run.rollout == "transformers" else 1
+    seqs = seqs / chunks
     cfg = student.config
     if not compute:
         return math.nan
@@ -148,11 +153,11 @@ def _generation_seconds(
     waves = 1
     if run.rollout == "vllm" and hw.device == "cuda":
         capacity = vllm_kv_tokens(student, run, hw)
-        needed = seqs * run.sequence
+        needed = seqs * run.sequence  # the rollout batch's own lengths, not the engine's longest
         if 0 < capacity < needed:
             waves = math.ceil(needed / capacity)
             notes.append(f"vLLM's KV cache holds {capacity:,.0f} tokens of {needed:,.0f}: it decodes in {waves} waves")
-    return prefill / rate + waves * run.completion_tokens * per_token
+    return chunks * (prefill / rate + waves * run.completion_tokens * per_token)
 
 
 def vllm_kv_tokens(student: ModelShape, run: Run, hw: Hardware) -> float:
