@@ -4,6 +4,8 @@ Parameters are counted on a meta-device model (transformers builds it from the c
 accelerate's `init_empty_weights`: no weights are read or allocated); FLOPs come from padd.flops.
 Every memory figure follows what padd does, per device:
 
+    load          the whole float32 student and the teacher, on every device before sharding
+
     student       float32 weights, gradients and AdamW's two moments (16 B per trained parameter),
                   each divided over the GPUs under FSDP2; DDP adds its gradient buckets (4 B)
     teacher       forward-only, bfloat16 under --precision bf16, else float32; sharded by padd train
@@ -15,7 +17,8 @@ Every memory figure follows what padd does, per device:
                   input and one layer recomputed
     logits        the [n, C + 1, V] logits, their float32 log-softmax and its gradient: at a 150k
                   vocabulary the largest term of a long-completion update
-    vLLM          the engine's share of the GPU (weights + KV cache), beside the trainer
+    vLLM          the engine's share of the GPU (weights + KV cache), beside the trainer, and the
+                  whole float32 weights gathered for each sync under FSDP2
     AdamW temps   the foreach step's float32 copy of the moments it updates (CUDA)
     reserve       CUDA context, NCCL buffers and allocator slack (GPU); on a CPU, the footprint of
                   the Python process that runs padd, measured in a fresh interpreter

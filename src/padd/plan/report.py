@@ -87,9 +87,9 @@ GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128)
 
 def changes(plan: Plan) -> list[str]:
     """What makes a plan that does not fit fit (empty when it fits): the first of padd's own settings
-    that does, on as few GPUs as it can (sharding, a smaller vLLM share, smaller mini-batches, then
+    that does, on as few GPUs as it can (sharding, another vLLM share, smaller mini-batches, then
     more GPUs), and what padd train does not offer yet (micro-batches, activation checkpointing,
-    AdamW state in CPU memory) where that needs fewer GPUs."""
+    AdamW state in CPU memory, sharded loading) where that needs fewer GPUs."""
     if plan.fits:
         return []
     own, own_gpus = _own_setting(plan)
