@@ -118,8 +118,6 @@ def _preset_section(cls: type, name: str) -> dict:
         "TrainConfig": "train",
         "EvalConfig": "eval",
     }
-    if cls.__name__ == "PlanConfig":  # a plan reads the whole study
-        return {"study": name, **(raw.get("plan") or {})}
     if cls.__name__ not in section:
         raise ConfigError(f"--config {name}: the {name} preset has no section for this command; give a YAML file")
     values = dict(raw.get(section[cls.__name__]) or {})
@@ -130,19 +128,35 @@ def _preset_section(cls: type, name: str) -> dict:
     return values
 
 
+def _study_plan_section(spec: str) -> dict:
+    """`padd plan --config STUDY`: the study to plan (a built-in preset's name or a study YAML) and its
+    plan: section's settings."""
+    from importlib import resources
+
+    if spec in BUILTIN_PRESETS:
+        text = resources.files("padd.presets").joinpath(f"study-{spec}.yaml").read_text()
+    elif Path(spec).is_file():
+        text = Path(spec).read_text()
+    else:
+        raise ConfigError(f"--config {spec}: no such file; give a study YAML file or one of {BUILTIN_PRESETS}")
+    raw = yaml.safe_load(text) or {}
+    return {"study": spec, **((raw.get("plan") if isinstance(raw, dict) else None) or {})}
+
+
 def load_config(cls: type, ns: argparse.Namespace | dict) -> Any:
     """Build `cls` from defaults < YAML (`config` key) < explicit flags; check required and unknown keys."""
     given = dict(vars(ns) if isinstance(ns, argparse.Namespace) else ns)
-    if cls.__name__ == "PlanConfig" and given.get("study") and "config" not in given:
-        given["config"] = given["study"]  # --study STUDY is --config STUDY: the study's plan: section too
     values: dict[str, Any] = {}
     yaml_path = given.pop("config", None)
     names = {f.name for f in dataclasses.fields(cls)}
+    # a plan reads a whole study: --config STUDY and --study STUDY alike bring its plan: section
+    study = (yaml_path or given.get("study")) if cls.__name__ == "PlanConfig" else None
+    if study is not None:
+        yaml_path = study
     if yaml_path is not None:
-        loaded = _preset_section(cls, str(yaml_path)) if str(yaml_path) in BUILTIN_PRESETS else None
-        if loaded is None and cls.__name__ == "PlanConfig" and Path(yaml_path).is_file():
-            study = yaml.safe_load(Path(yaml_path).read_text()) or {}
-            loaded = {"study": str(yaml_path), **((study.get("plan") if isinstance(study, dict) else None) or {})}
+        loaded = _study_plan_section(str(study)) if study is not None else None
+        if loaded is None and str(yaml_path) in BUILTIN_PRESETS:
+            loaded = _preset_section(cls, str(yaml_path))
         if loaded is None:
             if not Path(yaml_path).is_file():
                 raise ConfigError(f"--config {yaml_path}: no such file; give a YAML file or one of {BUILTIN_PRESETS}")
