@@ -170,6 +170,9 @@ def test_padd_plan_reads_the_paper_pair_presets_without_weights(study, capsys):
         (dict(teacher="tiny"), "needs --experts and --top-k"),
         (dict(teacher="tiny", student="tiny"), "not an MoE student"),
         (dict(teacher="tiny", experts=8, top_k=4, completion_tokens=999), "exceeds the budget"),
+        (dict(teacher="tiny", experts=8, top_k=4, gpus=0, device="cpu"), "--gpus 0: give at least 1"),
+        (dict(teacher="tiny", experts=8, top_k=4, mfu=1.5), "--mfu 1.5"),
+        (dict(config="no-such-study.yaml"), "no such file; give a study YAML"),
     ],
 )
 def test_bad_plan_input_says_what_to_do(flags, message, capsys):

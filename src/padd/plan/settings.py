@@ -146,10 +146,6 @@ def hardware_of(cfg: PlanConfig, precision: str, *configs) -> Hardware:
     tflops = cfg.gpu_tflops if cfg.gpu_tflops is not None else (H100["tflops"][precision] if gpu else None)
     bandwidth = cfg.bandwidth if cfg.bandwidth is not None else (H100["bandwidth_tbs"] if gpu else None)
     reserve = cfg.reserve if cfg.reserve is not None else (GPU_RESERVE_GIB if gpu else runtime_footprint_gib(*configs))
-    if cfg.gpus < 1:
-        raise PlanError(f"--gpus {cfg.gpus}: give at least 1")
-    if not 0 < cfg.mfu <= 1:
-        raise PlanError(f"--mfu {cfg.mfu}: give a share of the peak in (0, 1]")
     fp32 = cfg.gpu_tflops_fp32 if cfg.gpu_tflops_fp32 is not None else (H100["tflops"]["fp32"] if gpu else None)
     if precision == "fp32" and cfg.gpu_tflops is not None:
         fp32 = cfg.gpu_tflops
@@ -172,6 +168,12 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
     """The models, settings and hardware a PlanConfig describes (its study, then its flags)."""
     from padd.methods import METHODS
     from padd.phase_b.loop import noisy_in_training
+
+    # the hardware's own numbers first: nothing is built or measured for a plan that cannot be made
+    if cfg.gpus < 1:
+        raise PlanError(f"--gpus {cfg.gpus}: give at least 1")
+    if not 0 < cfg.mfu <= 1:
+        raise PlanError(f"--mfu {cfg.mfu}: give a share of the peak in (0, 1]")
 
     study = None
     if cfg.study is not None:
