@@ -194,8 +194,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def print_plan(plan: Plan, console: Console, target_gpu_hours: float | None = None) -> None:
-    """The plan's three tables (models, memory per device, time), its verdict and its notes."""
+def print_plan(plan: Plan, suggested: list[str], console: Console, target_gpu_hours: float | None = None) -> None:
+    """The plan's three tables (models, memory per device, time), its verdict, the settings to change
+    (`changes(plan)`) and its notes."""
     run, hw = plan.run, plan.hardware
     models = Table(title="Models (parameters counted on a meta-device build)")
     for col in ("", "config", "total", "active", "GFLOPs / token"):
@@ -250,7 +251,7 @@ def print_plan(plan: Plan, console: Console, target_gpu_hours: float | None = No
     console.print(
         f"peak {(plan.peak + reserve) / GIB:.1f} of {hw.memory_gib:.4g} GiB per device: [bold]{verdict}[/bold]"
     )
-    for i, change in enumerate(changes(plan)):
+    for i, change in enumerate(suggested):
         console.print(f"first setting to change: {change}" if i == 0 else f"  {change}")
     for note in plan.notes:
         console.print(f"note: {note}")
@@ -278,8 +279,9 @@ def _amount(value: float, scale: float) -> str:
     return "-" if not value else f"{value / scale:.1f}"
 
 
-def plan_json(plan: Plan) -> dict:
-    """The plan as JSON: models, settings, hardware, memory (GiB) and seconds per phase."""
+def plan_json(plan: Plan, suggested: list[str]) -> dict:
+    """The plan as JSON: models, settings, hardware, memory (GiB), the settings to change
+    (`changes(plan)`) and seconds per phase."""
     return {
         "teacher": {"source": plan.teacher.source, "total": plan.teacher.total, "active": plan.teacher.active},
         "student": {"source": plan.student.source, "total": plan.student.total, "active": plan.student.active},
@@ -288,7 +290,7 @@ def plan_json(plan: Plan) -> dict:
         "memory_gib": {p: {k: v / GIB for k, v in parts.items()} for p, parts in plan.memory.items()},
         "peak_gib": {p: v / GIB + plan.hardware.reserve_gib for p, v in plan.peaks.items()},
         "fits": plan.fits,
-        "changes": changes(plan),
+        "changes": suggested,
         "seconds": plan.seconds,
         "step_flops": plan.step_flops,
         "gpu_hours": plan.gpu_hours,
@@ -299,9 +301,10 @@ def plan_json(plan: Plan) -> dict:
 def run_plan(cfg: PlanConfig, console: Console | None = None) -> Plan:
     console = console or Console(width=max(110, Console().width))
     plan = make_plan(*resolve_plan(cfg))
-    print_plan(plan, console, cfg.match_gpu_hours)
+    suggested = changes(plan)  # a search over many plans: once for the screen and the file
+    print_plan(plan, suggested, console, cfg.match_gpu_hours)
     if cfg.out:
         from padd.io import atomic_write_json
 
-        atomic_write_json(Path(cfg.out), plan_json(plan))
+        atomic_write_json(Path(cfg.out), plan_json(plan, suggested))
     return plan
