@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+# rows of the KD loss computed at once (under activation checkpointing): a few [chunk, V] tensors
+KD_CHUNK_TOKENS = 1024
+
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """Path advantages A_i = (r_i - mean_group r) / (std_group r + eps).
@@ -197,7 +200,7 @@ def distill_kl_loss(
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = KD_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) averaged over unmasked tokens (the warm-up loss).
 
@@ -220,7 +223,7 @@ def adaptive_kd_loss(
     *,
     tau: float = 1.0,
     t_min: float = 0.05,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = KD_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Adaptive KD (docs/method.md §4 II): per completion T_i = max(tau·Φ(A_i), t_min); per token
     T_i²·KL(softmax(z_teacher/T_i) ‖ softmax(z_student/T_i)); mean over unmasked tokens.

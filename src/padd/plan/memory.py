@@ -6,10 +6,9 @@ import os
 
 from padd import flops
 from padd.generation.rollout import GENERATE_BATCH
+from padd.losses import KD_CHUNK_TOKENS
 from padd.plan.models import ModelShape, is_moe
 from padd.plan.settings import GIB, Hardware, Run
-
-KD_CHUNK_TOKENS = 1024  # padd.losses' chunk of the KD loss
 
 
 def dtype_bytes(precision: str) -> int:
