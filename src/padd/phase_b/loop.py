@@ -29,6 +29,7 @@ from padd.distributed import full_tensor, is_sharded, setup, shard, wrap_for_tra
 from padd.errors import UserError
 from padd.generation import rollout_backend
 from padd.generation.vllm import check_engine_length, check_vllm_device
+from padd.generation.vllm_server import ServerError, check_server
 from padd.grading import grade
 from padd.io import atomic_write_json, check_out_dir
 from padd.losses import group_advantages, token_logps
@@ -61,6 +62,8 @@ class Trainer:
         if cfg.rollout == "vllm":  # before any model loads
             check_vllm_device(cfg.device)
             check_engine_length(cfg.student, cfg.vllm_max_model_len)
+        if cfg.rollout == "vllm-server":
+            check_server(cfg.vllm_server_url, cfg.student, cfg.max_new_tokens)
         self.cfg, self.console = cfg, console or Console()
         self.objective = objective_of(cfg)
         # π_old and π_θ are the sampler's distribution: logits / T, as the rollouts drew the tokens
@@ -87,9 +90,7 @@ class Trainer:
         )
         self.problems = load_problems(cfg.data, split="train", world_per_skill=cfg.world_per_skill, seed=cfg.seed)
         self._attach_training_state()
-        self.rollout = rollout_backend(
-            cfg, self.student, self.tokenizer, rank=self.dist.rank, main=self.dist.main, sharded=self.sharded
-        )
+        self.rollout = rollout_backend(cfg, self.student, self.tokenizer, dist=self.dist, sharded=self.sharded)
         self.batch = 0  # rollout batches done
         self.opt_step = 0
         self.router_before_last_step = router_weights(self.student)  # Γ's anchor under --gamma-anchor previous
@@ -294,7 +295,19 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
     bar = tqdm(total=cfg.steps, initial=trainer.batch, desc=f"train {cfg.method}", disable=not (cfg.progress and main))
     logged: list[dict] = []
     while trainer.batch < cfg.steps:
-        rows = trainer.step()
+        try:
+            rows = trainer.step()
+        except ServerError as err:
+            # Only sampling fails this way (a failed weight push waits for it): no part of this batch
+            # was trained on, so the checkpoint holds every batch done, and --resume redoes this one.
+            bar.close()
+            trainer.save_checkpoint()
+            log.close()
+            done = f"batches 1-{trainer.batch}" if trainer.batch else "the start"
+            raise ServerError(
+                f"{err}; stopped before rollout batch {trainer.batch + 1}, with {done} in {out / CHECKPOINT}: "
+                "restart the server and run the same command with --resume"
+            ) from err
         logged += rows
         log.write(rows)
         bar.update(1)

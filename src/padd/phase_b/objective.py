@@ -65,7 +65,28 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                 )
     vllm_options = ("vllm_gpu_memory", "vllm_max_model_len")
     if cfg.rollout != "vllm" and (vllm := [n for n in vllm_options if getattr(cfg, n) is not None]):
-        raise ConfigError(f"{', '.join(map(_flag, vllm))} only act with --rollout vllm")
+        server = (
+            "; a vLLM server sizes itself: pass --gpu-memory-utilization / --max-model-len to `vllm serve`"
+            if cfg.rollout == "vllm-server"
+            else ""
+        )
+        beside = "only act with --rollout vllm (the engine beside the trainer)"
+        raise ConfigError(f"{', '.join(map(_flag, vllm))} {beside}{server}")
+    if cfg.rollout != "vllm-server" and cfg.vllm_server_url is not None:
+        raise ConfigError("--vllm-server-url only acts with --rollout vllm-server; add it, or drop the URL")
+    if cfg.rollout == "vllm-server":
+        if not cfg.vllm_server_url:
+            raise ConfigError(
+                "--rollout vllm-server needs --vllm-server-url http://HOST:PORT of a running vLLM server "
+                "(docs/vllm-server.md says how to start it)"
+            )
+        if not cfg.vllm_server_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--vllm-server-url {cfg.vllm_server_url}: give an http:// or https:// address")
+        if cfg.routing_replay:
+            raise ConfigError(
+                "--routing-replay needs the engine's expert selections, which a vLLM server's completions do not "
+                "return: use --rollout vllm, or drop it"
+            )
     filled = {name: default for name, default in used.items() if getattr(cfg, name) is None}
     if cfg.rollout == "vllm" and cfg.device == "cpu" and cfg.routing_replay:
         raise ConfigError(
