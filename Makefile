@@ -40,7 +40,8 @@ $(VLLM_STAMP): pyproject.toml constraints.txt
 venv-vllm: $(VLLM_STAMP)
 
 # The vLLM tests on vLLM's CPU build (the engine, weight sync, padd train --rollout vllm, padd eval
-# --backend vllm); only what needs vLLM's Model Runner V2 (routed-expert return, R3) is skipped.
+# --backend vllm, and a vLLM server process for padd train --rollout vllm-server); only what needs
+# vLLM's Model Runner V2 (routed-expert return, R3) is skipped.
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q -rs -p no:cacheprovider tests/test_vllm.py
 

@@ -303,7 +303,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
             bar.close()
             trainer.save_checkpoint()
             log.close()
-            done = f"batches 1-{trainer.batch}" if trainer.batch else "the start"
+            done = {0: "the start", 1: "batch 1"}.get(trainer.batch, f"batches 1-{trainer.batch}")
             raise ServerError(
                 f"{err}; stopped before rollout batch {trainer.batch + 1}, with {done} in {out / CHECKPOINT}: "
                 "restart the server and run the same command with --resume"
