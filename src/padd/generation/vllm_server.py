@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from padd.distributed import is_sharded
 from padd.errors import UserError
 from padd.generation.rollout import Rollout, decode_completions, pad_prompts_left
 from padd.generation.vllm import checkpoint_weights
@@ -219,7 +220,8 @@ class VLLMServerRollout:
             warnings.warn(f"{err}; the next rollout batch tries again", stacklevel=2)
 
     def _push(self, model: torch.nn.Module) -> None:
-        weights = checkpoint_weights(model)  # every rank: a collective under FSDP2
+        # a collective under FSDP2, which every rank joins; otherwise rank 0's own copy is whole
+        weights = checkpoint_weights(model) if self.main or is_sharded(model) else []
         error = None
         if self.main:
             try:
@@ -253,7 +255,7 @@ class VLLMServerRollout:
         if error is not None:
             raise error
         if failed.item():
-            raise ServerError(f"the vLLM server at {self.url} failed another rank's {what} (its log says why)")
+            raise ServerError(f"the vLLM server at {self.url} failed another rank's {what} (its error says why)")
 
     def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
         if self.pending is not None:
