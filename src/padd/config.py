@@ -339,6 +339,7 @@ class EvalConfig:
     )
     device: str = opt("cpu", "device to run on", choices=("cpu", "cuda"))
     seed: int = opt(0, "seed of the sampling")
+    overwrite: bool = opt(False, "replace an existing --out file")
     progress: bool = opt(True, "show progress bars")
 
     def __post_init__(self) -> None:
