@@ -209,6 +209,32 @@ class RunOptions:
         check_device(self.device)
 
 
+@dataclass(kw_only=True)
+class MemoryOptions:
+    """How a training command fits a large model in memory (padd warmup, padd train): the same
+    update in less memory, never another update. docs/scale.md shows what each one saves."""
+
+    micro_batch_size: int | None = opt(
+        None, "sequences per forward/backward; gradients accumulate over the batch (default: the whole batch)"
+    )
+    activation_checkpointing: bool = opt(
+        False, "recompute each decoder layer's activations in the backward instead of keeping them"
+    )
+    offload: bool = opt(False, "FSDP2's CPU offload: weights, gradients and AdamW state in CPU memory between uses")
+
+    def check_memory_options(self, batch: int, what: str) -> None:
+        """Fail, saying what to give, on a micro-batch size that does not divide this rank's `batch`
+        (`what` names it) or on offload without FSDP2; before any model loads."""
+        micro = self.micro_batch_size
+        if micro is not None and (micro < 1 or batch % micro):
+            raise ConfigError(
+                f"--micro-batch-size {micro} must divide {what} ({batch}); give a divisor of {batch}, "
+                "or leave it unset for the whole batch"
+            )
+        if self.offload and getattr(self, "parallel", None) != "fsdp":
+            raise ConfigError("--offload is FSDP2's CPU offload: give --parallel fsdp (under torchrun, 2+ processes)")
+
+
 @dataclass
 class DecomposeConfig(RunOptions):
     """`padd decompose`: Stage I steps 1-4 and 7 — a dense teacher into a Glm4Moe student."""
@@ -412,7 +438,7 @@ class TeacherConfig(RunOptions):
 
 
 @dataclass
-class WarmupConfig(RunOptions):
+class WarmupConfig(MemoryOptions, RunOptions):
     """`padd warmup`: experts trained behind a frozen router (uniform, or the seeded one), then the router start."""
 
     student: str = req("MoE student: from padd decompose, from padd seed, or a pretrained one")
@@ -450,7 +476,7 @@ class WarmupConfig(RunOptions):
 
 
 @dataclass
-class TrainConfig(RunOptions):
+class TrainConfig(MemoryOptions, RunOptions):
     """`padd train`: Phase B — sample, verify, and update with II + III (+ IV on the routing bias)."""
 
     student: str = req("MoE student checkpoint (after padd warmup)")
