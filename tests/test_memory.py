@@ -95,7 +95,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path, routed_stud
     from padd.phase_b.loop import Trainer
 
     trainer = Trainer(recomputed)
-    assert trainer.student.is_gradient_checkpointing
+    assert trainer.student.is_activation_checkpointing
     assert_same_run(plain, two_steps(recomputed))
 
 
@@ -143,6 +143,8 @@ def test_bad_memory_options_are_refused_before_any_model_loads(tmp_path, monkeyp
         Trainer(cfg)
     with pytest.raises(ConfigError, match="--offload is FSDP2's CPU offload: give --parallel fsdp"):
         Trainer(small_config(missing, missing, tmp_path / "out", offload=True))
+    with pytest.raises(ConfigError, match="start 2[+] processes .* this run has 1"):  # one process shards nothing
+        Trainer(small_config(missing, missing, tmp_path / "out", offload=True, parallel="fsdp"))
     warm = WarmupConfig(student=str(missing), teacher=str(missing), corpus="world", out=str(tmp_path / "w"))
     with pytest.raises(ConfigError, match="--micro-batch-size 3 must divide --batch-size"):
         run_warmup(warm.__class__(**{**warm.__dict__, "micro_batch_size": 3}))
@@ -156,5 +158,5 @@ def test_activation_checkpointing_on_a_model_without_it_is_refused(tmp_path, rou
     check_activation_checkpointing(routed_student)  # Glm4Moe can
     model_class = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(routed_student))]
     monkeypatch.setattr(model_class, "supports_gradient_checkpointing", False)
-    with pytest.raises(UserError, match="does not support gradient checkpointing"):
+    with pytest.raises(UserError, match="does not support activation checkpointing"):
         check_activation_checkpointing(routed_student)

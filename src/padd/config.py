@@ -222,17 +222,20 @@ class MemoryOptions:
     )
     offload: bool = opt(False, "FSDP2's CPU offload: weights, gradients and AdamW state in CPU memory between uses")
 
-    def check_memory_options(self, batch: int, what: str) -> None:
+    def check_memory_options(self, batch: int, what: str, processes: int = 1) -> None:
         """Fail, saying what to give, on a micro-batch size that does not divide this rank's `batch`
-        (`what` names it) or on offload without FSDP2; before any model loads."""
+        (`what` names it) or on offload without FSDP2 over 2+ `processes`; before any model loads."""
         micro = self.micro_batch_size
         if micro is not None and (micro < 1 or batch % micro):
             raise ConfigError(
                 f"--micro-batch-size {micro} must divide {what} ({batch}); give a divisor of {batch}, "
                 "or leave it unset for the whole batch"
             )
-        if self.offload and getattr(self, "parallel", None) != "fsdp":
-            raise ConfigError("--offload is FSDP2's CPU offload: give --parallel fsdp (under torchrun, 2+ processes)")
+        if self.offload and (getattr(self, "parallel", None) != "fsdp" or processes < 2):
+            raise ConfigError(
+                "--offload is FSDP2's CPU offload: give --parallel fsdp and start 2+ processes (torchrun "
+                f"--nproc_per_node=N; this run has {processes}), or drop --offload"
+            )
 
 
 @dataclass

@@ -2,9 +2,9 @@
 transformers' own mechanisms; docs/scale.md says what each one saves and costs.
 
 - micro-batches: a batch's forward/backward in parts whose gradients accumulate (`micro_slices`,
-  `token_share`), every statistic the update reads (group advantages, the KD temperature, Γ's
+  `no_gradient_sync`), every statistic the update reads (group advantages, the KD temperature, Γ's
   running mean, IV's loads) still taken over the whole batch by the caller;
-- activation checkpointing: transformers' `gradient_checkpointing_enable` (non-reentrant
+- activation checkpointing: transformers' `activation_checkpointing_enable` (non-reentrant
   torch.utils.checkpoint around each decoder layer);
 - offload: FSDP2's `CPUOffloadPolicy` (padd.distributed.shard).
 """
@@ -33,7 +33,7 @@ def check_activation_checkpointing(model_dir) -> None:
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
     if not getattr(model_class, "supports_gradient_checkpointing", False):
         raise UserError(
-            f"--activation-checkpointing: {model_class.__name__} ({model_dir}) does not support gradient "
+            f"--activation-checkpointing: {model_class.__name__} ({model_dir}) does not support activation "
             "checkpointing in transformers; drop the flag (and use --micro-batch-size to save memory)"
         )
 
@@ -44,7 +44,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     forward hooks in the recompute, so hooks that steer the routing (uniform routing, routing replay,
     the selection bias) must give the same selection again, and hooks that record must be removed
     before the backward."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def no_gradient_sync(trained: torch.nn.Module, last: bool):
@@ -55,3 +55,13 @@ def no_gradient_sync(trained: torch.nn.Module, last: bool):
     if isinstance(trained, torch.nn.parallel.DistributedDataParallel) and not last:
         return trained.no_sync()
     return contextlib.nullcontext()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The most memory this process has held so far (GiB): the CUDA allocator's peak on a GPU, the
+    peak resident set size on a CPU (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

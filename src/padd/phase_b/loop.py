@@ -90,7 +90,9 @@ class Trainer:
                 f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
                 f"{cfg.updates_per_batch}; change one of them"
             )
-        cfg.check_memory_options(per_rank // cfg.updates_per_batch, "each rank's mini-batch of completions")
+        cfg.check_memory_options(
+            per_rank // cfg.updates_per_batch, "each rank's mini-batch of completions", self.dist.world
+        )
         if cfg.activation_checkpointing:
             check_activation_checkpointing(cfg.student)
         self.device = self.dist.device(cfg.device)

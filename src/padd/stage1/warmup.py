@@ -30,7 +30,13 @@ from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_trainin
 from padd.errors import UserError
 from padd.io import atomic_save_dir, check_out_dir
 from padd.losses import distill_kl_loss
-from padd.memory import check_activation_checkpointing, enable_activation_checkpointing, micro_slices, no_gradient_sync
+from padd.memory import (
+    check_activation_checkpointing,
+    enable_activation_checkpointing,
+    micro_slices,
+    no_gradient_sync,
+    peak_memory_gb,
+)
 from padd.models import load_causal_lm
 from padd.precision import autocast, experts_in_autocast_dtype, routers_in_fp32, teacher_dtype
 from padd.router_adapter import log_scores
@@ -250,11 +256,11 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     check_out_dir(out, cfg.overwrite)
     ranks = setup(cfg.device)
     device = ranks.device(cfg.device)
-    if cfg.epochs < 0:
-        raise UserError(f"--epochs {cfg.epochs}: give 0 (router start only) or more passes")
-    cfg.check_memory_options(cfg.batch_size, "--batch-size")
+    cfg.check_memory_options(cfg.batch_size, "--batch-size", ranks.world)
     if cfg.activation_checkpointing:
         check_activation_checkpointing(cfg.student)
+    if cfg.epochs < 0:
+        raise UserError(f"--epochs {cfg.epochs}: give 0 (router start only) or more passes")
     routing, router_init = warmup_defaults(cfg)
     reference = read_reference(cfg.student)
     if router_init in ("centroid", "distill") and reference is None:
@@ -325,6 +331,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     for p in student.parameters():
         p.requires_grad_(True)
     warm_s = time.perf_counter() - t0
+    peak_gb = peak_memory_gb(device)  # the warm-up's, on this rank (before the router fit below)
 
     probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
     masses = None
@@ -340,6 +347,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         "first_kl": log[0]["kl"] if log else None,
         "last_kl": log[-1]["kl"] if log else None,
         "warmup_seconds": round(warm_s, 2),
+        "peak_memory_gb": round(peak_gb, 3),
         "processes": ranks.world,
         "warmup_routing": routing,
         **router,
