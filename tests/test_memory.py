@@ -160,3 +160,30 @@ def test_activation_checkpointing_on_a_model_without_it_is_refused(tmp_path, rou
     monkeypatch.setattr(model_class, "supports_gradient_checkpointing", False)
     with pytest.raises(UserError, match="does not support activation checkpointing"):
         check_activation_checkpointing(routed_student)
+
+
+def test_activation_checkpointing_keeps_only_each_layers_input(routed_student):
+    """What the training forward saves for the backward, counted by autograd's saved-tensor hooks:
+    with checkpointing, a few layer inputs instead of every layer's activations (the peak it lowers
+    is measured by benchmarks/bench_memory.py)."""
+    from padd.memory import enable_activation_checkpointing
+    from padd.models import load_causal_lm
+
+    def saved_bytes(model) -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        ids = torch.randint(0, model.config.vocab_size, (4, 96))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, use_cache=False).logits.float().sum()
+        return total
+
+    plain = load_causal_lm(routed_student, train=True)
+    recomputed = load_causal_lm(routed_student, train=True)
+    enable_activation_checkpointing(recomputed)
+    kept, everything = saved_bytes(recomputed), saved_bytes(plain)
+    assert kept < 0.5 * everything, (kept, everything)

@@ -73,8 +73,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--config",
         type=Path,
         default=argparse.SUPPRESS,
-        help="YAML file of defaults for these flags, or a built-in study preset's name (tiny, mini, "
-        "tiny-pretrained): this command's section of it",
+        help="YAML file of defaults for these flags, or a study (a study YAML, or a built-in preset's name: tiny, "
+        "mini, tiny-pretrained): this command's section of it",
     )
     hints = typing.get_type_hints(cls)
     shared = {f.name for f in dataclasses.fields(RunOptions)}
@@ -105,12 +105,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 BUILTIN_PRESETS = ("tiny", "mini", "tiny-pretrained")
 
 
+STUDY_SECTIONS = ("decompose", "seed", "warmup", "train", "eval")
+
+
+def is_study(raw) -> bool:
+    """Whether a parsed YAML is a study (sections per command, as `padd reproduce --preset` reads)."""
+    return isinstance(raw, dict) and any(isinstance(raw.get(name), dict) for name in STUDY_SECTIONS)
+
+
 def _preset_section(cls: type, name: str) -> dict:
     """`--config tiny`: this command's section of a built-in study preset, with the preset's corpus
     or problem set where the command takes one, so one command runs as that study runs it."""
     from importlib import resources
 
     raw = yaml.safe_load(resources.files("padd.presets").joinpath(f"study-{name}.yaml").read_text())
+    return _study_section(cls, raw, name)
+
+
+def _study_section(cls: type, raw: dict, name: str, models: bool = False) -> dict:
+    """This command's section of the study `raw` (`name` in errors), with its corpus or problem set
+    where the command takes one; with `models`, also its teacher (and padd seed's student), which a
+    study file names by path (a built-in preset's are `padd teacher` presets, trained by reproduce)."""
     section = {
         "DecomposeConfig": "decompose",
         "SeedConfig": "seed",
@@ -119,10 +134,13 @@ def _preset_section(cls: type, name: str) -> dict:
         "EvalConfig": "eval",
     }
     if cls.__name__ not in section:
-        raise ConfigError(f"--config {name}: the {name} preset has no section for this command; give a YAML file")
+        raise ConfigError(f"--config {name}: the {name} study has no section for this command; give a YAML file")
     values = dict(raw.get(section[cls.__name__]) or {})
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in ("corpus", "data"):
+    shared = (
+        ("corpus", "data") + (("teacher",) if models else ()) + (("student",) if models and cls is SeedConfig else ())
+    )
+    for key in shared:
         if key in names and key in raw:
             values.setdefault(key, raw[key])
     return values
@@ -161,6 +179,8 @@ def load_config(cls: type, ns: argparse.Namespace | dict) -> Any:
             if not Path(yaml_path).is_file():
                 raise ConfigError(f"--config {yaml_path}: no such file; give a YAML file or one of {BUILTIN_PRESETS}")
             loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+            if is_study(loaded):  # a study file: this command's section of it, as a preset's
+                loaded = _study_section(cls, loaded, str(yaml_path), models=True)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of option names to values")
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
