@@ -125,7 +125,7 @@ def safetensors_files(path) -> list[str]:
         names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
         return [cached_file(str(path), name) for name in names]
     raise UserError(
-        f"{path} has no {SAFE_WEIGHTS_NAME} (or {SAFE_WEIGHTS_INDEX_NAME}): --parallel fsdp reads each rank's "
-        "shard from safetensors files; re-save the checkpoint with save_pretrained (which writes them) or use "
-        "--parallel ddp"
+        f"{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} there, and --parallel fsdp reads each "
+        "process's shard of the weights from safetensors files; re-save the checkpoint with transformers' "
+        "save_pretrained (which writes them), or use --parallel ddp"
     )
