@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,21 @@ def test_sharded_load_needs_safetensors(tmp_path, monkeypatch, capsys, student, 
     assert err.count("\n") == 0 and f"--teacher {legacy}: no model.safetensors" in err and "--parallel ddp" in err
     with pytest.raises(UserError, match="re-save the checkpoint"):
         load_sharded_causal_lm(legacy)
+
+
+@pytest.mark.slow
+def test_sharded_load_peak_memory_is_half_the_model(tmp_path, monkeypatch):
+    """benchmarks/bench_sharded_load.py at its default size (a 1.4 GB float32 GLM-4-MoE, 2 processes):
+    the sharded load peaks within 0.6 x the model over the runtime per process, the whole load it
+    replaced at the whole model or more. Slow (about 2 min, 5 GB of RAM): `pytest -m slow`."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_sharded_load as bench
+
+    size = bench.write_model(tmp_path, layers=3, hidden=1536, experts=32, moe_intermediate=512, vocab=32000)
+    assert size > 1e9
+    extra = bench.over_runtime(bench.measure(tmp_path))
+    for (path, rank), over in extra.items():
+        if path == "sharded":
+            assert over <= bench.TARGET * size, (rank, over / size)
+        else:
+            assert over >= size, (rank, over / size)
