@@ -71,19 +71,35 @@ def _torchrun(args: list[str], launcher: str = "torchrun") -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+# the memory options under both modes: each rank's mini-batch of 4 completions in micro-batches
+MEMORY = {
+    "none": [],
+    "micro": ["--micro-batch-size", "1"],
+    "micro-ckpt-offload": ["--micro-batch-size", "2", "--activation-checkpointing", "--offload"],
+}
+
+
 @pytest.mark.parametrize(
-    ("parallel", "resumed", "launcher"),
-    [("ddp", False, "torchrun"), ("fsdp", False, "accelerate"), ("fsdp", True, "torchrun")],
+    ("parallel", "resumed", "launcher", "memory"),
+    [
+        ("ddp", False, "torchrun", "none"),
+        ("fsdp", False, "accelerate", "none"),
+        ("fsdp", True, "torchrun", "none"),
+        ("ddp", False, "torchrun", "micro"),
+        ("fsdp", False, "torchrun", "micro-ckpt-offload"),
+    ],
 )
-def test_two_processes_match_one_process(tmp_path, student, llama_teacher, parallel, resumed, launcher):
+def test_two_processes_match_one_process(tmp_path, student, llama_teacher, parallel, resumed, launcher, memory):
     """FSDP2 shards weights, gradients and AdamW state but computes the same update as DDP: the
     same tolerances hold, and its checkpoint (gathered to whole tensors) loads like any other.
     Resumed: one batch, then the second from the checkpoint, whose AdamW moments were gathered
-    from the shards and are scattered back; step 2 depends on them."""
+    from the shards and are scattered back; step 2 depends on them. With micro-batches (DDP syncing
+    only the last one's gradients, FSDP2 reduce-scattering each), activation checkpointing and FSDP2's
+    CPU offload, still the one-process update on the whole batch."""
     from padd.cli import main
 
     assert main(_args(student, llama_teacher, tmp_path / "one")) == 0
-    two = [*_args(student, llama_teacher, tmp_path / "two"), "--parallel", parallel]
+    two = [*_args(student, llama_teacher, tmp_path / "two"), "--parallel", parallel, *MEMORY[memory]]
     if resumed:
         _torchrun([*two, "--steps", "1"])
         # one process cannot take the sharded optimizer state: refused with what to do, nothing lost
@@ -117,14 +133,16 @@ def test_two_processes_match_one_process(tmp_path, student, llama_teacher, paral
 def test_warmup_runs_data_parallel(tmp_path, student, llama_teacher, corpus_file):
     """Each rank warms up on half the windows (the random routing differs per rank by design, so the
     result is checked for soundness, not against one process): half the steps, a falling KL, only
-    the experts trained. FSDP2 draws the same routing as DDP and must reach the same weights."""
+    the experts trained. FSDP2 draws the same routing as DDP and must reach the same weights, here
+    with micro-batches, activation checkpointing and CPU offload on."""
     flags = dict(student=student, teacher=llama_teacher, corpus=corpus_file, tokens=2048, seq_len=64, batch_size=4)
     args = ["warmup", *(x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))), "--no-progress"]
     start = load_file(student / "model.safetensors")
     weights = {}
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
-        _torchrun([*args, "--out", str(out), "--lr", "3e-3", "--parallel", parallel])
+        memory = ["--micro-batch-size", "2", "--activation-checkpointing", "--offload"] if parallel == "fsdp" else []
+        _torchrun([*args, "--out", str(out), "--lr", "3e-3", "--parallel", parallel, *memory])
         record = json.loads((out / "padd_warmup.json").read_text())
         assert record["processes"] == 2 and record["steps"] == 32 // 2 // 4
         assert record["last_kl"] < record["first_kl"]

@@ -209,6 +209,35 @@ class RunOptions:
         check_device(self.device)
 
 
+@dataclass(kw_only=True)
+class MemoryOptions:
+    """How a training command fits a large model in memory (padd warmup, padd train): the same
+    update in less memory, never another update. docs/scale.md shows what each one saves."""
+
+    micro_batch_size: int | None = opt(
+        None, "sequences per forward/backward; gradients accumulate over the batch (default: the whole batch)"
+    )
+    activation_checkpointing: bool = opt(
+        False, "recompute each decoder layer's activations in the backward instead of keeping them"
+    )
+    offload: bool = opt(False, "FSDP2's CPU offload: weights, gradients and AdamW state in CPU memory between uses")
+
+    def check_memory_options(self, batch: int, what: str, processes: int = 1) -> None:
+        """Fail, saying what to give, on a micro-batch size that does not divide this rank's `batch`
+        (`what` names it) or on offload without FSDP2 over 2+ `processes`; before any model loads."""
+        micro = self.micro_batch_size
+        if micro is not None and (micro < 1 or batch % micro):
+            raise ConfigError(
+                f"--micro-batch-size {micro} must divide {what} ({batch}); give a divisor of {batch}, "
+                "or leave it unset for the whole batch"
+            )
+        if self.offload and (getattr(self, "parallel", None) != "fsdp" or processes < 2):
+            raise ConfigError(
+                "--offload is FSDP2's CPU offload: give --parallel fsdp and start 2+ processes (torchrun "
+                f"--nproc_per_node=N; this run has {processes}), or drop --offload"
+            )
+
+
 @dataclass
 class DecomposeConfig(RunOptions):
     """`padd decompose`: Stage I steps 1-4 and 7 — a dense teacher into a Glm4Moe student."""
@@ -339,6 +368,7 @@ class EvalConfig:
     )
     device: str = opt("cpu", "device to run on", choices=("cpu", "cuda"))
     seed: int = opt(0, "seed of the sampling")
+    overwrite: bool = opt(False, "replace an existing --out file")
     progress: bool = opt(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -411,7 +441,7 @@ class TeacherConfig(RunOptions):
 
 
 @dataclass
-class WarmupConfig(RunOptions):
+class WarmupConfig(MemoryOptions, RunOptions):
     """`padd warmup`: experts trained behind a frozen router (uniform, or the seeded one), then the router start."""
 
     student: str = req("MoE student: from padd decompose, from padd seed, or a pretrained one")
@@ -450,7 +480,7 @@ class WarmupConfig(RunOptions):
 
 
 @dataclass
-class TrainConfig(RunOptions):
+class TrainConfig(MemoryOptions, RunOptions):
     """`padd train`: Phase B — sample, verify, and update with II + III (+ IV on the routing bias)."""
 
     student: str = req("MoE student checkpoint (after padd warmup)")

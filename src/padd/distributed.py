@@ -88,17 +88,18 @@ def setup(device: str) -> Dist:
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
-def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str) -> torch.nn.Module:
+def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str, offload: bool = False) -> torch.nn.Module:
     """The module to run forwards/backwards through: `model` itself in one process, a DDP wrapper
-    around it, or `model` sharded in place by FSDP2 (build the optimizer after this call); a model
-    loaded sharded (padd.models.load_sharded_causal_lm) is kept as it is."""
+    around it, or `model` sharded in place by FSDP2, with `offload` its shards in CPU memory (build
+    the optimizer after this call); a model loaded sharded (padd.models.load_sharded_causal_lm, which
+    took the offload policy then) is kept as it is."""
     if mode not in PARALLEL_MODES:
         raise UserError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
     if ranks.world == 1:
         return model
     if mode == "fsdp":
         if not is_sharded(model):
-            shard(model)
+            shard(model, offload=offload)
         return model
     device = next(model.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(
@@ -106,9 +107,15 @@ def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str) -> torch.n
     )
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP2 in place: one unit per decoder layer (gathered for its own forward/backward), one root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: torch.nn.Module, offload: bool = False) -> None:
+    """FSDP2 in place: one unit per decoder layer (gathered for its own forward/backward), one root.
+
+    `offload`: FSDP2's CPUOffloadPolicy — the sharded weights, their gradients and so the optimizer's
+    state live in (pinned, on CUDA) CPU memory and each unit is copied to the device only to run;
+    the optimizer then steps on the CPU."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
 
     # Zero-size tensors (the empty shared expert of a student without one) have nothing to shard and
     # break the gradient reduce-scatter; they stay plain, replicated, gradient-free.
@@ -116,8 +123,8 @@ def shard(model: torch.nn.Module) -> None:
     for p in empty:
         p.requires_grad_(False)
     for layer in model.model.layers:
-        fully_shard(layer, ignored_params=empty)
-    fully_shard(model, ignored_params=empty)
+        fully_shard(layer, ignored_params=empty, offload_policy=policy)
+    fully_shard(model, ignored_params=empty, offload_policy=policy)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -22,24 +22,30 @@ def load_causal_lm(
     device="cpu",
     train: bool = False,
     sharded: bool = False,
+    offload: bool = False,
     **kwargs,
 ):
     """`AutoModelForCausalLM.from_pretrained(path)` in `dtype` on `device`, in eval mode unless `train`
     (students are trained in float32; a teacher may be bfloat16, `dtype="auto"` keeps the checkpoint's),
     with a saved selection bias applied (padd.routing.BIAS_FILE).
-    `sharded`: FSDP2-sharded over the process group as it loads (`load_sharded_causal_lm`).
+    `sharded`: FSDP2-sharded over the process group as it loads (`load_sharded_causal_lm`), with
+    `offload` its shards in CPU memory (FSDP2's CPUOffloadPolicy).
     Extra keyword arguments (e.g. `config=`) go to `from_pretrained`."""
     if sharded:
         if kwargs:
             raise TypeError(f"load_causal_lm(sharded=True) takes no from_pretrained options, got {sorted(kwargs)}")
-        return load_sharded_causal_lm(path, dtype=dtype, device=device, train=train)
+        return load_sharded_causal_lm(path, dtype=dtype, device=device, train=train, offload=offload)
+    if offload:
+        raise TypeError("load_causal_lm(offload=True) is FSDP2's offload: it needs sharded=True")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     if Path(str(path)).is_dir():
         load_selection_bias(model, path)  # stage IV's bias of a router without a native one, if saved
     return model.train(train)
 
 
-def load_sharded_causal_lm(path, *, dtype: torch.dtype = torch.float32, device="cpu", train: bool = False):
+def load_sharded_causal_lm(
+    path, *, dtype: torch.dtype = torch.float32, device="cpu", train: bool = False, offload: bool = False
+):
     """The model `load_causal_lm(path, dtype=dtype)` gives, but FSDP2-sharded over the running process
     group (a collective: every rank calls it) and never whole in any process: each rank holds 1/N of
     the weights plus the tensor being read.
@@ -56,6 +62,7 @@ def load_sharded_causal_lm(path, *, dtype: torch.dtype = torch.float32, device="
 
     The result equals the sharded `from_pretrained` model exactly (tests/test_distributed.py). It is
     already sharded: `wrap_for_training` keeps it as it is; build the optimizer after this call.
+    `offload`: FSDP2's CPU offload policy, the shards read into CPU memory, where it keeps them.
     Needs safetensors weights (a UserError says so otherwise).
     """
     from safetensors import safe_open
@@ -73,10 +80,10 @@ def load_sharded_causal_lm(path, *, dtype: torch.dtype = torch.float32, device="
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     config.name_or_path = str(path)
-    shard(model)
+    shard(model, offload=offload)
     load_config = LoadStateDictConfig(
         pretrained_model_name_or_path=str(path),
-        device_map={"": str(torch.device(device))},
+        device_map={"": "cpu" if offload else str(torch.device(device))},
         dtype=dtype,
         dtype_plan=model._get_dtype_plan(dtype),  # modules the class keeps in float32
         weight_mapping=get_model_conversion_mapping(model),
