@@ -490,7 +490,8 @@ class WarmupConfig(MemoryOptions, RunOptions):
     split: str = opt("train", "split of a datasets corpus")
     parallel: str = opt(
         "ddp",
-        "under torchrun/accelerate: DDP, or FSDP2 sharding the student's weights, grads and optimizer",
+        "under torchrun/accelerate: DDP, or FSDP2 sharding the student's weights, grads and optimizer "
+        "(both models loaded sharded)",
         choices=("ddp", "fsdp"),
     )
     precision: str = opt(
@@ -582,7 +583,9 @@ class TrainConfig(MemoryOptions, RunOptions):
     save_every: int = opt(50, "checkpoint every N rollout batches (0: only at the end)")
     resume: bool = opt(False, "continue from the run directory's last checkpoint")
     parallel: str = opt(
-        "ddp", "under torchrun/accelerate: DDP, or FSDP2 sharding weights, grads and optimizer", choices=("ddp", "fsdp")
+        "ddp",
+        "under torchrun/accelerate: DDP, or FSDP2 sharding weights, grads and optimizer (both models loaded sharded)",
+        choices=("ddp", "fsdp"),
     )
     precision: str = opt(
         "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")

@@ -91,13 +91,15 @@ PARALLEL_MODES = ("ddp", "fsdp")
 def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str, offload: bool = False) -> torch.nn.Module:
     """The module to run forwards/backwards through: `model` itself in one process, a DDP wrapper
     around it, or `model` sharded in place by FSDP2, with `offload` its shards in CPU memory (build
-    the optimizer after this call)."""
+    the optimizer after this call); a model loaded sharded (padd.models.load_sharded_causal_lm, which
+    took the offload policy then) is kept as it is."""
     if mode not in PARALLEL_MODES:
         raise UserError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
     if ranks.world == 1:
         return model
     if mode == "fsdp":
-        shard(model, offload=offload)
+        if not is_sharded(model):
+            shard(model, offload=offload)
         return model
     device = next(model.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(
@@ -157,11 +159,29 @@ def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
-def unsharded_copy(model: torch.nn.Module, fresh: torch.nn.Module) -> torch.nn.Module:
-    """`fresh`, an unsharded model of the same architecture, holding the sharded `model`'s whole
-    weights, on every rank (a collective)."""
-    fresh.load_state_dict(whole_state_dict(model))
-    return fresh
+def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A plain (unsharded) model holding the sharded `model`'s whole weights, on CPU, on rank 0 only
+    (None elsewhere); a collective. Rank 0 holds one whole copy: the gathered tensors become the
+    copy's own weights (built on the meta device, loaded with `assign`), and the buffers, which FSDP2
+    never shards, are taken from `model`."""
+    from transformers import AutoModelForCausalLM
+
+    state, _ = gather_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(state, assign=True)
+    del state
+    own = dict(model.named_buffers())
+    for name, _ in list(fresh.named_buffers()):  # non-persistent ones (rotary inv_freq) are not in `state`
+        module, _, leaf = name.rpartition(".")
+        fresh.get_submodule(module)._buffers[leaf] = own[name].detach().to("cpu", copy=True)
+    fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    if hasattr(model, "_weight_conversions"):  # how its checkpoint was converted: saved back the same way
+        fresh._weight_conversions = model._weight_conversions
+    return fresh.train(model.training)
 
 
 def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

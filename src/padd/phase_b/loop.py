@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from padd.config import TrainConfig, to_dict
 from padd.data import batch_problems, build_prompt, load_problems
-from padd.distributed import full_tensor, is_sharded, setup, shard, wrap_for_training
+from padd.distributed import full_tensor, is_sharded, setup, wrap_for_training
 from padd.errors import UserError
 from padd.generation import rollout_backend
 from padd.generation.vllm import check_engine_length, check_vllm_device
@@ -97,10 +97,15 @@ class Trainer:
             check_activation_checkpointing(cfg.student)
         self.device = self.dist.device(cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-        self.student = load_causal_lm(cfg.student, device=self.device, train=True)
-        self.teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=self.device)
-        if cfg.parallel == "fsdp" and self.dist.world > 1:
-            shard(self.teacher)  # forward-only, but a 7B teacher is as large as the student
+        # Under FSDP2 both models are built sharded and load only this rank's shards: no process
+        # ever holds a whole one (the forward-only teacher is as large as the student).
+        self.fsdp = cfg.parallel == "fsdp" and self.dist.world > 1
+        self.student = load_causal_lm(
+            cfg.student, device=self.device, train=True, sharded=self.fsdp, offload=cfg.offload
+        )
+        self.teacher = load_causal_lm(
+            cfg.teacher, dtype=teacher_dtype(cfg.precision), device=self.device, sharded=self.fsdp
+        )
         # Before step 1: distillation over logits needs one vocabulary (docs/method.md §4 II).
         self.vocab = shared_vocab(
             AutoTokenizer.from_pretrained(cfg.teacher),
@@ -366,7 +371,9 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the run's checkpoint: the student it saved, then every other state."""
         ckpt = checkpoint_dir(self.out)
-        self.student = load_causal_lm(ckpt / "student", device=self.device, train=True)
+        self.student = load_causal_lm(
+            ckpt / "student", device=self.device, train=True, sharded=self.fsdp, offload=self.cfg.offload
+        )
         self._attach_training_state()
         self.rollout.sync_weights(self.student)
         state = load_trainer_state(ckpt, self.student, self.optimizer, sharded=self.sharded)

@@ -40,7 +40,7 @@ from padd.memory import (
 from padd.models import load_causal_lm
 from padd.precision import autocast, experts_in_autocast_dtype, routers_in_fp32, teacher_dtype
 from padd.router_adapter import log_scores
-from padd.routing import RouterRecorder, UniformRandomRouting, moe_gates, moe_layer_indices
+from padd.routing import RouterRecorder, UniformRandomRouting, load_selection_bias, moe_gates, moe_layer_indices
 from padd.stage1.reference import STAGE1_FILE, copy_reference, read_reference
 from padd.vocab import shared_vocab
 
@@ -270,8 +270,10 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         )
     t0 = time.perf_counter()
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
-    student = load_causal_lm(cfg.student, device=device, train=True)
-    teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=device)
+    # Under FSDP2 both models are built sharded and load only this rank's shards (padd.models).
+    fsdp = cfg.parallel == "fsdp" and ranks.world > 1
+    student = load_causal_lm(cfg.student, device=device, train=True, sharded=fsdp, offload=cfg.offload)
+    teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=device, sharded=fsdp)
     routers_in_fp32(student)
     experts_in_autocast_dtype(student)  # a no-op outside autocast (--precision fp32)
     if cfg.activation_checkpointing:
@@ -290,10 +292,10 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     )
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in expert_parameters(student):
-        p.requires_grad_(True)
+    for p in expert_parameters(student):  # a zero-size one (an absent shared expert) has nothing to train
+        p.requires_grad_(p.numel() > 0)
     # Data parallel: each rank takes every world-th window, gradients averaged by DDP or FSDP2 (which
-    # replaces the parameters, so they are collected after it). The teacher stays whole on each rank.
+    # replaces the parameters, so they are collected after it).
     trained = wrap_for_training(student, ranks, cfg.parallel, offload=cfg.offload)
     params = [p for p in expert_parameters(student) if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -324,12 +326,6 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(kl=f"{value:.4f}")
     bar.close()
-    if is_sharded(student):  # the router init and the save below work on whole weights, on every rank
-        student = unsharded_copy(student, load_causal_lm(cfg.student, train=True))
-        student.to(device)
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(True)
     warm_s = time.perf_counter() - t0
     peak_gb = peak_memory_gb(device)  # the warm-up's, on this rank (before the router fit below)
 
@@ -337,8 +333,27 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     masses = None
     if reference is not None:  # the start's fit to the teacher's clusters is reported for every init
         ref = reference.to(device)
+        # on every rank: a sharded teacher's forwards are collectives
         masses = teacher_cluster_masses(teacher, probe, ref.clusters, cfg.batch_size, ref.teacher_layers)
-    router = init_router(student, router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
+    del teacher
+    sharded = is_sharded(student)
+    if sharded:
+        # The router init and the save below work on whole weights: rank 0 alone holds them (one
+        # float32 copy, as the final save of `padd train` does), the other ranks wait for its result.
+        # The fit's layer-by-layer forwards stop inside the model, which FSDP2 units cannot.
+        del optim, trained
+        student = unsharded_copy(student)
+        if student is not None:
+            load_selection_bias(student, cfg.student)
+            student.to(device)
+    router = None
+    if student is not None:
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(True)
+        router = init_router(student, router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
+    if sharded:
+        router = ranks.all_gather_objects(router)[0]
     record = {
         "student": str(Path(cfg.student).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()),
