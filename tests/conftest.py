@@ -44,3 +44,24 @@ def llama_student(tmp_path_factory, llama_teacher, corpus_file):
     flags = dict(teacher=llama_teacher, corpus=corpus_file, experts=4, top_k=2, tokens=512, seq_len=64)
     assert padd("decompose", out=out, progress=False, **flags) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def routed_student(tmp_path_factory, llama_student, llama_teacher, corpus_file):
+    """The decomposed student with the uniform router start (tiny random weights): no exact ties,
+    so a router update changes its normalised scores (from an all-zero router, AdamW's first step
+    can move every row alike and leave them uniform)."""
+    out = tmp_path_factory.mktemp("routed") / "student"
+    flags = dict(student=llama_student, teacher=llama_teacher, corpus=corpus_file, epochs=0, tokens=256, seq_len=64)
+    assert padd("warmup", out=out, progress=False, **flags) == 0
+    return out
+
+
+@pytest.fixture
+def varied_rewards(monkeypatch):
+    """The tiny test models never answer a world problem right, so every advantage would be 0; a
+    verifier that accepts completions of even length gives the groups mixed rewards (the real
+    grader is tested on its own in test_world_data_grade)."""
+    import padd.phase_b.loop as loop
+
+    monkeypatch.setattr(loop, "grade", lambda text, answer: len(text) % 2 == 0)

@@ -160,3 +160,29 @@ def test_renamed_options_fail_naming_the_new_ones(tmp_path, capsys):
     preset.write_text("eval: {world_size: 3}\n")
     with pytest.raises(ConfigError, match="--world-size is now --world-per-skill"):
         load_study(str(preset))
+
+
+def test_config_study_file_is_the_commands_section_with_its_models():
+    """`--config STUDY.yaml` for one command takes that command's section of a study file, with the
+    study's corpus, problem set and teacher (and padd seed's pretrained student): the commands of
+    the docs' GPU recipe read the paper pair's preset so."""
+    from pathlib import Path
+
+    import yaml
+
+    from padd.config import SeedConfig, TrainConfig, WarmupConfig
+
+    path = Path(__file__).parent.parent / "configs" / "study-qwen2.5-math-7b-to-qwen3-30b-a3b.yaml"
+    study = yaml.safe_load(path.read_text())
+    seed = load_config(SeedConfig, {"config": path, "out": "o"})
+    assert (seed.teacher, seed.student, seed.corpus) == (study["teacher"], study["student"], study["corpus"])
+    assert seed.tokens == study["seed"]["tokens"]
+    warmup = load_config(WarmupConfig, {"config": path, "student": "runs/seeded", "out": "o"})
+    assert (warmup.teacher, warmup.student) == (study["teacher"], "runs/seeded")
+    for key, value in study["warmup"].items():
+        assert getattr(warmup, key) == value, key
+    train = load_config(TrainConfig, {"config": path, "student": "runs/warm", "out": "o", "steps": 1})
+    assert (train.data, train.steps, train.teacher) == (study["data"], 1, study["teacher"])
+    for key, value in study["train"].items():
+        if key != "steps":
+            assert getattr(train, key) == value, key

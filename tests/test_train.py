@@ -38,17 +38,6 @@ def student(llama_student):
     return llama_student
 
 
-@pytest.fixture(scope="module")
-def routed_student(tmp_path_factory, llama_student, llama_teacher, corpus_file):
-    """The decomposed student with the uniform router start (tiny random weights): no exact ties,
-    so a router update changes its normalised scores (from an all-zero router, AdamW's first step
-    can move every row alike and leave them uniform)."""
-    out = tmp_path_factory.mktemp("routed") / "student"
-    args = ["warmup", "--student", str(llama_student), "--teacher", str(llama_teacher), "--corpus", str(corpus_file)]
-    assert main([*args, "--out", str(out), "--epochs", "0", "--tokens", "256", "--seq-len", "64", "--no-progress"]) == 0
-    return out
-
-
 def small_config(student, teacher, out, **options) -> TrainConfig:
     """A TrainConfig for driving `Trainer` step by step: 4 prompts × 2 completions of 6 tokens, lr 1e-2."""
     base = dict(data="world:add+reverse", world_per_skill=20, prompts_per_step=4, group_size=2, max_new_tokens=6)
@@ -355,16 +344,6 @@ def test_token_gamma_compares_both_routers_on_the_same_inputs(tmp_path, routed_s
     assert not torch.equal(embed, trainer.student.model.embed_tokens.weight)
     assert [r["minibatch"] for r in log] == [0, 1, 0, 1]
     assert all(r["gamma_token_mean"] == 0.0 and r["gamma_token_p99"] == 0.0 for r in log)
-
-
-@pytest.fixture
-def varied_rewards(monkeypatch):
-    """The tiny test models never answer a world problem right, so every advantage would be 0; a
-    verifier that accepts completions of even length gives the groups mixed rewards (the real
-    grader is tested on its own in test_world_data_grade)."""
-    import padd.phase_b.loop as loop
-
-    monkeypatch.setattr(loop, "grade", lambda text, answer: len(text) % 2 == 0)
 
 
 def test_stage_three_and_four_log_what_shows_they_act(tmp_path, routed_student, llama_teacher, varied_rewards):

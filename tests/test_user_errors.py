@@ -91,3 +91,18 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, llama_teacher):
     monkeypatch.setitem(cli.COMMANDS, "eval", (cli.COMMANDS["eval"][0], broken, "eval"))
     with pytest.raises(ValueError, match="internal invariant"):
         main(["eval", "--model", str(llama_teacher), "--out", str(tmp_path / "e.json")])
+
+
+def test_eval_refuses_to_replace_its_out_file_without_overwrite(tmp_path, capsys, llama_teacher):
+    """`padd eval --out FILE` keeps an existing FILE, as every other command keeps its --out, unless
+    --overwrite is passed; the refusal comes before the model loads."""
+    out = tmp_path / "e.json"
+    out.write_text("earlier scores")
+    args = ["eval", "--model", str(llama_teacher), "--out", str(out), "--bench", "world:add", "--no-progress"]
+    args += ["--world-per-skill", "1", "--max-new-tokens", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--out {out}" in err and "--overwrite" in err, err
+    assert out.read_text() == "earlier scores"
+    assert main([*args, "--overwrite"]) == 0
+    assert out.read_text() != "earlier scores"

@@ -7,6 +7,7 @@ with one line that says what to give instead."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -50,6 +51,20 @@ def check_model_dir(spec: str, flag: str, kind: str = "any") -> None:
         )
 
 
+# what --parallel fsdp reads each rank's shard of the weights from (padd.models.load_sharded_causal_lm)
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_safetensors(spec: str, flag: str) -> None:
+    """Fail with what to do unless the local checkpoint `spec` (hub names pass) has safetensors weights."""
+    if _looks_local(spec) and not any((Path(spec).expanduser() / name).is_file() for name in SAFETENSORS_FILES):
+        raise UserError(
+            f"{flag} {spec}: no {' or '.join(SAFETENSORS_FILES)} there, and --parallel fsdp reads each process's "
+            "shard of the weights from safetensors files; re-save the checkpoint with transformers' "
+            "save_pretrained (which writes them), or use --parallel ddp"
+        )
+
+
 def check_data_path(spec: str | None, flag: str) -> None:
     """Fail unless a local-looking data spec (a file or folder) exists; world names, `datasets` names
     (owner/name, name:config) and comma-separated lists of them pass to their loaders."""
@@ -83,10 +98,14 @@ DATA_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
 
 def check_paths(command: str, cfg) -> None:
     """Every model and data path of one command's config, checked before its recipe runs."""
+    # several processes under --parallel fsdp load sharded, from safetensors files only
+    sharded = getattr(cfg, "parallel", None) == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
     for flag, field, kind in MODEL_PATHS.get(command, ()):
         value = getattr(cfg, field, None)
         if value is not None:
             check_model_dir(str(value), flag, kind)
+            if sharded:
+                check_safetensors(str(value), flag)
     if command == "eval" and getattr(cfg, "bench_dir", None):
         # names resolve inside --bench-dir: every one must be found there before the model loads
         from padd.data import resolve_bench

@@ -73,8 +73,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--config",
         type=Path,
         default=argparse.SUPPRESS,
-        help="YAML file of defaults for these flags, or a built-in study preset's name (tiny, mini, "
-        "tiny-pretrained): this command's section of it",
+        help="YAML file of defaults for these flags, or a study (a study YAML, or a built-in preset's name: tiny, "
+        "mini, tiny-pretrained): this command's section of it",
     )
     hints = typing.get_type_hints(cls)
     shared = {f.name for f in dataclasses.fields(RunOptions)}
@@ -105,12 +105,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 BUILTIN_PRESETS = ("tiny", "mini", "tiny-pretrained")
 
 
+STUDY_SECTIONS = ("decompose", "seed", "warmup", "train", "eval")
+
+
+def is_study(raw) -> bool:
+    """Whether a parsed YAML is a study (sections per command, as `padd reproduce --preset` reads)."""
+    return isinstance(raw, dict) and any(isinstance(raw.get(name), dict) for name in STUDY_SECTIONS)
+
+
 def _preset_section(cls: type, name: str) -> dict:
     """`--config tiny`: this command's section of a built-in study preset, with the preset's corpus
     or problem set where the command takes one, so one command runs as that study runs it."""
     from importlib import resources
 
     raw = yaml.safe_load(resources.files("padd.presets").joinpath(f"study-{name}.yaml").read_text())
+    return _study_section(cls, raw, name)
+
+
+def _study_section(cls: type, raw: dict, name: str, models: bool = False) -> dict:
+    """This command's section of the study `raw` (`name` in errors), with its corpus or problem set
+    where the command takes one; with `models`, also its teacher (and padd seed's student), which a
+    study file names by path (a built-in preset's are `padd teacher` presets, trained by reproduce)."""
     section = {
         "DecomposeConfig": "decompose",
         "SeedConfig": "seed",
@@ -119,10 +134,13 @@ def _preset_section(cls: type, name: str) -> dict:
         "EvalConfig": "eval",
     }
     if cls.__name__ not in section:
-        raise ConfigError(f"--config {name}: the {name} preset has no section for this command; give a YAML file")
+        raise ConfigError(f"--config {name}: the {name} study has no section for this command; give a YAML file")
     values = dict(raw.get(section[cls.__name__]) or {})
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in ("corpus", "data"):
+    shared = (
+        ("corpus", "data") + (("teacher",) if models else ()) + (("student",) if models and cls is SeedConfig else ())
+    )
+    for key in shared:
         if key in names and key in raw:
             values.setdefault(key, raw[key])
     return values
@@ -161,6 +179,8 @@ def load_config(cls: type, ns: argparse.Namespace | dict) -> Any:
             if not Path(yaml_path).is_file():
                 raise ConfigError(f"--config {yaml_path}: no such file; give a YAML file or one of {BUILTIN_PRESETS}")
             loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+            if is_study(loaded):  # a study file: this command's section of it, as a preset's
+                loaded = _study_section(cls, loaded, str(yaml_path), models=True)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of option names to values")
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
@@ -207,6 +227,35 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+
+
+@dataclass(kw_only=True)
+class MemoryOptions:
+    """How a training command fits a large model in memory (padd warmup, padd train): the same
+    update in less memory, never another update. docs/scale.md shows what each one saves."""
+
+    micro_batch_size: int | None = opt(
+        None, "sequences per forward/backward; gradients accumulate over the batch (default: the whole batch)"
+    )
+    activation_checkpointing: bool = opt(
+        False, "recompute each decoder layer's activations in the backward instead of keeping them"
+    )
+    offload: bool = opt(False, "FSDP2's CPU offload: weights, gradients and AdamW state in CPU memory between uses")
+
+    def check_memory_options(self, batch: int, what: str, processes: int = 1) -> None:
+        """Fail, saying what to give, on a micro-batch size that does not divide this rank's `batch`
+        (`what` names it) or on offload without FSDP2 over 2+ `processes`; before any model loads."""
+        micro = self.micro_batch_size
+        if micro is not None and (micro < 1 or batch % micro):
+            raise ConfigError(
+                f"--micro-batch-size {micro} must divide {what} ({batch}); give a divisor of {batch}, "
+                "or leave it unset for the whole batch"
+            )
+        if self.offload and (getattr(self, "parallel", None) != "fsdp" or processes < 2):
+            raise ConfigError(
+                "--offload is FSDP2's CPU offload: give --parallel fsdp and start 2+ processes (torchrun "
+                f"--nproc_per_node=N; this run has {processes}), or drop --offload"
+            )
 
 
 @dataclass
@@ -339,6 +388,7 @@ class EvalConfig:
     )
     device: str = opt("cpu", "device to run on", choices=("cpu", "cuda"))
     seed: int = opt(0, "seed of the sampling")
+    overwrite: bool = opt(False, "replace an existing --out file")
     progress: bool = opt(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -411,7 +461,7 @@ class TeacherConfig(RunOptions):
 
 
 @dataclass
-class WarmupConfig(RunOptions):
+class WarmupConfig(MemoryOptions, RunOptions):
     """`padd warmup`: experts trained behind a frozen router (uniform, or the seeded one), then the router start."""
 
     student: str = req("MoE student: from padd decompose, from padd seed, or a pretrained one")
@@ -440,7 +490,8 @@ class WarmupConfig(RunOptions):
     split: str = opt("train", "split of a datasets corpus")
     parallel: str = opt(
         "ddp",
-        "under torchrun/accelerate: DDP, or FSDP2 sharding the student's weights, grads and optimizer",
+        "under torchrun/accelerate: DDP, or FSDP2 sharding the student's weights, grads and optimizer "
+        "(both models loaded sharded)",
         choices=("ddp", "fsdp"),
     )
     precision: str = opt(
@@ -449,7 +500,7 @@ class WarmupConfig(RunOptions):
 
 
 @dataclass
-class TrainConfig(RunOptions):
+class TrainConfig(MemoryOptions, RunOptions):
     """`padd train`: Phase B — sample, verify, and update with II + III (+ IV on the routing bias)."""
 
     student: str = req("MoE student checkpoint (after padd warmup)")
@@ -536,7 +587,9 @@ class TrainConfig(RunOptions):
     save_every: int = opt(50, "checkpoint every N rollout batches (0: only at the end)")
     resume: bool = opt(False, "continue from the run directory's last checkpoint")
     parallel: str = opt(
-        "ddp", "under torchrun/accelerate: DDP, or FSDP2 sharding weights, grads and optimizer", choices=("ddp", "fsdp")
+        "ddp",
+        "under torchrun/accelerate: DDP, or FSDP2 sharding weights, grads and optimizer (both models loaded sharded)",
+        choices=("ddp", "fsdp"),
     )
     precision: str = opt(
         "fp32", "bf16: autocast forwards, float32 weights and routers, a bfloat16 teacher", choices=("fp32", "bf16")

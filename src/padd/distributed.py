@@ -88,15 +88,18 @@ def setup(device: str) -> Dist:
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
-def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str) -> torch.nn.Module:
+def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str, offload: bool = False) -> torch.nn.Module:
     """The module to run forwards/backwards through: `model` itself in one process, a DDP wrapper
-    around it, or `model` sharded in place by FSDP2 (build the optimizer after this call)."""
+    around it, or `model` sharded in place by FSDP2, with `offload` its shards in CPU memory (build
+    the optimizer after this call); a model loaded sharded (padd.models.load_sharded_causal_lm, which
+    took the offload policy then) is kept as it is."""
     if mode not in PARALLEL_MODES:
         raise UserError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
     if ranks.world == 1:
         return model
     if mode == "fsdp":
-        shard(model)
+        if not is_sharded(model):
+            shard(model, offload=offload)
         return model
     device = next(model.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(
@@ -104,9 +107,15 @@ def wrap_for_training(model: torch.nn.Module, ranks: Dist, mode: str) -> torch.n
     )
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP2 in place: one unit per decoder layer (gathered for its own forward/backward), one root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: torch.nn.Module, offload: bool = False) -> None:
+    """FSDP2 in place: one unit per decoder layer (gathered for its own forward/backward), one root.
+
+    `offload`: FSDP2's CPUOffloadPolicy — the sharded weights, their gradients and so the optimizer's
+    state live in (pinned, on CUDA) CPU memory and each unit is copied to the device only to run;
+    the optimizer then steps on the CPU."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
 
     # Zero-size tensors (the empty shared expert of a student without one) have nothing to shard and
     # break the gradient reduce-scatter; they stay plain, replicated, gradient-free.
@@ -114,8 +123,8 @@ def shard(model: torch.nn.Module) -> None:
     for p in empty:
         p.requires_grad_(False)
     for layer in model.model.layers:
-        fully_shard(layer, ignored_params=empty)
-    fully_shard(model, ignored_params=empty)
+        fully_shard(layer, ignored_params=empty, offload_policy=policy)
+    fully_shard(model, ignored_params=empty, offload_policy=policy)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -150,11 +159,29 @@ def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
-def unsharded_copy(model: torch.nn.Module, fresh: torch.nn.Module) -> torch.nn.Module:
-    """`fresh`, an unsharded model of the same architecture, holding the sharded `model`'s whole
-    weights, on every rank (a collective)."""
-    fresh.load_state_dict(whole_state_dict(model))
-    return fresh
+def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A plain (unsharded) model holding the sharded `model`'s whole weights, on CPU, on rank 0 only
+    (None elsewhere); a collective. Rank 0 holds one whole copy: the gathered tensors become the
+    copy's own weights (built on the meta device, loaded with `assign`), and the buffers, which FSDP2
+    never shards, are taken from `model`."""
+    from transformers import AutoModelForCausalLM
+
+    state, _ = gather_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(state, assign=True)
+    del state
+    own = dict(model.named_buffers())
+    for name, _ in list(fresh.named_buffers()):  # non-persistent ones (rotary inv_freq) are not in `state`
+        module, _, leaf = name.rpartition(".")
+        fresh.get_submodule(module)._buffers[leaf] = own[name].detach().to("cpu", copy=True)
+    fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    if hasattr(model, "_weight_conversions"):  # how its checkpoint was converted: saved back the same way
+        fresh._weight_conversions = model._weight_conversions
+    return fresh.train(model.training)
 
 
 def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -163,6 +163,8 @@ def run_eval(cfg, console: Console | None = None) -> dict:
     """Evaluate a model directory on every benchmark of cfg.bench; write cfg.out (JSON) and print a table."""
     from transformers import AutoConfig, AutoTokenizer
 
+    if Path(cfg.out).exists() and not cfg.overwrite:  # before the model loads, as every --out is checked
+        raise UserError(f"--out {cfg.out} exists; pass --overwrite to replace it, or choose another path")
     console = console or Console()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     backend = generation_backend(cfg, tokenizer)

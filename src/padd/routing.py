@@ -30,34 +30,59 @@ def moe_gates(model: torch.nn.Module) -> list[torch.nn.Module]:
     return router_adapter.routers(model) if moe_layer_indices(model) else []
 
 
-@contextlib.contextmanager
-def uniform_random_routing(model: torch.nn.Module, generator: torch.Generator | None = None) -> Iterator[None]:
+class UniformRandomRouting:
     """Route every token to K experts drawn uniformly at random, with equal weights (docs/method.md §3 step 5).
 
     Weights are the zero-router weights (routed_scaling_factor / K for a padd student, whose gate
     scaling then makes the expected FFN output the teacher's). The router still runs (its logits are
     returned unchanged) but decides nothing.
+
+    The draw is made for a whole batch at once (`draw`), layer by layer, and each forward over a
+    part of it (`rows`) takes its own tokens' rows: micro-batches of one batch route exactly as the
+    whole batch would, and activation checkpointing's recompute routes as the forward did.
+
+        routing = UniformRandomRouting(model, generator)
+        routing.draw(n_tokens)               # [n_tokens, E] noise per MoE layer
+        with routing.rows(start): forward    # tokens start ... of the drawn batch
     """
 
-    config = model.config
-    k, n_experts = router_adapter.top_k(config), router_adapter.num_experts(config)
+    def __init__(self, model: torch.nn.Module, generator: torch.Generator | None = None):
+        self.config, self.gates, self.generator = model.config, moe_gates(model), generator
+        self.k, self.n_experts = router_adapter.top_k(self.config), router_adapter.num_experts(self.config)
+        self.noise: list[torch.Tensor] = []
+        self.start = 0
 
-    def hook(gate, inputs, output):
-        logits, _, _ = output
-        n_tokens = logits.shape[0]
-        noise = torch.rand(n_tokens, n_experts, generator=generator, device="cpu").to(logits.device)
-        indices = noise.topk(k, dim=-1).indices
-        # what a zero router gives K experts (E/K each for Glm4Moe's scaling, 1/K for softmax routers)
-        zero = torch.zeros(n_tokens, n_experts, device=logits.device)
-        weights, _ = router_adapter.route(config, zero, indices=indices)
-        return logits, weights.to(logits.dtype), indices
+    def draw(self, n_tokens: int) -> UniformRandomRouting:
+        """Draw the selection of `n_tokens` tokens in every MoE layer (on the CPU generator, so it
+        does not depend on the device)."""
+        self.noise = [torch.rand(n_tokens, self.n_experts, generator=self.generator) for _ in self.gates]
+        return self
 
-    handles = [g.register_forward_hook(hook) for g in moe_gates(model)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    def _hook(self, layer: int):
+        def fn(gate, inputs, output):
+            logits, _, _ = output
+            n_tokens = logits.shape[0]
+            noise = self.noise[layer][self.start : self.start + n_tokens]
+            if noise.shape[0] != n_tokens:
+                raise ValueError(f"uniform routing drew {self.noise[layer].shape[0]} tokens; the forward needs more")
+            indices = noise.to(logits.device).topk(self.k, dim=-1).indices
+            # what a zero router gives K experts (E/K each for Glm4Moe's scaling, 1/K for softmax routers)
+            zero = torch.zeros(n_tokens, self.n_experts, device=logits.device)
+            weights, _ = router_adapter.route(self.config, zero, indices=indices)
+            return logits, weights.to(logits.dtype), indices
+
+        return fn
+
+    @contextlib.contextmanager
+    def rows(self, start: int = 0) -> Iterator[None]:
+        """Forwards inside route the drawn tokens from `start` on (the tokens in [B, T] row order)."""
+        self.start = start
+        handles = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class _GateHooks:

@@ -628,6 +628,7 @@ class StudyRun:
             EvalConfig(
                 model=str(model),
                 out=str(tmp),
+                overwrite=True,  # the cell's own scratch file, left by an interrupted run
                 bench=f"{self.study.benches},{self.study.broad}",
                 split=self.cfg.eval_split,
                 **{**self._common(), **self.study.eval},

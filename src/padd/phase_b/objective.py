@@ -151,15 +151,32 @@ class ShiftScale:
         self.shift_norm = shift_norm
         self.value: float | None = None  # the running mean of Γ, once a mini-batch has measured one
 
-    def __call__(self, token_gamma: torch.Tensor, mask: torch.Tensor, sum_dict) -> torch.Tensor:
-        """[n, C] Γ for the damping, from [n, C] Γ and mask; `sum_dict` sums a dict over ranks."""
-        if self.shift_norm != "running-mean":
-            return token_gamma
+    @property
+    def reads_batch_mean(self) -> bool:
+        """Whether the damping depends on the whole mini-batch's Γ (the running mean), so that a
+        mini-batch run in micro-batches must measure Γ on all of them before any loss."""
+        return self.shift_norm == "running-mean"
+
+    def observe(self, token_gamma: torch.Tensor, mask: torch.Tensor, sum_dict) -> None:
+        """Update the running mean with one mini-batch's [n, C] Γ and mask (all ranks' tokens;
+        `sum_dict` sums a dict over ranks); nothing to keep under shift_norm="none"."""
+        if not self.reads_batch_mean:
+            return
         sums = sum_dict({"gamma": float((token_gamma * mask).sum()), "tokens": float(mask.sum())})
         mean = sums["gamma"] / max(sums["tokens"], 1.0)
         if mean > 0:
             self.value = mean if self.value is None else 0.9 * self.value + 0.1 * mean
+
+    def apply(self, token_gamma: torch.Tensor) -> torch.Tensor:
+        """[n, C] Γ as the damping reads it, after `observe` saw the whole mini-batch."""
+        if not self.reads_batch_mean:
+            return token_gamma
         return token_gamma / self.value if self.value else token_gamma
+
+    def __call__(self, token_gamma: torch.Tensor, mask: torch.Tensor, sum_dict) -> torch.Tensor:
+        """[n, C] Γ for the damping, from one whole mini-batch's [n, C] Γ and mask."""
+        self.observe(token_gamma, mask, sum_dict)
+        return self.apply(token_gamma)
 
 
 def policy_loss(
@@ -206,20 +223,77 @@ def kd_loss(
     return objective.kd_coef * kd, stats
 
 
+@dataclass(frozen=True)
+class BatchTokens:
+    """The denominators of one mini-batch's means: this rank's completion tokens and sequences, and
+    all ranks' completion tokens. Every micro-batch of the mini-batch divides by these, not by its own."""
+
+    local_tokens: torch.Tensor
+    global_tokens: torch.Tensor
+    local_sequences: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, dist) -> BatchTokens:
+        """From this rank's whole mini-batch mask [n, C] (a collective)."""
+        local = mask.sum()
+        return cls(local, dist.all_reduce_sum(local.detach().clone()).clamp_min(1.0), mask.shape[0])
+
+
+def term_shares(per_sequence: bool, mask: torch.Tensor, batch: BatchTokens) -> dict[str, torch.Tensor]:
+    """A micro-batch's ([n, C] `mask`) weight in its rank's mini-batch mean, per kind of term: its
+    share of the completion tokens ("token") and, for a mean over completions, of the completions
+    ("pg" when `per_sequence`). Both are 1 for the whole mini-batch."""
+    tokens = mask.sum() / batch.local_tokens.clamp_min(1.0)
+    sequences = torch.tensor(mask.shape[0] / batch.local_sequences, device=mask.device)
+    return {"token": tokens, "pg": sequences if per_sequence else tokens, "completions": sequences}
+
+
+# What a logged statistic is a mean over, when it is not the completion tokens: the A < 0 tokens
+# (III's damping, a share of the pr_negative_frac tokens) or the completions (the KD temperature).
+STAT_DENOMINATORS = {
+    "pr_damping_mean": "negative",
+    "pr_damping_median": "negative",
+    "pr_clipped_negative_frac": "negative",
+    "kd_temp_mean": "completions",
+}
+
+
+def combine_stats(parts: list[tuple[dict[str, float], float, float]]) -> dict[str, float]:
+    """A mini-batch's statistics from its micro-batches' (stats, token share, completion share):
+    each the mean over its own denominator (STAT_DENOMINATORS; tokens otherwise), so a mean is the
+    whole mini-batch's; a median becomes the weighted mean of the micro-batches' medians."""
+    combined = {}
+    for key in parts[0][0]:
+        kind = STAT_DENOMINATORS.get(key, "tokens")
+        weights = [
+            tokens * (stats.get("pr_negative_frac", 0.0) if kind == "negative" else 1.0)
+            if kind != "completions"
+            else sequences
+            for stats, tokens, sequences in parts
+        ]
+        total = sum(weights)
+        if total == 0:  # e.g. no A < 0 token anywhere: every part reports the same neutral value
+            combined[key] = parts[0][0][key]
+            continue
+        combined[key] = sum(stats[key] * w for (stats, _, _), w in zip(parts, weights, strict=True)) / total
+    return combined
+
+
 def rank_scaled_loss(
-    terms: dict[str, torch.Tensor], per_sequence: bool, mask: torch.Tensor, dist
+    terms: dict[str, torch.Tensor], per_sequence: bool, mask: torch.Tensor, dist, batch: BatchTokens | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the loss to backpropagate, this rank's completion tokens, all ranks' completion tokens).
 
-    A token-mean term is rescaled by this rank's share of all ranks' tokens, so DDP's gradient
-    average becomes the gradient of the mean over the global mini-batch. A mean over completions
-    (`per_sequence` policy term) needs no rescaling: every rank holds the same number of them.
-    `dist`: padd.distributed.Dist; mask: [n, C]."""
-    local_tokens = mask.sum()
-    global_tokens = dist.all_reduce_sum(local_tokens.detach().clone()).clamp_min(1.0)
-    token_share = local_tokens * dist.world / global_tokens
-    scaled = sum(v * (1.0 if (k == "pg" and per_sequence) else token_share) for k, v in terms.items())
-    return scaled, local_tokens, global_tokens
+    A token-mean term is rescaled by this micro-batch's share of all ranks' tokens, so that DDP's
+    gradient average over ranks, summed over micro-batches, is the gradient of the mean over the
+    global mini-batch. A mean over completions (`per_sequence` policy term) is rescaled by its share
+    of this rank's completions only: every rank holds the same number of them.
+    `dist`: padd.distributed.Dist; mask: [n, C]; `batch`: the whole mini-batch's (default: `mask` is it)."""
+    batch = batch or BatchTokens.of(mask, dist)
+    token_share = mask.sum() * dist.world / batch.global_tokens
+    sequence_share = mask.shape[0] / batch.local_sequences
+    scaled = sum(v * (sequence_share if (k == "pg" and per_sequence) else token_share) for k, v in terms.items())
+    return scaled, batch.local_tokens, batch.global_tokens
 
 
 def check_finite(terms: dict[str, torch.Tensor], dist, where: str) -> None:
@@ -240,6 +314,7 @@ class Loss:
     backward: torch.Tensor
     local_tokens: torch.Tensor
     global_tokens: torch.Tensor
+    per_sequence: bool = False  # the policy term is a mean over completions (RSPO's GMPO)
 
     @property
     def total(self) -> torch.Tensor:
@@ -257,8 +332,11 @@ def objective_loss(
     token_gamma: torch.Tensor,
     damping_gamma: torch.Tensor | None,
     dist,
+    batch: BatchTokens | None = None,
 ) -> Loss:
-    """The method's loss on one mini-batch: its RL term (III or a baseline's) plus its KD term (II).
+    """The method's loss on one mini-batch, or on one micro-batch of it: its RL term (III or a
+    baseline's) plus its KD term (II), each a mean over the part given; `backward` is scaled by the
+    part's share of `batch`, the whole mini-batch (default: the part is the mini-batch).
 
     logits, teacher_logits: [n, C, V] (teacher_logits None when the method has no KD); logp,
     old_logps, mask, token_gamma, damping_gamma: [n, C]; advantages: [n]; `dist`: padd.distributed.Dist.
@@ -274,5 +352,5 @@ def objective_loss(
     if objective.kd:
         terms["kd"], kd_stats = kd_loss(objective, logits, teacher_logits, advantages, mask)
         stats.update(kd_stats)
-    backward, local_tokens, global_tokens = rank_scaled_loss(terms, per_sequence, mask, dist)
-    return Loss(terms, stats, backward, local_tokens, global_tokens)
+    backward, local_tokens, global_tokens = rank_scaled_loss(terms, per_sequence, mask, dist, batch)
+    return Loss(terms, stats, backward, local_tokens, global_tokens, per_sequence)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -29,10 +30,17 @@ from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_trainin
 from padd.errors import UserError
 from padd.io import atomic_save_dir, check_out_dir
 from padd.losses import distill_kl_loss
+from padd.memory import (
+    check_activation_checkpointing,
+    enable_activation_checkpointing,
+    micro_slices,
+    no_gradient_sync,
+    peak_memory_gb,
+)
 from padd.models import load_causal_lm
-from padd.precision import autocast, routers_in_fp32, teacher_dtype
+from padd.precision import autocast, experts_in_autocast_dtype, routers_in_fp32, teacher_dtype
 from padd.router_adapter import log_scores
-from padd.routing import RouterRecorder, moe_gates, moe_layer_indices, uniform_random_routing
+from padd.routing import RouterRecorder, UniformRandomRouting, load_selection_bias, moe_gates, moe_layer_indices
 from padd.stage1.reference import STAGE1_FILE, copy_reference, read_reference
 from padd.vocab import shared_vocab
 
@@ -202,6 +210,33 @@ def _router_fit_kl(config, h: torch.Tensor, q: torch.Tensor, weight: torch.Tenso
     return (q * (q.clamp_min(1e-12).log() - log_scores(config, h @ weight.T))).sum(-1).mean()
 
 
+def _accumulate_warmup_gradient(trained, teacher, vocab, batch, uniform, cfg: WarmupConfig, ranks) -> float:
+    """The gradient of KL(teacher ‖ student) averaged over the tokens of `batch` ([B, T] windows),
+    accumulated over its micro-batches (each one's mean weighted by its share of the tokens, so the
+    sum is the whole batch's mean); returns that loss averaged over ranks."""
+    device = batch.device
+    if uniform is not None:
+        uniform.draw(batch.numel())
+    parts = micro_slices(batch.shape[0], cfg.micro_batch_size)
+    total = torch.zeros((), device=device)
+    for index, part in enumerate(parts):
+        rows = batch[part]
+        with torch.no_grad(), autocast(device, cfg.precision):
+            t_logits = vocab.kd_view(teacher(input_ids=rows, use_cache=False).logits)
+        # the uniform routing stays on through the backward: activation checkpointing's recompute
+        # must route as the forward did
+        with uniform.rows(part.start * batch.shape[1]) if uniform is not None else contextlib.nullcontext():
+            with autocast(device, cfg.precision):
+                s_logits = vocab.kd_view(trained(input_ids=rows, use_cache=False).logits)
+            share = rows.numel() / batch.numel()
+            loss = distill_kl_loss(s_logits, t_logits, torch.ones(rows.shape, device=device)) * share
+            del s_logits, t_logits
+            with no_gradient_sync(trained, last=index == len(parts) - 1):
+                loss.backward()
+        total += loss.detach()
+    return float(ranks.all_reduce_sum(total) / ranks.world)
+
+
 def warmup_defaults(cfg: WarmupConfig) -> tuple[str, str]:
     """(warm-up routing, router start) of a run: as given, else by the student's kind — for a student
     padd decompose built, the paper's frozen uniform router and uniform start; for a pretrained or
@@ -221,6 +256,9 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     check_out_dir(out, cfg.overwrite)
     ranks = setup(cfg.device)
     device = ranks.device(cfg.device)
+    cfg.check_memory_options(cfg.batch_size, "--batch-size", ranks.world)
+    if cfg.activation_checkpointing:
+        check_activation_checkpointing(cfg.student)
     if cfg.epochs < 0:
         raise UserError(f"--epochs {cfg.epochs}: give 0 (router start only) or more passes")
     routing, router_init = warmup_defaults(cfg)
@@ -232,9 +270,14 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         )
     t0 = time.perf_counter()
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
-    student = load_causal_lm(cfg.student, device=device, train=True)
-    teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=device)
+    # Under FSDP2 both models are built sharded and load only this rank's shards (padd.models).
+    fsdp = cfg.parallel == "fsdp" and ranks.world > 1
+    student = load_causal_lm(cfg.student, device=device, train=True, sharded=fsdp, offload=cfg.offload)
+    teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=device, sharded=fsdp)
     routers_in_fp32(student)
+    experts_in_autocast_dtype(student)  # a no-op outside autocast (--precision fp32)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(student)
     vocab = shared_vocab(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
     windows = sample_corpus(
         cfg.corpus,
@@ -249,11 +292,11 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     )
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in expert_parameters(student):
-        p.requires_grad_(True)
+    for p in expert_parameters(student):  # a zero-size one (an absent shared expert) has nothing to train
+        p.requires_grad_(p.numel() > 0)
     # Data parallel: each rank takes every world-th window, gradients averaged by DDP or FSDP2 (which
-    # replaces the parameters, so they are collected after it). The teacher stays whole on each rank.
-    trained = wrap_for_training(student, ranks, cfg.parallel)
+    # replaces the parameters, so they are collected after it).
+    trained = wrap_for_training(student, ranks, cfg.parallel, offload=cfg.offload)
     params = [p for p in expert_parameters(student) if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed * ranks.world + ranks.rank)
@@ -264,44 +307,53 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     n_batches = -(-per_rank // cfg.batch_size)
     student.train()
     bar = tqdm(total=cfg.epochs * n_batches, desc="warm-up", disable=not (cfg.progress and ranks.main))
+    # the uniform routing of a batch is drawn whole, so its micro-batches route as the batch would
+    uniform = UniformRandomRouting(student, gen) if routing == "uniform" else None
     step = 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(windows.shape[0], generator=order_gen)[: per_rank * ranks.world]
         local = order[ranks.rank :: ranks.world]
         for b in range(n_batches):
             batch = windows[local[b * cfg.batch_size : (b + 1) * cfg.batch_size]].to(device)
-            with torch.no_grad(), autocast(device, cfg.precision):
-                t_logits = vocab.kd_view(teacher(input_ids=batch, use_cache=False).logits)
-            frozen_router = uniform_random_routing(student, gen) if routing == "uniform" else contextlib.nullcontext()
-            with frozen_router, autocast(device, cfg.precision):
-                s_logits = vocab.kd_view(trained(input_ids=batch, use_cache=False).logits)
-            loss = distill_kl_loss(s_logits, t_logits, torch.ones(batch.shape, device=batch.device))
-            value = float(ranks.all_reduce_sum(loss.detach().clone()) / ranks.world)
-            if not torch.isfinite(loss):
+            value = _accumulate_warmup_gradient(trained, teacher, vocab, batch, uniform, cfg, ranks)
+            if not math.isfinite(value):
                 raise FloatingPointError(f"warm-up loss is {value} at step {step}; lower --lr")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
+            optim.zero_grad(set_to_none=True)
             step += 1
             log.append({"step": step, "epoch": epoch, "kl": value})
             bar.update(1)
             bar.set_postfix(kl=f"{value:.4f}")
     bar.close()
-    if is_sharded(student):  # the router init and the save below work on whole weights, on every rank
-        student = unsharded_copy(student, load_causal_lm(cfg.student, train=True))
-        student.to(device)
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(True)
     warm_s = time.perf_counter() - t0
+    peak_gb = peak_memory_gb(device)  # the warm-up's, on this rank (before the router fit below)
 
     probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
     masses = None
     if reference is not None:  # the start's fit to the teacher's clusters is reported for every init
         ref = reference.to(device)
+        # on every rank: a sharded teacher's forwards are collectives
         masses = teacher_cluster_masses(teacher, probe, ref.clusters, cfg.batch_size, ref.teacher_layers)
-    router = init_router(student, router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
+    del teacher
+    sharded = is_sharded(student)
+    if sharded:
+        # The router init and the save below work on whole weights: rank 0 alone holds them (one
+        # float32 copy, as the final save of `padd train` does), the other ranks wait for its result.
+        # The fit's layer-by-layer forwards stop inside the model, which FSDP2 units cannot.
+        del optim, trained
+        student = unsharded_copy(student)
+        if student is not None:
+            load_selection_bias(student, cfg.student)
+            student.to(device)
+    router = None
+    if student is not None:
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(True)
+        router = init_router(student, router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
+    if sharded:
+        router = ranks.all_gather_objects(router)[0]
     record = {
         "student": str(Path(cfg.student).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()),
@@ -310,6 +362,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         "first_kl": log[0]["kl"] if log else None,
         "last_kl": log[-1]["kl"] if log else None,
         "warmup_seconds": round(warm_s, 2),
+        "peak_memory_gb": round(peak_gb, 3),
         "processes": ranks.world,
         "warmup_routing": routing,
         **router,
