@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
 
-.PHONY: venv venv-vllm test-vllm demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader bench-generation bench-trl bench-plan gpu-check clean
+.PHONY: venv venv-vllm test-vllm test-slow demo test lint bench bench-stage1 bench-moe bench-phase-b bench-demo bench-cli bench-grader bench-generation bench-trl bench-plan gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the tests marked slow (minutes or gigabytes each: the sharded load's memory on a 1.4 GB model, the
+# GPU check's CPU dry run), deselected from `make test`; CI runs them too
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
@@ -93,7 +98,8 @@ bench-plan: $(STAMP)
 #   pip install -e ".[test,vllm]" && make gpu-check GPU_PY=python
 GPU_PY ?= python
 gpu-check:
-	$(GPU_PY) -m pytest -q -rs tests/test_vllm.py tests/test_cluster.py
+	$(GPU_PY) benchmarks/gpu_check.py --vllm-server
+	$(GPU_PY) -m pytest -q -rs tests/test_vllm.py tests/test_cluster.py tests/test_precision.py
 	$(GPU_PY) benchmarks/bench_stage1.py --device cuda
 	$(GPU_PY) benchmarks/bench_moe_throughput.py --device cuda
 	$(GPU_PY) benchmarks/bench_phase_b.py --device cuda

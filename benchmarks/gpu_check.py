@@ -9,7 +9,12 @@ then runs, each as a user would:
 2. one `padd warmup` step under torchrun on every GPU (FSDP2, bf16, micro-batches, activation
    checkpointing, the preset's sequence length): its time and peak memory per rank;
 3. one `padd train` rollout batch the same way: each phase's time and peak memory, the tokens;
-4. with `--vllm`, the same batch with the preset's rollout on a vLLM engine.
+4. with `--vllm`, the same batch on a vLLM engine beside the trainer;
+5. with `--vllm-server`, the same batch from a vLLM server of its own (on the second half of the
+   GPUs, the trainer on the first; sharing the one GPU where there is one), the trainer pushing
+   its weights after the update: then the server's greedy completions of a few prompts against the
+   trained student's own `generate` (the push is exact when they agree; the server runs in float32
+   here so that rounding cannot flip a random model's near-tied tokens).
 
 `--shrink K` divides every width by K, so that the same script runs on a CPU (gloo, `--device cpu`):
 that is how it is tested; at K = 1 it has run only where a GPU was at hand.
@@ -43,27 +48,38 @@ PAIRS = {  # teacher, student (padd's bundled configs) and the study preset whos
         "configs/study-deepseek-math-7b-to-deepseek-v2-lite.yaml",
     ),
 }
-WIDTHS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank")
-HEADS = ("num_attention_heads", "num_key_value_heads")
+WIDTHS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "kv_lora_rank")
+MLA_HEADS = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # DeepSeek's latent attention
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def pair_config(name: str, layers: int, shrink: int):
-    """The bundled config `name` cut to `layers` decoder layers and every width divided by `shrink`."""
+    """The bundled config `name` cut to `layers` decoder layers and every width divided by `shrink`
+    (heads too, keeping head dims of at least 32, which vLLM's CPU kernels need)."""
     from padd.plan.models import load_model_config
 
     config, _ = load_model_config(name)
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:layers]
+    if shrink == 1:
+        return config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    implied = config.hidden_size == heads * head_dim  # dense Llama/Qwen2: head_dim = hidden / heads
     for width in WIDTHS:
         if getattr(config, width, None):
-            setattr(config, width, max(16, getattr(config, width) // shrink))
-    for heads in HEADS:
-        if getattr(config, heads, None):
-            setattr(config, heads, max(1, getattr(config, heads) // shrink))
-    if shrink > 1 and getattr(config, "head_dim", None):
-        config.head_dim = max(32, config.head_dim // shrink)
+            setattr(config, width, max(32, getattr(config, width) // shrink))
+    for dim in MLA_HEADS:
+        if getattr(config, dim, None):
+            setattr(config, dim, max(16, getattr(config, dim) // shrink))
+    config.num_attention_heads = max(1, heads // shrink)
+    config.num_key_value_heads = max(1, kv // shrink)
+    if config.num_attention_heads % config.num_key_value_heads:
+        config.num_key_value_heads = 1
+    config.head_dim = max(32, head_dim // shrink)
+    if implied:
+        config.hidden_size = config.num_attention_heads * config.head_dim
     return config
 
 
@@ -127,6 +143,73 @@ def padd_command(args: list[str], processes: int, device: str) -> float:
     return time.perf_counter() - began
 
 
+def start_server(student: Path, gpus: list[int], device: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """A vLLM server on `student`, started as docs/vllm-server.md says, on `gpus` (a CPU: vLLM's CPU
+    build); returns it once /health answers (10 minutes at most)."""
+    import urllib.request
+
+    from padd.generation.vllm_server import SERVE_FLAGS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(student)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-num-seqs", "16", *SERVE_FLAGS]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        argv += ["--tensor-parallel-size", str(len(gpus)), "--gpu-memory-utilization", "0.3" if gpus == [0] else "0.85"]
+    with open(log, "ab") as out:
+        server = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return server, url
+        except OSError:
+            time.sleep(2)
+    stop(server)
+    raise SystemExit(f"the vLLM server did not start: {log.read_text(errors='replace')[-3000:]}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    import signal
+
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+
+
+def greedy_agreement(url: str, student: Path, device: str, max_new_tokens: int) -> str:
+    """How many of 8 prompts the server completes greedily exactly as the trained `student`'s own
+    `generate` does."""
+    from transformers import AutoTokenizer
+
+    from padd.data import build_prompt, load_problems
+    from padd.generation.rollout import TransformersRollout
+    from padd.generation.vllm_server import VLLMServerRollout
+    from padd.models import load_causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = load_causal_lm(student, device=device)
+    prompts = [build_prompt(tokenizer, p.problem) for p in load_problems("world:add", split="val", world_per_skill=8)]
+    server = VLLMServerRollout(
+        url, str(student), tokenizer, model, weights_dir=student.parent, max_new_tokens=max_new_tokens
+    )
+    server.pending = None  # it has just taken these weights from padd train's last push
+    own = TransformersRollout(model, tokenizer).sample(prompts, 1, temperature=0.0, max_new_tokens=max_new_tokens)
+    served = server.sample(prompts, 1, temperature=0.0, max_new_tokens=max_new_tokens)
+    same = sum(
+        torch.equal(a[m.bool()], b[n.bool()])
+        for a, m, b, n in zip(
+            own.completion_ids, own.completion_mask, served.completion_ids, served.completion_mask, strict=True
+        )
+    )
+    return f"{same} of {len(prompts)} prompts"
+
+
 def flags(options: dict) -> list[str]:
     out = []
     for key, value in options.items():
@@ -145,7 +228,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     parser.add_argument("--processes", type=int, default=None, help="ranks (default: every visible GPU, 1 on a CPU)")
     parser.add_argument("--shrink", type=int, default=1, help="divide every width by this (a CPU dry run)")
-    parser.add_argument("--vllm", action="store_true", help="also one rollout batch on a vLLM engine")
+    parser.add_argument(
+        "--vllm", action="store_true", help="also one rollout batch on a vLLM engine beside the trainer"
+    )
+    parser.add_argument("--vllm-server", action="store_true", help="also one rollout batch from a vLLM server")
     parser.add_argument("--workdir", type=Path, help="where the models and runs go (default: a temp folder)")
     args = parser.parse_args()
     import yaml
@@ -201,7 +287,18 @@ def main() -> None:
     rollouts = {"transformers": {}}
     if args.vllm:
         rollouts["vllm"] = dict(rollout="vllm")
+    server = None
+    trainer_processes = processes
+    if args.vllm_server:
+        gpus = list(range(processes))
+        trainer_gpus, server_gpus = (gpus[: processes // 2], gpus[processes // 2 :]) if processes > 1 else ([0], [0])
+        trainer_processes = len(trainer_gpus)
+        server, url = start_server(student, server_gpus, args.device, work / "server.log")
+        rollouts["vllm-server"] = dict(rollout="vllm-server", vllm_server_url=url)
+        if args.device == "cuda":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, trainer_gpus))
     for name, rollout in rollouts.items():
+        ranks = trainer_processes if name == "vllm-server" else processes
         out = work / f"train-{name}"
         train_flags = dict(
             student=student,
@@ -219,7 +316,10 @@ def main() -> None:
             **memory,
             **rollout,
         )
-        seconds = padd_command(["train", *flags(train_flags)], processes, args.device)
+        if ranks < processes:  # the trainer's share of the GPUs: half the prompts
+            train_flags["prompts_per_step"] = 2 * ranks
+            train_flags["parallel"] = "fsdp" if ranks > 1 else None
+        seconds = padd_command(["train", *flags(train_flags)], ranks, args.device)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         last = rows[-1]
         times = ", ".join(f"{p} {last[f'time_{p}']:.1f}" for p in ("generation", "teacher", "student", "update"))
@@ -231,6 +331,11 @@ def main() -> None:
         measured.append((f"Phase B ({name}): tokens, wall s", f"{last['completion_tokens']}, {seconds:.0f}"))
         measured.append((f"Phase B ({name}): seconds by phase", times))
         measured.append((f"Phase B ({name}): peak GiB by phase (rank 0)", peaks))
+        if name == "vllm-server":
+            agree = greedy_agreement(rollout["vllm_server_url"], out / "student", args.device, new_tokens)
+            measured.append(("vLLM server after the push: greedy = generate", agree))
+    if server is not None:
+        stop(server)
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     table = Table(title=f"padd gpu-check: {processes} × {where}, precision bf16" + (", FSDP2" if processes > 1 else ""))
