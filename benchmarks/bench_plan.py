@@ -8,6 +8,11 @@ the largest resident set size seen while it ran, batches after the first, when g
 state exist) with `padd plan --device cpu` for the same settings and the longest prompt those
 batches drew.
 
+Each shape runs twice: as the presets train, and with padd train's memory options
+(`--micro-batch-size 4 --activation-checkpointing`: each mini-batch of 16 completions in 4
+micro-batches, every decoder layer recomputed in the backward). FSDP2's `--offload` needs 2+
+processes and this benchmark runs one; on a CPU it would move tensors to the memory they are in.
+
 The runs set glibc's MALLOC_MMAP_THRESHOLD_ so that freed tensors go back to the system at once:
 at glibc's default the threshold grows after the first large free, later allocations come from a
 fragmenting heap, and the resident set runs above the live tensors the plan predicts (the tiny
@@ -15,7 +20,7 @@ shape: 5-10% per phase; a quarter in the generate phase with 186-token prompts).
 logged peak is torch's allocated memory, with no such gap.
 
     python benchmarks/bench_plan.py                    # tiny, mini and mini with a 16k vocabulary
-    python benchmarks/bench_plan.py --shapes tiny --steps 3
+    python benchmarks/bench_plan.py --shapes tiny --options memory --steps 3
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ SHAPES = {"tiny": ("tiny", None), "mini": ("mini", None), "mini-16k": ("mini", 1
 # the tiny and mini study presets' padd train settings
 TRAIN = dict(prompts_per_step=8, group_size=4, updates_per_batch=2, max_new_tokens=96, temperature=0.8)
 DATA, PER_SKILL, SEED = "world", 50, 0
+# padd train's memory options each run is planned and measured with
+OPTIONS = {"plain": {}, "memory": {"micro_batch_size": 4, "activation_checkpointing": True}}
 
 
 def build(shape: str, work: Path) -> tuple[Path, Path]:
@@ -83,9 +90,21 @@ def longest_prompt(student: Path, steps: int) -> int:
     return max(len(tokenizer(build_prompt(tokenizer, p.problem)).input_ids) for p in drawn)
 
 
-def measured_peaks(teacher: Path, student: Path, out: Path, steps: int) -> dict[str, float]:
+def flags_of(options: dict) -> list[str]:
+    """`padd train` flags of settings: --name=value, or --name for a switch that is on."""
+    flags = []
+    for key, value in options.items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        else:
+            flags.append(f"{flag}={value}")
+    return flags
+
+
+def measured_peaks(teacher: Path, student: Path, out: Path, steps: int, options: dict) -> dict[str, float]:
     """Each phase's logged peak (GiB) over the batches after the first, from a fresh `padd train`."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
+    flags = flags_of({**TRAIN, **options})
     command = [sys.executable, "-m", "padd", "train", "--student", str(student), "--teacher", str(teacher)]
     command += ["--data", DATA, "--world-per-skill", str(PER_SKILL), "--out", str(out), "--steps", str(steps)]
     command += [*flags, "--save-every", "0", "--overwrite", "--no-progress"]
@@ -96,14 +115,21 @@ def measured_peaks(teacher: Path, student: Path, out: Path, steps: int) -> dict[
     return {p: max(r[f"mem_{p}_gb"] for r in later) for p in PHASES}
 
 
-def predicted_peaks(teacher: Path, prompt_tokens: int, steps: int) -> dict[str, float]:
+def predicted_peaks(teacher: Path, prompt_tokens: int, steps: int, options: dict) -> dict[str, float]:
     """`padd plan --device cpu`'s peak (GiB) of each Phase B phase for the same run."""
     from padd.config import PlanConfig
     from padd.plan.report import make_plan
     from padd.plan.settings import GIB, resolve_plan
 
     cfg = PlanConfig(
-        teacher=str(teacher), experts=8, top_k=4, device="cpu", steps=steps, prompt_tokens=prompt_tokens, **TRAIN
+        teacher=str(teacher),
+        experts=8,
+        top_k=4,
+        device="cpu",
+        steps=steps,
+        prompt_tokens=prompt_tokens,
+        **TRAIN,
+        **options,
     )
     plan = make_plan(*resolve_plan(cfg))
     peaks = dict(plan.peaks)
@@ -111,12 +137,18 @@ def predicted_peaks(teacher: Path, prompt_tokens: int, steps: int) -> dict[str, 
     return {p: (peaks[p] / GIB + plan.hardware.reserve_gib) for p in PHASES}
 
 
-def compare(shape: str, work: Path, steps: int = 3) -> dict[str, tuple[float, float]]:
-    """phase -> (predicted, measured) peak GiB for `shape`."""
+def compare(
+    shape: str, work: Path, steps: int = 3, options: tuple[str, ...] = ("plain",)
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """options -> phase -> (predicted, measured) peak GiB for `shape` (one teacher and student for all)."""
     teacher, student = build(shape, work)
-    measured = measured_peaks(teacher, student, work / "run", steps)
-    predicted = predicted_peaks(teacher, longest_prompt(student, steps), steps)
-    return {p: (predicted[p], measured[p]) for p in PHASES}
+    prompt = longest_prompt(student, steps)
+    result = {}
+    for name in options:
+        measured = measured_peaks(teacher, student, work / f"run-{name}", steps, OPTIONS[name])
+        predicted = predicted_peaks(teacher, prompt, steps, OPTIONS[name])
+        result[name] = {p: (predicted[p], measured[p]) for p in PHASES}
+    return result
 
 
 def main() -> None:
@@ -126,19 +158,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated of {', '.join(SHAPES)}")
     parser.add_argument("--steps", type=int, default=3, help="rollout batches per run (the first is left out)")
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma-separated of {', '.join(OPTIONS)}")
     args = parser.parse_args()
     table = Table(title="Peak memory per phase on CPU (GiB): padd plan against padd train's log")
     table.add_column("shape")
+    table.add_column("memory options")
     for phase in PHASES:
         table.add_column(f"{phase} plan / run", justify="right")
     table.add_column("largest gap", justify="right")
+    options = tuple(args.options.split(","))
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory(prefix=f"padd-bench-plan-{shape}-") as work:
-            result = compare(shape, Path(work), args.steps)
-        gap = max(abs(pred / meas - 1) for pred, meas in result.values())
-        cells = [f"{pred:.2f} / {meas:.2f}" for pred, meas in result.values()]
-        table.add_row(shape, *cells, f"{gap:.0%}")
-    Console(width=max(120, Console().width)).print(table)
+            results = compare(shape, Path(work), args.steps, options)
+        for name, result in results.items():
+            gap = max(abs(pred / meas - 1) for pred, meas in result.values())
+            cells = [f"{pred:.2f} / {meas:.2f}" for pred, meas in result.values()]
+            given = " ".join(flags_of(OPTIONS[name])).replace("=", " ")
+            table.add_row(shape, given or "-", *cells, f"{gap:.0%}")
+    Console(width=max(170, Console().width)).print(table)
 
 
 if __name__ == "__main__":

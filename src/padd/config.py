@@ -632,8 +632,28 @@ class PlanConfig:
     temperature: float | None = opt(None, "sampling temperature (default: the study's, else 1.0)")
     precision: str | None = opt(None, "fp32 or bf16 (default: the study's sections')", choices=("fp32", "bf16"))
     parallel: str | None = opt(None, "ddp or fsdp (default: the study's sections')", choices=("ddp", "fsdp"))
-    rollout: str | None = opt(None, "rollout engine (default: the study's)", choices=("transformers", "vllm"))
-    vllm_gpu_memory: float | None = opt(None, "the vLLM engine's share of a GPU (default: the study's, else 0.3)")
+    micro_batch_size: int | None = opt(
+        None, "Phase B sequences per forward/backward (default: the study's train:, else the whole mini-batch)"
+    )
+    warmup_micro_batch_size: int | None = opt(
+        None, "warm-up windows per forward/backward (default: the study's warmup:, else the whole batch)"
+    )
+    activation_checkpointing: bool | None = opt(
+        None, "recompute each decoder layer in the backward, warm-up and Phase B (default: the study's sections')"
+    )
+    offload: bool | None = opt(
+        None, "FSDP2's CPU offload of weights, gradients and AdamW state, warm-up and Phase B (default: the study's)"
+    )
+    rollout: str | None = opt(
+        None,
+        "rollout engine: generate on the student, a vLLM engine beside it, or a vLLM server on GPUs of its own "
+        "(default: the study's)",
+        choices=("transformers", "vllm", "vllm-server"),
+    )
+    server_gpus: int | None = opt(None, "--rollout vllm-server: how many of the --gpus the vLLM server takes")
+    vllm_gpu_memory: float | None = opt(
+        None, "the vLLM engine's share of a GPU (default: the study's, else 0.3 beside the trainer, 0.9 on a server)"
+    )
     prompt_tokens: int = opt(256, "tokens of a batch's longest prompt")
     completion_tokens: int | None = opt(
         None, "tokens of a batch's longest completion, the padded length of every forward (default: the budget)"
@@ -644,12 +664,18 @@ class PlanConfig:
     gpu_tflops: float | None = opt(
         None, "peak dense TFLOP/s per GPU at the run's precision (default: an H100's 989 bf16, 67 fp32)"
     )
-    gpu_tflops_fp32: float | None = opt(
-        None, "peak float32 TFLOP/s per GPU, the rate of the student's experts under bf16 (default: an H100's 67)"
-    )
     bandwidth: float | None = opt(None, "memory bandwidth per GPU, TB/s (default: an H100's 3.35)")
     link_bandwidth: float | None = opt(
         None, "interconnect per GPU, GB/s, for FSDP2's gathers (default: NVLink 4's 450)"
+    )
+    host_link_bandwidth: float | None = opt(
+        None, "GPU-to-CPU link per GPU, GB/s, for --offload's copies (default: PCIe 5.0 x16's 64)"
+    )
+    host_bandwidth: float | None = opt(
+        None, "CPU memory bandwidth per GPU, GB/s, for --offload's AdamW step (default: a DGX H100's 614 / 8)"
+    )
+    file_bandwidth: float | None = opt(
+        None, "GB/s at which the weights file padd pushes to a vLLM server is written and read (default: 5)"
     )
     mfu: float = opt(0.4, "model FLOPs utilisation of the compute-bound phases")
     reserve: float | None = opt(

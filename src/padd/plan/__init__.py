@@ -2,30 +2,40 @@
 
 Parameters are counted on a meta-device model (transformers builds it from the config with
 accelerate's `init_empty_weights`: no weights are read or allocated); FLOPs come from padd.flops.
-Every memory figure follows what padd does, per device:
+Every memory figure follows what padd does, per device, with the memory options each command is
+given (padd.config.MemoryOptions: --micro-batch-size, --activation-checkpointing, --offload):
 
-    load          the whole float32 student and the teacher, on every device before sharding
-
+    load          the float32 student and the teacher in the run's precision, whole on every device;
+                  under FSDP2 on 2+ processes each rank's shard, read one tensor at a time
     student       float32 weights, gradients and AdamW's two moments (16 B per trained parameter),
-                  each divided over the GPUs under FSDP2; DDP adds its gradient buckets (4 B)
-    teacher       forward-only, bfloat16 under --precision bf16, else float32; sharded by padd train
-                  under FSDP2 (padd warmup keeps it whole)
+                  each divided over the GPUs under FSDP2, in CPU memory with --offload; DDP adds its
+                  gradient buckets (4 B), FSDP2 its gathered layers
+    teacher       forward-only, bfloat16 under --precision bf16, else float32; sharded under FSDP2
     activations   what a forward keeps for its backward, per token and layer, from the layer's
-                  shapes (norms in float32, matmul outputs in the autocast dtype), at the mini-batch
-                  padd trains on (a rollout batch's sequences / --updates-per-batch, per GPU) and the
-                  padded length prompt + completion; with activation checkpointing, each layer's
-                  input and one layer recomputed
+                  shapes (norms in float32, matmul outputs in the autocast dtype), at the sequences
+                  of one forward (a mini-batch per GPU, or --micro-batch-size) and the padded length
+                  prompt + completion; with activation checkpointing, each layer's input and one
+                  layer recomputed
+    weight copies under bf16, autocast's bfloat16 copy of every matmul weight, kept for the backward
+                  (one layer's with activation checkpointing)
     logits        the [n, C + 1, V] logits, their float32 log-softmax and its gradient: at a 150k
                   vocabulary the largest term of a long-completion update
-    vLLM          the engine's share of the GPU (weights + KV cache), beside the trainer, and the
-                  whole float32 weights gathered for each sync under FSDP2
-    AdamW temps   the foreach step's float32 copy of the moments it updates (CUDA)
+    vLLM          a colocated engine's share of the GPU (weights + KV cache), beside the trainer, or
+                  a vLLM server (--rollout vllm-server) on GPUs of its own, the trainers on the
+                  others; the whole float32 weights gathered for each sync or push under FSDP2
+    warm-up end   the whole float32 student on rank 0's device after an FSDP2 warm-up (the router
+                  start and the save)
+    AdamW temps   the foreach step's float32 copy of the moments it updates (CUDA; none offloaded)
     reserve       CUDA context, NCCL buffers and allocator slack (GPU); on a CPU, the footprint of
                   the Python process that runs padd, measured in a fresh interpreter
 
 Time is FLOPs at the stated MFU for the compute-bound phases (prefill, teacher, student forward and
-backward) and bytes over the memory bandwidth for token-by-token decoding and the optimizer step,
-whichever is longer; GPU-hours are the wall time times the GPUs.
+backward, every matmul at the run's precision) and bytes over the memory bandwidth for
+token-by-token decoding and the optimizer step, whichever is longer; FSDP2's gathers (per forward
+and backward of every micro-batch) over the interconnect and --offload's copies over the
+GPU-to-CPU link, where they outlast the compute they overlap; an offloaded AdamW step and gradient
+accumulation at the CPU's memory bandwidth; the push to a vLLM server through a weights file.
+GPU-hours are the wall time times all the GPUs (a vLLM server's too).
 
     models.py     the configs (folder, JSON, bundled copy, world preset) and their parameter counts
     settings.py   the run's settings (flags, then the study, then padd's defaults) and the hardware

@@ -17,17 +17,18 @@ def dtype_bytes(precision: str) -> int:
 
 
 def saved_bytes_per_token(cfg, precision: str) -> tuple[float, float]:
-    """(all layers, the largest one) bytes a training forward keeps for the backward, per token.
+    """(the whole model, its largest layer) bytes a training forward keeps for the backward, per token.
 
     Per layer: both RMSNorms' input and output in float32; the attention's q, k, v, rotated q and k,
     the keys and values repeated to every head (GQA under SDPA with a padding mask), its output and
     that output reshaped; the MLP's gate, up, activation and product. Under bf16 autocast a matmul
-    input is also kept as a bfloat16 copy. An MoE layer keeps the router's float32 logits and
-    probabilities and, for each of the token's K experts, its input, output and four intermediates,
-    in float32 at any precision: transformers' grouped expert matmuls are outside autocast and run
-    in the weights' dtype, which padd keeps in float32. Attention scores are not kept (SDPA and flash
-    attention recompute them). Checked against the tensors autograd saves on Glm4Moe and Qwen3-MoE
-    (within 10%); latent attention's terms are from its shapes alone."""
+    input is also kept as a bfloat16 copy, and q and k norms keep their input upcast to float32. An
+    MoE layer keeps the router's float32 logits and probabilities and, for each of the token's K
+    experts, its input, output and four intermediates in the autocast dtype (transformers' grouped
+    expert matmuls compute in bfloat16 under bf16: padd.precision.experts_in_autocast_dtype). Then
+    the final norm's input and output. Attention scores are not kept (SDPA and flash attention
+    recompute them). Checked against the tensors autograd saves on Glm4Moe and Qwen3-MoE, fp32 and
+    bf16, within 10% (tests/test_plan.py); latent attention's terms are from its shapes alone."""
     b = dtype_bytes(precision)
     cast = b if precision == "bf16" else 0  # autocast's bfloat16 copy of a float32 matmul input
     h, n_heads, n_kv, hd = flops._attn_dims(cfg)
@@ -37,6 +38,8 @@ def saved_bytes_per_token(cfg, precision: str) -> tuple[float, float]:
     else:
         repeated = 2 * n_heads * hd if n_kv < n_heads else 0
         attention = (n_heads * hd * 4 + n_kv * hd * 4 + repeated) * b + (h + n_heads * hd) * cast
+        if cast and _has_qk_norms(cfg):  # q and k norms upcast their bfloat16 input to float32
+            attention += (n_heads + n_kv) * hd * 4
     norms = 2 * 2 * h * 4
     moe_layers = flops._moe_layers(cfg)
     per_layer = []
@@ -47,30 +50,57 @@ def saved_bytes_per_token(cfg, precision: str) -> tuple[float, float]:
             width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
             shared = (getattr(cfg, "n_shared_experts", 0) or 0) * width
             shared = getattr(cfg, "shared_expert_intermediate_size", None) or shared
-            routed = top_k(cfg) * (2 * h + 4 * width) * 4
+            routed = top_k(cfg) * (2 * h + 4 * width) * b
             mlp = 2 * num_experts(cfg) * 4 + routed + ((h + 4 * shared) * b + h * cast if shared else 0)
         else:
             mlp = 4 * cfg.intermediate_size * b + h * cast
         per_layer.append(norms + attention + mlp)
-    return float(sum(per_layer)), float(max(per_layer))
+    final_norm = 2 * h * 4  # its float32 input and output, outside the layers
+    return float(sum(per_layer) + final_norm), float(max(per_layer))
+
+
+def _has_qk_norms(cfg) -> bool:
+    """Whether the attention normalises q and k (Qwen3, Qwen3-MoE, OLMoE), as padd.flops counts them."""
+    return bool(getattr(cfg, "use_qk_norm", False)) or getattr(cfg, "model_type", "") in ("qwen3", "qwen3_moe", "olmoe")
+
+
+def weight_copies(model: ModelShape, precision: str, checkpointing: bool) -> float:
+    """Bytes of the bfloat16 weight copies a bf16 training forward keeps for its backward: autocast
+    casts each float32 weight it multiplies by (and padd the experts'), and the backward needs the
+    copy, so every matmul weight's is kept (measured: exactly 2 B per such weight), on every GPU
+    whatever the sharding; under activation checkpointing only the recomputed layer's and the output
+    head's. None under fp32."""
+    if precision != "bf16":
+        return 0.0
+    if checkpointing:
+        return 2.0 * (model.largest_layer_matmul + model.head)
+    return 2.0 * model.matmul
 
 
 def training_state(
-    model: ModelShape, trained: int, parallel: str, gpus: int, offload: bool = False
+    model: ModelShape, trained: int, parallel: str, gpus: int, offloaded: bool = False, device: str = "cuda"
 ) -> dict[str, float]:
-    """Bytes per device of a float32 student's weights, gradients and AdamW state (`trained` parameters;
-    `offload`: the AdamW state in CPU memory instead)."""
+    """Bytes per device of a float32 student's weights, gradients and AdamW state (`trained`
+    parameters), each divided over the GPUs under FSDP2; `offloaded` (FSDP2's CPU offload): all three
+    in CPU memory, which on a CPU device is the same memory."""
     shards = gpus if parallel == "fsdp" else 1
     state = {
         "student weights": 4 * model.total / shards,
         "gradients": 4 * trained / shards,
-        "AdamW state": 0.0 if offload else 8 * trained / shards,
+        "AdamW state": 8 * trained / shards,
     }
+    if offloaded and device == "cuda":
+        state = dict.fromkeys(state, 0.0)
     if gpus > 1 and parallel == "ddp":
         state["DDP buckets"] = 4 * trained
     if gpus > 1 and parallel == "fsdp":
         state["FSDP2 gathers"] = 3 * 4 * model.largest_unit  # this, the prefetched one, its gradient
     return state
+
+
+def offloaded_bytes(model: ModelShape, trained: int, gpus: int) -> float:
+    """CPU memory of one process's offloaded shards: float32 weights, gradients and AdamW state."""
+    return (4 * model.total + 12 * trained) / gpus
 
 
 def kv_values_per_token(cfg, engine: str) -> int:
@@ -93,22 +123,28 @@ def vllm_memory(student: ModelShape, run: Run, hw: Hardware) -> dict[str, float]
     return {"vLLM engine": run.vllm_share * hw.memory_gib * GIB}
 
 
-# the phases of the memory table: loading the models, Stage I, the warm-up, and Phase B's rollout
-# batch (generate, the teacher's forward, the student's forwards, the backward, the optimizer step)
-MEMORY_PHASES = ("load", "stage1", "warmup", "generation", "teacher", "student", "backward", "step")
+# the phases of the memory table: loading the models, Stage I, the warm-up and its end, and Phase B's
+# rollout batch (generate, the teacher's forward, the student's forwards, the backward, the optimizer
+# step and the weights' sync to the rollout engine)
+MEMORY_PHASES = ("load", "stage1", "warmup", "warmup_end", "generation", "teacher", "student", "backward", "step")
 
 
 def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> dict[str, dict[str, float]]:
-    """Bytes per device of each phase (MEMORY_PHASES) at its peak, by component."""
-    gpus, b = hw.gpus, dtype_bytes(run.precision)
+    """Bytes per device of each phase (MEMORY_PHASES) at its peak, by component; Phase B's on a
+    trainer (a vLLM server's GPUs hold the server alone)."""
+    gpus, trainers, b = hw.gpus, run.trainers(hw.gpus), dtype_bytes(run.precision)
     vocab = student.config.vocab_size
     memory: dict[str, dict[str, float]] = {}
 
-    # padd train and padd warmup load the whole float32 student and the whole teacher onto every
-    # device, then shard them
-    shards = gpus if run.sharded_load else 1
-    teacher_bytes = max(dtype_bytes(run.precision), dtype_bytes(run.warmup_precision))
-    memory["load"] = {"student weights": 4 * student.total / shards, "teacher": teacher_bytes * teacher.total / shards}
+    # padd warmup and padd train load the student in float32 and the teacher in the run's precision:
+    # whole on every device, or under FSDP2 on 2+ processes each rank's shard of both (padd.models)
+    memory["load"] = max(
+        (
+            _load(teacher, student, run.warmup_parallel, run.warmup_precision, gpus, run.offloaded(gpus, True)),
+            _load(teacher, student, run.parallel, run.precision, trainers, run.offloaded(gpus)),
+        ),
+        key=lambda parts: sum(parts.values()),
+    )
 
     # Stage I on one device: padd seed holds both models while it measures; padd decompose frees
     # its statistics before it builds the student
@@ -126,27 +162,36 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
         stage1 |= built
     memory["stage1"] = stage1
 
-    # warm-up: every rank trains its batch_size windows per step (the experts, behind a frozen router)
-    # on KL(teacher || student) over whole windows, the teacher whole
+    # warm-up: every rank trains its batch_size windows per step (the experts, behind a frozen router),
+    # micro-batch by micro-batch, on KL(teacher || student) over whole windows
     wb = dtype_bytes(run.warmup_precision)
-    tokens = run.warmup_batch_size * run.warmup_seq_len
+    tokens = (run.warmup_micro_batch or run.warmup_batch_size) * run.warmup_seq_len
     saved, largest = saved_bytes_per_token(student.config, run.warmup_precision)
-    warm = training_state(student, student.experts, run.warmup_parallel, gpus, run.offload_optimizer)
-    warm["teacher"] = wb * teacher.total
-    warm["activations"] = tokens * _activations(saved, largest, student.config, run)
+    warm_offloaded = run.offloaded(gpus, warmup=True)
+    warm = training_state(student, student.experts, run.warmup_parallel, gpus, warm_offloaded, hw.device)
+    warm["teacher"] = _teacher_bytes(teacher, run.warmup_precision, run.warmup_parallel, gpus)
+    warm["activations"] = tokens * _activations(saved, largest, student.config, run.warmup_checkpointing)
+    warm["weight copies"] = weight_copies(student, run.warmup_precision, run.warmup_checkpointing)
     # both models' logits, the loss's masked copies of them, a float32 gradient, a chunk of the loss
     warm["logits"] = tokens * vocab * (4 * wb + 4) + 6 * KD_CHUNK_TOKENS * vocab * 4
-    if run.warmup_parallel == "fsdp" and gpus > 1 and not run.sharded_load:
-        # at the end the sharded student is gathered whole on every rank for the router start
-        warm["gathered student"] = 4 * student.total
     memory["warmup"] = warm
+    # at its end an FSDP2 warm-up frees the teacher and the optimizer and gathers the whole float32
+    # student onto rank 0, which moves it to its device for the router start and the save
+    # (padd.distributed.unsharded_copy); the experts' shards are still referenced there
+    end = {}
+    if run.warmup_parallel == "fsdp" and gpus > 1:
+        end["whole student"] = 4 * student.total
+        if not (warm_offloaded and hw.device == "cuda"):
+            end["student weights"] = 4 * student.experts / gpus
+    memory["warmup_end"] = end
 
     # Phase B: what stays resident through a rollout batch (gradients live until the next backward)
-    resident = training_state(student, student.total, run.parallel, gpus, run.offload_optimizer)
-    resident["teacher"] = _teacher_bytes(teacher, run.precision, run.parallel, gpus)
+    offloaded = run.offloaded(gpus)
+    resident = training_state(student, student.total, run.parallel, trainers, offloaded, hw.device)
+    resident["teacher"] = _teacher_bytes(teacher, run.precision, run.parallel, trainers)
     if run.rollout == "vllm":
         resident |= vllm_memory(student, run, hw)
-    seqs, mini = run.sequences_per_forward(gpus)  # per device: a rollout batch, one training forward
+    seqs, micro = run.sequences_per_forward(gpus)  # per trainer: a rollout batch, one training forward
     completion, length = run.completion_tokens + 1, run.sequence
 
     generation = dict(resident)
@@ -158,27 +203,29 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
     memory["generation"] = generation
 
     saved, largest = saved_bytes_per_token(student.config, run.precision)
-    activations = mini * length * _activations(saved, largest, student.config, run)
+    activations = micro * length * _activations(saved, largest, student.config, run.checkpointing)
+    copies = weight_copies(student, run.precision, run.checkpointing)
     # the update's logits [n, C + 1, V] and their float32 log-softmax (kept for the backward), with the
     # float32 copy of the logits that feeds it while it runs
-    cells = mini * completion * vocab  # entries of one forward's logits
+    cells = micro * completion * vocab  # entries of one forward's logits
     logits = cells * (b + 4)
     copy = cells * 4 * (2 if run.temperature not in (0, 1) else 1)
-    student_phase = dict(resident) | {"activations": activations, "logits": logits + copy}
-    if run.old_policy_forward:  # π_old: a no-grad forward of the whole rollout batch first
+    graph = {"activations": activations, "weight copies": copies}  # the training forward's, to its backward
+    student_phase = dict(resident) | graph | {"logits": logits + copy}
+    if run.old_policy_forward:  # π_old: no-grad forwards of the rollout batch, micro-batch by micro-batch
         old_seqs = min(seqs, run.micro_batch) if run.micro_batch else seqs
         old = old_seqs * completion * vocab * (b + 4 + 4) + old_seqs * length * _layer_working_bytes(student.config, b)
-        if old > activations + logits + copy:
-            student_phase = dict(resident) | {"activations": 0.0, "logits": old}
+        if old > activations + copies + logits + copy:
+            student_phase = dict(resident) | {"logits": old}
     memory["student"] = student_phase
 
-    teacher_phase = dict(resident) | {"activations": activations, "logits": logits}
+    teacher_phase = dict(resident) | graph | {"logits": logits}
     if run.kd:
         teacher_phase["teacher logits"] = cells * b
-        teacher_phase["teacher acts"] = mini * length * _layer_working_bytes(teacher.config, b)
+        teacher_phase["teacher acts"] = micro * length * _layer_working_bytes(teacher.config, b)
     memory["teacher"] = teacher_phase
 
-    backward = dict(resident) | {"activations": activations}
+    backward = dict(resident) | graph
     # the logits and their log-softmax, its two float32 gradients and the logits' gradient, and with KD
     # the teacher's logits and a chunk of the loss recomputed. The KD loss's masked copies of both
     # logits and its own gradient buffers are not all alive at once: counting them adds 30% to the
@@ -189,15 +236,40 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
         backward["logits"] += 6 * min(KD_CHUNK_TOKENS, cells / vocab) * vocab * 4
     memory["backward"] = backward
 
-    # the optimizer step, once the backward has freed its activations, then the weight sync to vLLM
+    # the optimizer step (on the CPU when offloaded), once the backward has freed its activations,
+    # then the weights' sync to the rollout engine
     step = dict(resident)
-    if not run.offload_optimizer:
-        step["AdamW temps"] = _optimizer_temporaries(student, run.parallel, gpus, hw.device)
-    if run.rollout == "vllm" and not run.sharded_load:
-        # checkpoint_weights gathers whole float32 weights (FSDP2) or splits the grouped experts
-        step["weights for vLLM"] = 4 * (student.total if run.parallel == "fsdp" and gpus > 1 else student.routed)
+    if not (offloaded and hw.device == "cuda"):
+        step["AdamW temps"] = _optimizer_temporaries(student, run.parallel, trainers, hw.device)
+    if run.rollout.startswith("vllm"):
+        # the sync to a colocated engine and the push to a server both take checkpoint_weights: the whole
+        # float32 weights gathered on every rank's device (FSDP2), or the grouped experts split
+        step["weights for vLLM"] = 4 * (student.total if run.parallel == "fsdp" and trainers > 1 else student.routed)
     memory["step"] = step
     return memory
+
+
+def _load(teacher: ModelShape, student: ModelShape, parallel: str, precision: str, gpus: int, offloaded: bool):
+    """Bytes per device while padd warmup or padd train loads its models: whole on every device, or
+    under FSDP2 on 2+ processes built sharded on the meta device, each rank reading its shards from
+    the safetensors files (the student's into CPU memory when `offloaded`) beside the tensor being
+    read (counted whole, in float32)."""
+    b = dtype_bytes(precision)
+    if parallel != "fsdp" or gpus < 2:
+        return {"student weights": 4 * student.total, "teacher": b * teacher.total}
+    return {
+        "student weights": 0.0 if offloaded else 4 * student.total / gpus,
+        "teacher": b * teacher.total / gpus,
+        "tensor read": 4 * max(student.largest_tensor, teacher.largest_tensor),
+    }
+
+
+def server_memory(student: ModelShape, run: Run, hw: Hardware) -> dict[str, float]:
+    """Bytes per GPU of a vLLM server (--rollout vllm-server): its share of each of its GPUs, the
+    student's weights split over them (tensor parallel) and the KV cache in the rest."""
+    weights = dtype_bytes(run.precision) * student.total / run.server_gpus
+    share = run.vllm_share * hw.memory_gib * GIB
+    return {"weights": weights, "KV cache and activations": max(share - weights, 0.0)}
 
 
 def _teacher_bytes(teacher: ModelShape, precision: str, parallel: str, gpus: int) -> float:
@@ -206,12 +278,12 @@ def _teacher_bytes(teacher: ModelShape, precision: str, parallel: str, gpus: int
     return dtype_bytes(precision) * teacher.total
 
 
-def _activations(saved: float, largest: float, cfg, run: Run) -> float:
-    """Bytes per token kept for the backward: every layer's, or under checkpointing each layer's
-    float32 input plus one layer recomputed."""
-    if not run.checkpointing:
+def _activations(saved: float, largest: float, cfg, checkpointing: bool) -> float:
+    """Bytes per token kept for the backward: every layer's, or under activation checkpointing each
+    layer's float32 input, the final norm's, and one layer recomputed."""
+    if not checkpointing:
         return saved
-    return 4 * cfg.hidden_size * cfg.num_hidden_layers + largest
+    return 4 * cfg.hidden_size * cfg.num_hidden_layers + 2 * cfg.hidden_size * 4 + largest
 
 
 def _layer_working_bytes(cfg, b: int) -> float:

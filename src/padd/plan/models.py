@@ -71,7 +71,10 @@ class ModelShape:
     total: every parameter; active: those one token runs through (K of the E routed experts);
     experts: the routed and shared expert weights (what the warm-up trains); routed: the routed
     experts' alone; largest_unit: the largest FSDP2 unit (one decoder layer, or the root's
-    embeddings and head); largest_tensor: the largest single weight.
+    embeddings and head); largest_tensor: the largest single weight; matmul: the weights a forward
+    multiplies by (every layer's and the output head's, not the input embedding's or the float32
+    routers'), which bf16 autocast casts; largest_layer_matmul: one decoder layer's, at most;
+    head: the output head's.
     """
 
     name: str
@@ -83,6 +86,9 @@ class ModelShape:
     routed: int
     largest_unit: int
     largest_tensor: int
+    matmul: int = 0
+    largest_layer_matmul: int = 0
+    head: int = 0
 
     @property
     def moe(self) -> bool:
@@ -91,19 +97,13 @@ class ModelShape:
     def flops_per_token(self, context: int) -> float:
         return flops.forward_flops_per_token(self.config, context)
 
-    def expert_share(self, context: int) -> float:
-        """Share of a token's forward FLOPs in the routed experts (0 for a dense model)."""
-        if not self.moe:
-            return 0.0
-        return flops.routed_expert_flops_per_token(self.config) / self.flops_per_token(context)
-
 
 def measure_model(config, name: str, source: str) -> ModelShape:
     """Count `config`'s parameters on a meta-device model (nothing allocated)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from padd.routing import moe_layer_indices
+    from padd.routing import moe_gates, moe_layer_indices
     from padd.stage1.warmup import expert_parameters
 
     with init_empty_weights():
@@ -120,7 +120,27 @@ def measure_model(config, name: str, source: str) -> ModelShape:
         )
     active = total - round(routed * (1 - active_share(config))) if moe else total
     largest_tensor = max(p.numel() for p in model.parameters())
-    return ModelShape(name, source, config, total, active, experts, routed, max(layers + [root]), largest_tensor)
+    # routers compute in float32 (padd.precision.routers_in_fp32): autocast casts none of theirs
+    routers = {id(p) for gate in (moe_gates(model) if moe else []) for p in gate.parameters()}
+    per_layer = [
+        sum(p.numel() for p in layer.parameters() if p.dim() >= 2 and id(p) not in routers)
+        for layer in model.model.layers
+    ]
+    head = model.get_output_embeddings().weight.numel()
+    return ModelShape(
+        name,
+        source,
+        config,
+        total,
+        active,
+        experts,
+        routed,
+        max(layers + [root]),
+        largest_tensor,
+        matmul=sum(per_layer) + head,
+        largest_layer_matmul=max(per_layer),
+        head=head,
+    )
 
 
 def is_moe(config) -> bool:

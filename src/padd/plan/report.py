@@ -3,7 +3,6 @@ tables and written as JSON."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from padd.config import PlanConfig
-from padd.plan.memory import MEMORY_PHASES, dtype_bytes, phase_memory
+from padd.plan.memory import MEMORY_PHASES, dtype_bytes, offloaded_bytes, phase_memory, server_memory
 from padd.plan.models import ModelShape
 from padd.plan.settings import GIB, Hardware, Run, resolve_plan
 from padd.plan.timing import phase_seconds, vllm_kv_tokens
@@ -22,6 +21,7 @@ TITLES = {
     "load": "load",
     "stage1": "Stage I",
     "warmup": "warm-up",
+    "warmup_end": "warm-up end",
     "generation": "generate",
     "teacher": "teacher",
     "student": "student",
@@ -30,10 +30,14 @@ TITLES = {
     "update": "update",
 }
 MEMORY_CAPTION = (
-    "load: the whole student (float32) and teacher on each device before sharding. Phase B per rollout "
-    "batch: generate, teacher (its forward, KD only), student (π_old and the update's forward), backward, "
-    "step (AdamW, then the weights to vLLM)"
+    "load: the student (float32) and teacher on each device, under FSDP2 each rank's shard. warm-up end: the "
+    "whole student on rank 0 (FSDP2). Phase B per rollout batch, on a trainer: generate, teacher "
+    "(its forward, KD only), student (π_old, Γ and the update's forward), backward, step (AdamW, then the "
+    "weights to vLLM)"
 )
+# the memory table's phases of each command, which its memory options change
+WARMUP_PHASES = ("warmup", "warmup_end")
+TRAIN_PHASES = ("generation", "teacher", "student", "backward", "step")
 
 
 @dataclass
@@ -72,9 +76,10 @@ def make_plan(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) 
     memory = phase_memory(teacher, student, run, hw)
     seconds, step_flops, notes = phase_seconds(teacher, student, run, hw)
     plan = Plan(teacher, student, run, hw, memory, seconds, step_flops, notes)
-    if run.rollout == "vllm" and hw.device == "cuda" and vllm_kv_tokens(student, run, hw) < run.vllm_length:
+    if run.rollout.startswith("vllm") and hw.device == "cuda" and vllm_kv_tokens(student, run, hw) < run.vllm_length:
+        where = f"{run.server_gpus} × " if run.rollout == "vllm-server" else ""
         plan.blocked = (
-            f"the vLLM share ({run.vllm_share:g} of {hw.memory_gib:g} GiB) cannot hold the student's "
+            f"the vLLM share ({run.vllm_share:g} of {where}{hw.memory_gib:g} GiB) cannot hold the student's "
             f"{dtype_bytes(run.precision) * student.total / GIB:.1f} GiB of weights and the KV cache of one "
             f"{run.vllm_length}-token sequence: the engine cannot start"
         )
@@ -86,82 +91,156 @@ GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128)
 
 
 def changes(plan: Plan) -> list[str]:
-    """What makes a plan that does not fit fit (empty when it fits): the first of padd's own settings
-    that does, on as few GPUs as it can (sharding, another vLLM share, smaller mini-batches, then
-    more GPUs), and what padd train does not offer yet (micro-batches, activation checkpointing,
-    AdamW state in CPU memory, sharded loading) where that needs fewer GPUs."""
+    """What makes a plan that does not fit fit (empty when it fits): the first of padd's settings
+    that does, in the order that changes the run least: --parallel fsdp; another vLLM share; the
+    memory options of padd warmup and padd train (the same update in less memory: of the sets of
+    --micro-batch-size, --activation-checkpointing and --offload that fit, the fastest); smaller
+    mini-batches (--updates-per-batch, another schedule); more GPUs."""
     if plan.fits:
         return []
-    own, own_gpus = _own_setting(plan)
-    later, later_gpus = _not_offered_yet(plan)
-    out = [own] if own else []
-    if later and (own is None or later_gpus < own_gpus):
-        out.append(f"{'or, ' if own else ''}with what padd train does not offer yet: {later}")
-    return out or ["nothing padd can change: more memory per GPU"]
+    change = _first_change(plan)
+    if change:
+        return [change]
+    return [f"nothing padd can change: {_what_never_fits(plan)}"]
 
 
 def _fits(plan: Plan, run: Run, hw: Hardware) -> bool:
     return make_plan(plan.teacher, plan.student, run, hw).fits
 
 
-def _own_setting(plan: Plan) -> tuple[str | None, int]:
-    """(the first padd setting that makes the plan fit, the GPUs it needs)."""
+def _first_change(plan: Plan) -> str | None:
     run, hw = plan.run, plan.hardware
     sharded = replace(run, parallel="fsdp", warmup_parallel="fsdp")
     ddp = [name for name, mode in (("train", run.parallel), ("warmup", run.warmup_parallel)) if mode == "ddp"]
     if hw.gpus > 1 and ddp and _fits(plan, sharded, hw):
         where = " and ".join(f"padd {name}" for name in ddp)
-        return f"--parallel fsdp for {where}: shard the weights, gradients and AdamW state over the GPUs", hw.gpus
-    if run.rollout == "vllm" and hw.device == "cuda":
-        # a larger share where the engine cannot start, else a smaller one
-        shares = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9) if plan.blocked else (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+        return f"--parallel fsdp for {where}: shard the weights, gradients and AdamW state over the GPUs"
+    if run.rollout.startswith("vllm") and hw.device == "cuda":
+        # a larger share where the engine cannot start, else a smaller one (beside the trainer)
+        shares = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95) if plan.blocked else (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
         for share in shares:
             if (share > run.vllm_share if plan.blocked else share < run.vllm_share) and _fits(
                 plan, replace(run, vllm_share=share), hw
             ):
-                return f"--vllm-gpu-memory {share}: a {'larger' if plan.blocked else 'smaller'} engine share", hw.gpus
-        if _fits(plan, replace(run, rollout="transformers", vllm_share=None), hw):
-            return "--rollout transformers: no engine beside the trainer (generate is slower)", hw.gpus
-    for updates in (2, 4, 8, 16):
-        if updates > run.updates_per_batch and _fits(plan, replace(run, updates_per_batch=updates), hw):
-            return (
-                f"--updates-per-batch {updates}: smaller mini-batches (more optimizer steps per rollout batch, "
-                "a change to the method's schedule)",
-                hw.gpus,
+                return f"--vllm-gpu-memory {share}: a {'larger' if plan.blocked else 'smaller'} engine share"
+        if run.rollout == "vllm" and _fits(plan, replace(run, rollout="transformers", vllm_share=None), hw):
+            return "--rollout transformers: no engine beside the trainer (generate is slower)"
+    for trial in (run, sharded) if ddp and hw.gpus > 1 else (run,):
+        found = _memory_options(plan, trial, hw)
+        if found:
+            sharding = (
+                f"--parallel fsdp for {' and '.join(f'padd {name}' for name in ddp)}; " if trial is sharded else ""
             )
-    for gpus in (g for g in GPU_COUNTS if g > hw.gpus and run.splits_over(g)):
-        if _fits(plan, sharded, replace(hw, gpus=gpus)):
-            return f"{gpus} GPUs, with --parallel fsdp", gpus
-    return None, 0
+            return f"{sharding}{found}: the same update in less memory"
+    for updates in (2, 4, 8, 16):
+        if updates <= run.updates_per_batch:
+            continue
+        trial = replace(run, updates_per_batch=updates)
+        found = "" if _fits(plan, trial, hw) else _memory_options(plan, trial, hw)
+        if found is not None:
+            return (
+                f"--updates-per-batch {updates}{' with ' + found if found else ''}: smaller mini-batches (more "
+                "optimizer steps per rollout batch, a change to the method's schedule)"
+            )
+    for gpus in (g for g in GPU_COUNTS if g > hw.gpus and sharded.splits_over(g)):
+        more = replace(hw, gpus=gpus)
+        found = "" if _fits(plan, sharded, more) else _memory_options(plan, sharded, more)
+        if found is not None:
+            return f"{gpus} GPUs, with --parallel fsdp{' and ' + found if found else ''}"
+    return None
 
 
-def _not_offered_yet(plan: Plan) -> tuple[str | None, int]:
-    """(the fewest of the features padd train does not offer yet that make the plan fit, on the fewest
-    GPUs; the GPUs it needs). The features: gradient accumulation over micro-batches (the π_old
-    forward in micro-batches too), activation checkpointing, AdamW state in CPU memory, and loading
-    and gathering weights through CPU memory (each GPU holds its shard only)."""
+def _memory_options(plan: Plan, run: Run, hw: Hardware) -> str | None:
+    """The memory options of padd warmup and padd train that make `run` fit on `hw`, as their flags
+    (each command's fastest set among those that fit its phases, a command whose phases fit already
+    left as it is); None when no set does."""
+    chosen, said = run, []
+    for command, phases in (("warmup", WARMUP_PHASES), ("train", TRAIN_PHASES)):
+        if _phases_fit(make_plan(plan.teacher, plan.student, chosen, hw), phases):
+            continue
+        best = None
+        for trial, flags in _option_sets(chosen, hw, command):
+            trial_plan = make_plan(plan.teacher, plan.student, trial, hw)
+            if not _phases_fit(trial_plan, phases):
+                continue
+            seconds = sum(v for k, v in trial_plan.seconds.items() if (k == "warmup") == (command == "warmup"))
+            key = (0.0 if math.isnan(seconds) else seconds, len(flags))
+            if best is None or key < best[0]:
+                best = (key, trial, flags)
+        if best is None:
+            return None
+        chosen = best[1]
+        said.append(f"padd {command} {' '.join(best[2])}")
+    if chosen == run or not _fits(plan, chosen, hw):
+        return None
+    return "; ".join(said)
+
+
+def _phases_fit(plan: Plan, phases: tuple[str, ...]) -> bool:
+    if plan.blocked is not None and phases == TRAIN_PHASES:
+        return False
+    return all(plan.peaks[p] <= plan.hardware.usable_gib * GIB for p in phases)
+
+
+def _option_sets(run: Run, hw: Hardware, command: str):
+    """Every set of a command's memory options padd accepts for `run`: (the run with them, their flags).
+    Micro-batches divide the command's batch per rank; offload is FSDP2's, on 2+ processes."""
+    if command == "warmup":
+        batch, parallel, processes = run.warmup_batch_size, run.warmup_parallel, hw.gpus
+    else:
+        per_rank = run.prompts_per_step // run.trainers(hw.gpus) * run.group_size
+        batch, parallel, processes = per_rank // run.updates_per_batch, run.parallel, run.trainers(hw.gpus)
+        if per_rank % run.updates_per_batch:
+            return
+    offloads = (False, True) if parallel == "fsdp" and processes > 1 else (False,)
+    for micro in (d for d in range(batch, 0, -1) if batch % d == 0):
+        for checkpointing in (False, True):
+            for offload in offloads:
+                flags = [f"--micro-batch-size {micro}"] if micro < batch else []
+                flags += ["--activation-checkpointing"] if checkpointing else []
+                flags += ["--offload"] if offload else []
+                if command == "warmup":
+                    options = dict(
+                        warmup_micro_batch=micro if micro < batch else None,
+                        warmup_checkpointing=checkpointing,
+                        warmup_offload=offload,
+                    )
+                else:
+                    options = dict(
+                        micro_batch=micro if micro < batch else None, checkpointing=checkpointing, offload=offload
+                    )
+                yield replace(run, **options), flags
+
+
+def _what_never_fits(plan: Plan) -> str:
+    """Which phases exceed the memory with every memory option on, on these GPUs."""
     run, hw = plan.run, plan.hardware
-    names = {
-        "checkpointing": "activation checkpointing",
-        "offload_optimizer": "AdamW state in CPU memory",
-        "sharded_load": "loading and gathering weights through CPU memory",
-    }
-    subsets = sorted(itertools.product((False, True), repeat=len(names)), key=sum)
-    for gpus in [hw.gpus, *(g for g in GPU_COUNTS if g > hw.gpus and run.splits_over(g))]:
-        on = "" if gpus == hw.gpus else f"{gpus} GPUs with --parallel fsdp, "
-        trial = run if gpus == hw.gpus else replace(run, parallel="fsdp", warmup_parallel="fsdp")
-        mini = trial.sequences_per_forward(gpus)[1]
-        for subset in subsets:
-            features = dict(zip(names, subset, strict=True))
-            for micro in [mini, *(m for m in (16, 8, 4, 2, 1) if m < mini)]:
-                if not _fits(plan, replace(trial, micro_batch=micro, **features), replace(hw, gpus=gpus)):
-                    continue
-                parts = [f"gradient accumulation over micro-batches of {micro}"] if micro < mini else []
-                parts += [names[k] for k, on_ in features.items() if on_]
-                if not parts:  # more GPUs alone: one of padd's own settings, found there
-                    continue
-                return on + ", ".join(parts), gpus
-    return None, 0
+    fsdp = hw.gpus > 1
+    trial = replace(
+        run,
+        parallel="fsdp" if fsdp else run.parallel,
+        warmup_parallel="fsdp" if fsdp else run.warmup_parallel,
+        micro_batch=1,
+        warmup_micro_batch=1,
+        checkpointing=True,
+        warmup_checkpointing=True,
+        offload=fsdp,
+        warmup_offload=fsdp,
+    )
+    least = make_plan(plan.teacher, plan.student, trial, hw)
+    over = [p for p in MEMORY_PHASES if least.peaks[p] > hw.usable_gib * GIB]
+    if not over:
+        return "more memory per GPU"
+    worst = max(over, key=lambda p: least.peaks[p])
+    names = [TITLES[p] for p in over]
+    phases = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    parts = least.memory[worst]
+    largest = max(parts, key=parts.get)
+    return (
+        f"with every memory option on, the {phases} still need{'s' if len(names) == 1 else ''} "
+        f"{'up to ' if len(names) > 1 else ''}{(least.peaks[worst] + hw.reserve_gib * GIB) / GIB:.1f} GiB per "
+        f"device ({TITLES[worst]}'s largest part: {largest}, {parts[largest] / GIB:.1f} GiB)"
+    )
 
 
 def mfu_for_gpu_hours(plan: Plan, target: float) -> float | None:
@@ -214,16 +293,31 @@ def print_plan(plan: Plan, suggested: list[str], console: Console, target_gpu_ho
     memory.add_column("component")
     for phase in MEMORY_PHASES:
         memory.add_column(TITLES[phase], justify="right")
-    components = list(dict.fromkeys(c for parts in plan.memory.values() for c in parts))
+    # components every phase holds none of (the GPU's share of offloaded state) are left out
+    components = list(dict.fromkeys(c for parts in plan.memory.values() for c, v in parts.items() if v))
     for name in components:
         memory.add_row(name, *(_amount(plan.memory[p].get(name, 0.0), scale) for p in MEMORY_PHASES))
     reserve = hw.reserve_gib * GIB
     memory.add_row("reserve" if hw.device == "cuda" else "runtime", *([_amount(reserve, scale)] * len(MEMORY_PHASES)))
     peaks = [_amount(plan.peaks[p] + reserve, scale) for p in MEMORY_PHASES]
     memory.add_row("[bold]peak[/bold]", *(f"[bold]{peak}[/bold]" for peak in peaks))
-    ckpt = make_plan(plan.teacher, plan.student, replace(run, checkpointing=True), hw)
-    memory.add_row("with checkpointing", *(_amount(ckpt.peaks[p] + reserve, scale) for p in MEMORY_PHASES))
     console.print(memory)
+    if run.rollout == "vllm-server":
+        server = server_memory(plan.student, run, hw)
+        console.print(
+            f"vLLM server on {run.server_gpus} of the {hw.gpus} GPUs ({run.vllm_share:g} of each): "
+            f"{server['weights'] / GIB:.1f} GiB of the student's weights per GPU, "
+            f"{vllm_kv_tokens(plan.student, run, hw):,.0f} tokens of KV cache; the trainers on the other "
+            f"{run.trainers(hw.gpus)}"
+        )
+    for command, warmup in (("padd warmup", True), ("padd train", False)):
+        processes = hw.gpus if warmup else run.trainers(hw.gpus)
+        if run.offloaded(hw.gpus, warmup=warmup) and hw.device == "cuda":
+            per = offloaded_bytes(plan.student, plan.student.experts if warmup else plan.student.total, processes)
+            console.print(
+                f"{command} --offload: {per / GIB:.1f} GiB of shards per process in CPU memory, "
+                f"{per * processes / GIB:.0f} GiB over its {processes}"
+            )
 
     time = Table(title=f"Time at MFU {hw.mfu:g}" + (f" of {hw.tflops:g} TFLOP/s" if hw.tflops else ""))
     for col in ("phase", "FLOP / batch", "per batch", "whole run", "share"):
@@ -280,8 +374,17 @@ def _amount(value: float, scale: float) -> str:
 
 
 def plan_json(plan: Plan, suggested: list[str]) -> dict:
-    """The plan as JSON: models, settings, hardware, memory (GiB), the settings to change
-    (`changes(plan)`) and seconds per phase."""
+    """The plan as JSON: models, settings, hardware, memory (GiB), a vLLM server's GPUs, the settings
+    to change (`changes(plan)`) and seconds per phase."""
+    run, hw = plan.run, plan.hardware
+    server = None
+    if run.rollout == "vllm-server":
+        parts = server_memory(plan.student, run, hw)
+        server = {
+            "gpus": run.server_gpus,
+            "memory_gib": {k: v / GIB for k, v in parts.items()},
+            "kv_tokens": vllm_kv_tokens(plan.student, run, hw),
+        }
     return {
         "teacher": {"source": plan.teacher.source, "total": plan.teacher.total, "active": plan.teacher.active},
         "student": {"source": plan.student.source, "total": plan.student.total, "active": plan.student.active},
@@ -289,6 +392,7 @@ def plan_json(plan: Plan, suggested: list[str]) -> dict:
         "hardware": asdict(plan.hardware),
         "memory_gib": {p: {k: v / GIB for k, v in parts.items()} for p, parts in plan.memory.items()},
         "peak_gib": {p: v / GIB + plan.hardware.reserve_gib for p, v in plan.peaks.items()},
+        "vllm_server": server,
         "fits": plan.fits,
         "changes": suggested,
         "seconds": plan.seconds,

@@ -11,24 +11,42 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from padd.config import CKA_TOKENS, DecomposeConfig, PlanConfig, SeedConfig, TrainConfig, WarmupConfig
+from padd.config import CKA_TOKENS, DecomposeConfig, MemoryOptions, PlanConfig, SeedConfig, TrainConfig, WarmupConfig
 from padd.plan.models import ModelShape, PlanError, decomposed_student, is_moe, load_model_config, measure_model
 
 GIB = 2**30
-# H100 SXM (dense, without sparsity): bf16 and plain float32 (padd's fp32 runs do not use TF32)
-H100 = {"memory_gib": 80.0, "tflops": {"bf16": 989.0, "fp32": 67.0}, "bandwidth_tbs": 3.35, "link_gbs": 450.0}
+# H100 SXM (dense, without sparsity): bf16 and plain float32 (padd's fp32 runs do not use TF32); its
+# PCIe 5.0 x16 link to the host; a DGX H100's CPU memory bandwidth (2 sockets × 8 channels of
+# DDR5-4800: 614 GB/s) shared by its 8 GPUs' processes
+H100 = {
+    "memory_gib": 80.0,
+    "tflops": {"bf16": 989.0, "fp32": 67.0},
+    "bandwidth_tbs": 3.35,
+    "link_gbs": 450.0,
+    "host_link_gbs": 64.0,
+    "host_gbs": 614.0 / 8,
+}
+# a weights file written and read on one machine (padd's safetensors push to a vLLM server): a local
+# NVMe drive's sequential rate, about that of a single-threaded write through the page cache
+FILE_GBS = 5.0
 GPU_RESERVE_GIB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation
+# padd train's rollout engines; vllm-server (a vLLM server on GPUs of its own, the trainer pushing its
+# weights after each rollout batch's updates) is planned here before padd train's TrainConfig takes it
+ROLLOUTS = ("transformers", "vllm", "vllm-server")
+SERVER_SHARE = 0.9  # a vLLM server's share of its own GPUs: vLLM's default gpu_memory_utilization
 
 
 @dataclass(frozen=True)
 class Hardware:
     device: str  # cuda or cpu
-    gpus: int
+    gpus: int  # every GPU of the run: the trainers and a vLLM server's
     memory_gib: float  # per device
     tflops: float | None  # peak dense TFLOP/s at the run's precision
-    tflops_fp32: float | None  # peak float32 TFLOP/s: the student's experts under bf16 (padd.plan.timing)
     bandwidth_tbs: float | None  # memory bandwidth per device
-    link_gbs: float  # interconnect per GPU (FSDP2 gathers)
+    link_gbs: float  # interconnect per GPU (FSDP2's gathers)
+    host_link_gbs: float  # GPU-to-CPU link per GPU (--offload's copies)
+    host_gbs: float  # CPU memory bandwidth per GPU (--offload's AdamW step on the CPU)
+    file_gbs: float  # a weights file's write and read (the push to a vLLM server)
     mfu: float
     reserve_gib: float
 
@@ -70,28 +88,61 @@ class Run:
     vllm_share: float | None
     vllm_length: int | None  # the engine's longest sequence (padd.generation.vllm.engine_length)
     old_policy_forward: bool  # a π_old forward before the updates (M > 1, or a noisy training forward)
+    # III's damping divides Γ by its running mean (padd's shift_norm running-mean, λ > 0): with more
+    # than one micro-batch per mini-batch, a no-grad training forward of each measures Γ first
+    gamma_running_mean: bool = False
     stage1_bytes: tuple[int, int] = (4, 4)  # bytes per weight of Stage I's teacher and student
-    # what-ifs padd train does not offer yet, for `report.changes`: activation checkpointing, and
-    # gradient accumulation over micro-batches of this many sequences (None: the whole mini-batch)
-    checkpointing: bool = False
+    # padd.config.MemoryOptions of padd train (Phase B) and of padd warmup: sequences (windows) per
+    # forward/backward (None: the whole mini-batch), activation checkpointing, FSDP2's CPU offload
     micro_batch: int | None = None
-    offload_optimizer: bool = False  # AdamW's moments and step in CPU memory (FSDP2's CPUOffloadPolicy)
-    sharded_load: bool = False  # each rank loads and gathers its shard only, whole weights via CPU memory
+    checkpointing: bool = False
+    offload: bool = False
+    warmup_micro_batch: int | None = None
+    warmup_checkpointing: bool = False
+    warmup_offload: bool = False
+    server_gpus: int = 0  # --rollout vllm-server: the server's GPUs, of the run's
 
     @property
     def sequence(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def trainers(self, gpus: int) -> int:
+        """Processes of padd train: every GPU but a vLLM server's."""
+        return gpus - self.server_gpus
+
     def sequences_per_forward(self, gpus: int) -> tuple[float, int]:
-        """(sequences of a rollout batch per device, sequences of one training forward): the mini-batch,
-        or the what-if micro-batch."""
-        seqs = self.prompts_per_step * self.group_size / gpus
+        """(sequences of a rollout batch per trainer, sequences of one training forward: the
+        mini-batch, or the micro-batch)."""
+        seqs = self.prompts_per_step * self.group_size / self.trainers(gpus)
         mini = math.ceil(seqs / self.updates_per_batch)
         return seqs, min(mini, self.micro_batch or mini)
 
+    def forwards(self, gpus: int) -> dict[str, int]:
+        """Forwards per rollout batch and trainer: `train`, the student's forward/backward passes
+        (every mini-batch's micro-batches); `old`, its no-grad π_old forwards (in micro-batches too);
+        `gamma`, its no-grad forwards that measure Γ before the first micro-batch's loss; `teacher`,
+        the teacher's (KD only)."""
+        seqs, micro = self.sequences_per_forward(gpus)
+        per_update = math.ceil(math.ceil(seqs / self.updates_per_batch) / micro)
+        train = self.updates_per_batch * per_update
+        return {
+            "train": train,
+            "old": math.ceil(seqs / (self.micro_batch or seqs)) if self.old_policy_forward else 0,
+            "gamma": train if self.gamma_running_mean and per_update > 1 else 0,
+            "teacher": train if self.kd else 0,
+        }
+
+    def offloaded(self, gpus: int, warmup: bool = False) -> bool:
+        """Whether FSDP2's CPU offload acts: asked for, under FSDP2, on 2+ processes (in one process
+        padd shards nothing, so --offload changes nothing there)."""
+        if warmup:
+            return self.warmup_offload and self.warmup_parallel == "fsdp" and gpus > 1
+        return self.offload and self.parallel == "fsdp" and self.trainers(gpus) > 1
+
     def splits_over(self, gpus: int) -> bool:
-        """Whether padd train runs on `gpus` processes: every rank holds whole groups."""
-        return self.prompts_per_step % gpus == 0
+        """Whether padd train runs on `gpus` GPUs (a server's apart): every rank holds whole groups."""
+        trainers = self.trainers(gpus)
+        return trainers > 0 and self.prompts_per_step % trainers == 0
 
 
 def runtime_footprint_gib(*configs) -> float:
@@ -146,11 +197,23 @@ def hardware_of(cfg: PlanConfig, precision: str, *configs) -> Hardware:
     tflops = cfg.gpu_tflops if cfg.gpu_tflops is not None else (H100["tflops"][precision] if gpu else None)
     bandwidth = cfg.bandwidth if cfg.bandwidth is not None else (H100["bandwidth_tbs"] if gpu else None)
     reserve = cfg.reserve if cfg.reserve is not None else (GPU_RESERVE_GIB if gpu else runtime_footprint_gib(*configs))
-    fp32 = cfg.gpu_tflops_fp32 if cfg.gpu_tflops_fp32 is not None else (H100["tflops"]["fp32"] if gpu else None)
-    if precision == "fp32" and cfg.gpu_tflops is not None:
-        fp32 = cfg.gpu_tflops
-    link = cfg.link_bandwidth if cfg.link_bandwidth is not None else H100["link_gbs"]
-    return Hardware(cfg.device, cfg.gpus, memory, tflops, fp32, bandwidth, link, cfg.mfu, reserve)
+    return Hardware(
+        device=cfg.device,
+        gpus=cfg.gpus,
+        memory_gib=memory,
+        tflops=tflops,
+        bandwidth_tbs=bandwidth,
+        link_gbs=_given(cfg.link_bandwidth, H100["link_gbs"]),
+        host_link_gbs=_given(cfg.host_link_bandwidth, H100["host_link_gbs"]),
+        host_gbs=_given(cfg.host_bandwidth, H100["host_gbs"]),
+        file_gbs=_given(cfg.file_bandwidth, FILE_GBS),
+        mfu=cfg.mfu,
+        reserve_gib=reserve,
+    )
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def _pick(flag, section: dict, key: str, default):
@@ -222,17 +285,34 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
     precision = _pick(cfg.precision, train, "precision", _default(TrainConfig, "precision"))
     parallel = _pick(cfg.parallel, train, "parallel", _default(TrainConfig, "parallel"))
     rollout = _pick(cfg.rollout, train, "rollout", _default(TrainConfig, "rollout"))
+    if rollout not in ROLLOUTS:
+        raise PlanError(f"rollout {rollout!r}: one of {', '.join(ROLLOUTS)}")
     share = _pick(cfg.vllm_gpu_memory, train, "vllm_gpu_memory", None)
     budget = _pick(cfg.max_new_tokens, train, "max_new_tokens", _default(TrainConfig, "max_new_tokens"))
-    if cfg.vllm_gpu_memory is not None and rollout != "vllm":
-        raise PlanError("--vllm-gpu-memory only acts with --rollout vllm")
+    if cfg.vllm_gpu_memory is not None and not rollout.startswith("vllm"):
+        raise PlanError("--vllm-gpu-memory only acts with --rollout vllm or vllm-server")
+    server_gpus = 0
+    if rollout == "vllm-server":
+        if cfg.server_gpus is None:
+            raise PlanError("--rollout vllm-server: give --server-gpus N, the GPUs of the server (of --gpus)")
+        if not 0 < cfg.server_gpus < cfg.gpus:
+            raise PlanError(
+                f"--server-gpus {cfg.server_gpus}: the server takes some of the --gpus {cfg.gpus} and leaves the "
+                "trainers at least one; give 1 to --gpus - 1"
+            )
+        if cfg.device != "cuda":
+            raise PlanError("--rollout vllm-server plans a server on GPUs of its own: give --device cuda")
+        server_gpus = cfg.server_gpus
+    elif cfg.server_gpus is not None:
+        raise PlanError("--server-gpus only acts with --rollout vllm-server")
     vllm_length = None
-    if rollout != "vllm":
+    if not rollout.startswith("vllm"):
         share = None  # a study's engine settings, for a plan of its transformers rollouts
     else:
         from padd.generation.vllm import GPU_SHARE, engine_length
 
-        share = GPU_SHARE if share is None and cfg.device == "cuda" else share
+        if share is None and cfg.device == "cuda":
+            share = SERVER_SHARE if rollout == "vllm-server" else GPU_SHARE
         context = getattr(student.config, "max_position_embeddings", None)
         vllm_length = train.get("vllm_max_model_len") or engine_length(context, budget)
     updates = _pick(cfg.updates_per_batch, train, "updates_per_batch", _default(TrainConfig, "updates_per_batch"))
@@ -248,6 +328,7 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
     dtype = {"float32": 4, "bfloat16": 2, "float16": 2}.get(section.get("dtype", "auto"))
     teacher_bytes = dtype or _checkpoint_bytes(teacher.config)
     stage1_bytes = (teacher_bytes, dtype or (_checkpoint_bytes(student.config) if stage1 == "seed" else teacher_bytes))
+    lam = _method_option(study, method, "lam")
     run = Run(
         stage1=stage1,
         stage1_bytes=stage1_bytes,
@@ -273,7 +354,7 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
         prompt_tokens=cfg.prompt_tokens,
         completion_tokens=completion,
         method=method,
-        kd=METHODS[method].kd is not None and _method_kd_coef(study, method) != 0,
+        kd=METHODS[method].kd is not None and _method_option(study, method, "kd_coef") != 0,
         temperature=_pick(cfg.temperature, train, "temperature", _default(TrainConfig, "temperature")),
         precision=precision,
         parallel=parallel,
@@ -281,13 +362,49 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
         vllm_share=share,
         vllm_length=vllm_length,
         old_policy_forward=updates > 1 or noisy_in_training(student.config),
+        gamma_running_mean=METHODS[method].policy is not None
+        and bool(lam)
+        and _method_option(study, method, "shift_norm") == "running-mean",
+        micro_batch=_pick(cfg.micro_batch_size, train, "micro_batch_size", None),
+        checkpointing=bool(_pick(cfg.activation_checkpointing, train, "activation_checkpointing", False)),
+        offload=bool(_pick(cfg.offload, train, "offload", False)),
+        warmup_micro_batch=_pick(cfg.warmup_micro_batch_size, warm, "micro_batch_size", None),
+        warmup_checkpointing=bool(_pick(cfg.activation_checkpointing, warm, "activation_checkpointing", False)),
+        warmup_offload=bool(_pick(cfg.offload, warm, "offload", False)),
+        server_gpus=server_gpus,
     )
     if not run.splits_over(cfg.gpus):
+        where = f"the {run.trainers(cfg.gpus)} trainer GPUs" if server_gpus else f"{cfg.gpus} GPUs"
         raise PlanError(
-            f"--prompts-per-step {run.prompts_per_step} does not split over {cfg.gpus} GPUs: padd train gives every "
+            f"--prompts-per-step {run.prompts_per_step} does not split over {where}: padd train gives every "
             "rank whole groups; give a multiple of the GPUs"
         )
+    check_memory_options(run, cfg.gpus)
     return teacher, student, run, hardware_of(cfg, precision, teacher.config, student.config)
+
+
+def check_memory_options(run: Run, gpus: int) -> None:
+    """Refuse, as padd warmup and padd train do before any model loads, the memory options they
+    would refuse: padd.config.MemoryOptions.check_memory_options on each command's batch per rank and
+    processes, and Phase B's mini-batches of equal size."""
+    trainers = run.trainers(gpus)
+    per_rank = run.prompts_per_step // trainers * run.group_size
+    if run.micro_batch is not None and per_rank % run.updates_per_batch:
+        # padd.phase_b.loop.Trainer's own words
+        raise PlanError(
+            f"--micro-batch-size cuts mini-batches of equal size: each rank's {per_rank} completions "
+            f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
+            f"{run.updates_per_batch}; change one of them"
+        )
+    mini = per_rank // run.updates_per_batch
+    commands = (
+        (run.micro_batch, run.offload, run.parallel, mini, "each rank's mini-batch of completions", trainers),
+        (run.warmup_micro_batch, run.warmup_offload, run.warmup_parallel, run.warmup_batch_size, "--batch-size", gpus),
+    )
+    for micro, offload, parallel, batch, what, processes in commands:
+        options = MemoryOptions(micro_batch_size=micro, offload=offload)
+        options.parallel = parallel  # what check_memory_options reads of the command's own config
+        options.check_memory_options(batch, what, processes)
 
 
 def _checkpoint_bytes(config) -> int:
@@ -296,8 +413,10 @@ def _checkpoint_bytes(config) -> int:
     return 2 if ("bfloat16" in dtype or "float16" in dtype) else 4
 
 
-def _method_kd_coef(study, method: str) -> float | None:
+def _method_option(study, method: str, name: str):
+    """A method option as the study's rows train it: the study's methods: section, else the method's
+    default (None where the method reads no such option)."""
     from padd.methods import METHODS
 
     options = (study.methods.get(method) or {}) if study else {}
-    return options.get("kd_coef", dict(METHODS[method].options).get("kd_coef"))
+    return options.get(name, dict(METHODS[method].options).get(name))

@@ -1,5 +1,5 @@
 """Seconds of each phase of a study: FLOPs at the MFU where compute bounds it, bytes over the memory
-bandwidth (or the interconnect) where they do."""
+bandwidth, the interconnect or the GPU-to-CPU link where they do."""
 
 from __future__ import annotations
 
@@ -13,33 +13,18 @@ from padd.plan.settings import GIB, Hardware, Run
 # per decode step and layer, the Python and kernel-launch time of transformers' generate (no CUDA graphs)
 GENERATE_LAYER_OVERHEAD_S = 2e-4
 OPTIMIZER_BYTES = 28  # AdamW per parameter: read weight, grad, two moments; write weight, two moments
+ACCUMULATE_BYTES = 12  # an offloaded gradient accumulated on the CPU: read it and the new one, write the sum
 
 
 def phase_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> tuple[dict, dict, list]:
     """(wall seconds of each phase over the whole run, FLOPs of each Phase B phase per rollout batch
-    over all GPUs, notes on what bounds them)."""
+    over all trainers, notes on what bounds them)."""
     notes: list[str] = []
     compute = hw.tflops * 1e12 * hw.mfu if hw.tflops else None
     bandwidth = hw.bandwidth_tbs * 1e12 if hw.bandwidth_tbs else None
-    # padd keeps the student's weights in float32 and transformers' grouped expert matmuls run in the
-    # weights' dtype (outside autocast): under bf16 the experts still compute at the float32 rate
-    expert_compute = compute
-    if run.precision == "bf16" and compute and student.moe:
-        expert_compute = hw.tflops_fp32 * 1e12 * hw.mfu if hw.tflops_fp32 else compute
-        if expert_compute < compute:
-            notes.append(
-                f"under bf16 the student's experts run in float32 ({hw.tflops_fp32:g} TFLOP/s peak): "
-                f"{student.expert_share(run.sequence):.0%} of its FLOPs"
-            )
 
     def at_mfu(work: float) -> float:
         return work / compute if compute else math.nan
-
-    def student_at_mfu(work: float, context: int) -> float:
-        if not compute:
-            return math.nan
-        share = student.expert_share(context)
-        return work * (1 - share) / compute + work * share / expert_compute
 
     seconds: dict[str, float] = {}
     # Stage I: the teacher over the sampled tokens (padd seed: both models, before and after, and the
@@ -52,72 +37,168 @@ def phase_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwa
     d_ff = teacher.config.intermediate_size
     kmeans = teacher.config.num_hidden_layers * run.kmeans_iters * 2 * 2 * d_ff * run.experts * (run.proj_dim or 1)
     seconds["stage1"] = at_mfu(work + kmeans)
+    seconds["warmup"] = _warmup_seconds(teacher, student, run, hw, at_mfu, bandwidth)
 
-    # warm-up: teacher forward, student forward and backward (and the recomputed forward under
-    # checkpointing) over every token, on all GPUs; an AdamW step on the experts per batch of windows
-    length = run.warmup_seq_len
-    tokens = run.warmup_tokens * run.warmup_epochs / hw.gpus
-    student_passes = 3 + (1 if run.checkpointing else 0)
-    optimizer_steps = tokens / (run.warmup_batch_size * length)  # each rank steps on its own batch_size windows
-    optimizer = OPTIMIZER_BYTES * student.experts / (hw.gpus if run.warmup_parallel == "fsdp" else 1)
-    seconds["warmup"] = (
-        at_mfu(teacher.flops_per_token(length) * tokens)
-        + student_at_mfu(student_passes * student.flops_per_token(length) * tokens, length)
-        + (optimizer_steps * optimizer / bandwidth if bandwidth else 0.0)
-    )
-
-    # Phase B, per rollout batch and device
-    seqs = run.prompts_per_step * run.group_size / hw.gpus
+    # Phase B, per rollout batch and trainer
+    trainers = run.trainers(hw.gpus)
+    seqs = run.prompts_per_step * run.group_size / trainers
     length, completion = run.sequence, run.completion_tokens
-    s_fwd = student.flops_per_token(length) * seqs * length
+    forwards = run.forwards(hw.gpus)
+    s_fwd = student.flops_per_token(length) * seqs * length  # one forward over the trainer's sequences
+    # π_old's and Γ's no-grad forwards and the training forward; the backward (twice a forward) and
+    # under activation checkpointing the forward it recomputes
+    student_passes = 1 + (forwards["old"] > 0) + (forwards["gamma"] > 0)
+    update_passes = 2 + run.checkpointing
+    sequences = run.prompts_per_step * run.group_size
     step_flops = {
-        "generation": (
-            student.flops_per_token(run.prompt_tokens) * seqs * run.prompt_tokens
-            + student.flops_per_token(run.prompt_tokens + completion // 2) * seqs * completion
-        )
-        * hw.gpus,
-        "teacher": (teacher.flops_per_token(length) * seqs * length if run.kd else 0.0) * hw.gpus,
-        "student": s_fwd * ((2 if run.old_policy_forward else 1) + (1 if run.checkpointing else 0)) * hw.gpus,
-        "update": 2 * s_fwd * hw.gpus,
+        "generation": student.flops_per_token(run.prompt_tokens) * sequences * run.prompt_tokens
+        + student.flops_per_token(run.prompt_tokens + completion // 2) * sequences * completion,
+        "teacher": (teacher.flops_per_token(length) * seqs * length if run.kd else 0.0) * trainers,
+        "student": s_fwd * student_passes * trainers,
+        "update": s_fwd * update_passes * trainers,
     }
-    per_step = {
-        "teacher": at_mfu(step_flops["teacher"] / hw.gpus),
-        "student": student_at_mfu(step_flops["student"] / hw.gpus, length),
-        "update": student_at_mfu(step_flops["update"] / hw.gpus, length),
-        "generation": _generation_seconds(student, run, hw, compute, expert_compute, bandwidth, notes),
+    per_step = {phase: at_mfu(step_flops[phase] / trainers) for phase in ("teacher", "student", "update")}
+
+    # what moves, per trainer, overlapped with the compute: FSDP2's gathers of every layer for each
+    # forward and again for each backward, and the gradients' reduce-scatter (the teacher's weights
+    # gathered for its forwards); with --offload each rank's shards copied to the GPU for each
+    # forward and backward and its gradients back; DDP's all-reduce once per optimizer step
+    sharded = run.parallel == "fsdp" and trainers > 1
+    offloaded = run.offloaded(hw.gpus)
+    link, host_link = hw.link_gbs * 1e9, hw.host_link_gbs * 1e9
+    gather = 4 * student.total * (trainers - 1) / trainers / link if sharded else 0.0
+    copy = 4 * student.total / trainers / host_link if offloaded else 0.0
+    accumulated = forwards["train"] - run.updates_per_batch  # micro-batches whose gradients add to others'
+    moved = {
+        "student": (forwards["old"] + forwards["gamma"] + forwards["train"]) * (gather + copy),
+        # each backward's gathers and reduce-scatter, its shards' copy in, the first micro-batch's
+        # gradients' copy out (the others' are synchronous: below)
+        "update": forwards["train"] * (2 * gather + copy) + run.updates_per_batch * copy,
+        "teacher": 0.0,
     }
-    if bandwidth:
-        shards = hw.gpus if run.parallel == "fsdp" else 1
+    if sharded and run.kd:
+        teacher_gather = dtype_bytes(run.precision) * teacher.total * (trainers - 1) / trainers / link
+        moved["teacher"] = forwards["teacher"] * teacher_gather
+    if run.parallel == "ddp" and trainers > 1:
+        moved["update"] += run.updates_per_batch * 2 * 4 * student.total * (trainers - 1) / trainers / link
+    for phase, transfer in moved.items():
+        if transfer > per_step[phase]:
+            what = "FSDP2's gathers" if sharded else "DDP's all-reduce"
+            what += " and --offload's copies" if offloaded else ""
+            notes.append(
+                f"{what} ({transfer:.1f} s per batch) outlast the {phase} phase's compute "
+                f"({per_step[phase]:.1f} s): transfer-bound"
+            )
+            per_step[phase] = transfer
+
+    # not overlapped: the optimizer step (on the CPU when offloaded, where FSDP2 also adds each later
+    # micro-batch's gradients to the earlier ones', after a copy out it waits for) and the weights'
+    # sync to the rollout engine
+    shards = trainers if run.parallel == "fsdp" else 1
+    if offloaded:
+        host = hw.host_gbs * 1e9
+        per_step["update"] += run.updates_per_batch * OPTIMIZER_BYTES * student.total / shards / host
+        per_step["update"] += accumulated * (copy + ACCUMULATE_BYTES * student.total / shards / host)
+    elif bandwidth:
         per_step["update"] += run.updates_per_batch * OPTIMIZER_BYTES * student.total / shards / bandwidth
-    if hw.gpus > 1 and run.parallel == "fsdp":
-        # weights gathered for the forward and again for the backward, gradients reduce-scattered
-        moved = 3 * 4 * student.total * (hw.gpus - 1) / hw.gpus * run.updates_per_batch
-        link = moved / (hw.link_gbs * 1e9)
-        training = per_step["student"] + per_step["update"]
-        if link > training:
-            notes.append(f"FSDP2's gathers ({link:.1f} s per batch) outlast the training compute: interconnect-bound")
-            per_step["update"] += link - training
+    sync = _sync_seconds(student, run, hw, gather, copy, bandwidth)
+    per_step["update"] += sync
+    if run.rollout == "vllm-server":
+        notes.append(
+            f"the weights' push to the vLLM server takes {sync:.1f} s per batch: the whole float32 student "
+            f"({4 * student.total / GIB:.0f} GiB) gathered, written to a file and read by the server at "
+            f"{hw.file_gbs:g} GB/s (--file-bandwidth)"
+        )
+    per_step["generation"] = _generation_seconds(student, run, hw, compute, bandwidth, gather + copy, notes)
     for phase in ("generation", "teacher", "student", "update"):
         seconds[phase] = per_step[phase] * run.steps
     return seconds, step_flops, notes
 
 
+def _warmup_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware, at_mfu, bandwidth) -> float:
+    """The warm-up on all GPUs: per micro-batch, the teacher's forward and the student's forward and
+    backward (and the recomputed forward under checkpointing), or under FSDP2 its gathers (and with
+    --offload the shards' copies), whichever is longer; an AdamW step on the experts per batch of
+    windows, on the CPU when offloaded."""
+    gpus, length = hw.gpus, run.warmup_seq_len
+    tokens = run.warmup_tokens * run.warmup_epochs / gpus  # each rank's
+    windows = run.warmup_micro_batch or run.warmup_batch_size
+    micro_batches = tokens / (windows * length)
+    optimizer_steps = tokens / (run.warmup_batch_size * length)  # each rank steps on its own batch_size windows
+    passes = 3 + run.warmup_checkpointing
+    per_micro = at_mfu((teacher.flops_per_token(length) + passes * student.flops_per_token(length)) * windows * length)
+    sharded = run.warmup_parallel == "fsdp" and gpus > 1
+    offloaded = run.offloaded(gpus, warmup=True)
+    link, host_link = hw.link_gbs * 1e9, hw.host_link_gbs * 1e9
+    # every weight gathered for the forward and the backward, the experts' gradients reduce-scattered;
+    # offloaded, the shards copied in for both and the gradients out
+    moved = 2 * 4 * student.total + 4 * student.experts
+    transfer = moved * (gpus - 1) / gpus / link if sharded else 0.0
+    transfer += moved / gpus / host_link if offloaded else 0.0
+    seconds = micro_batches * max(per_micro, transfer)
+    if run.warmup_parallel == "ddp" and gpus > 1:
+        seconds += optimizer_steps * 2 * 4 * student.experts * (gpus - 1) / gpus / link
+    shards = gpus if run.warmup_parallel == "fsdp" else 1
+    if offloaded:
+        host = hw.host_gbs * 1e9
+        seconds += optimizer_steps * OPTIMIZER_BYTES * student.experts / shards / host
+        accumulated = micro_batches - optimizer_steps  # each waits for its gradients' copy out, then adds them
+        seconds += accumulated * (
+            4 * student.experts / shards / host_link + ACCUMULATE_BYTES * student.experts / shards / host
+        )
+    elif bandwidth:
+        seconds += optimizer_steps * OPTIMIZER_BYTES * student.experts / shards / bandwidth
+    return seconds
+
+
+def _sync_seconds(student: ModelShape, run: Run, hw: Hardware, gather: float, copy: float, bandwidth) -> float:
+    """The weights' sync to the rollout engine once per rollout batch: under FSDP2 one whole gather
+    (and with --offload one copy of the shards) on every trainer, then into a colocated engine at the
+    memory bandwidth, or to a vLLM server through a file (padd's safetensors transfer backend): the
+    float32 weights copied to rank 0's CPU memory, written, and read by the server."""
+    if run.rollout == "transformers":
+        return 0.0  # generate samples from the trained model itself
+    if run.rollout == "vllm":
+        engine = dtype_bytes(run.precision) * student.total
+        return gather + copy + (engine / bandwidth if bandwidth else 0.0)
+    weights = 4 * student.total
+    return gather + copy + weights / (hw.host_link_gbs * 1e9) + 2 * weights / (hw.file_gbs * 1e9)
+
+
 def _generation_seconds(
-    student: ModelShape, run: Run, hw: Hardware, compute, expert_compute, bandwidth, notes: list
+    student: ModelShape, run: Run, hw: Hardware, compute, bandwidth, gather: float, notes: list
 ) -> float:
     """Prefill at the MFU, then one decode step per completion token, each bounded by the bytes it reads
     (the weights the batch's tokens route to, and the KV cache) or its FLOPs, whichever is longer.
-    transformers' generate decodes the batch in chunks of GENERATE_BATCH sequences, one after the other;
-    vLLM all at once, in waves where its KV cache holds fewer tokens."""
-    seqs = run.prompts_per_step * run.group_size / hw.gpus
-    chunks = math.ceil(seqs / GENERATE_BATCH) if run.rollout == "transformers" else 1
-    seqs = seqs / chunks
-    cfg = student.config
+    transformers' generate decodes each trainer's sequences in chunks of GENERATE_BATCH, one after
+    the other, FSDP2's shards gathered (`gather` seconds) at every token; a colocated vLLM engine
+    decodes its GPU's sequences all at once; a vLLM server the whole batch, its weights, KV cache,
+    FLOP/s and bandwidth split over its GPUs (tensor parallel); vLLM in waves where its KV cache holds
+    fewer tokens."""
     if not compute:
         return math.nan
+    sequences = run.prompts_per_step * run.group_size
+    engine_gpus = 1
+    if run.rollout == "vllm-server":
+        seqs, engine_gpus = float(sequences), run.server_gpus
+    elif run.rollout == "vllm":
+        seqs = sequences / hw.gpus
+    else:
+        seqs = sequences / run.trainers(hw.gpus)
+    vllm = run.rollout.startswith("vllm")
+    waves = 1
+    if vllm and hw.device == "cuda":
+        capacity = vllm_kv_tokens(student, run, hw)
+        needed = seqs * run.sequence  # the rollout batch's own lengths, not the engine's longest
+        if 0 < capacity < needed:
+            waves = math.ceil(needed / capacity)
+            notes.append(f"vLLM's KV cache holds {capacity:,.0f} tokens of {needed:,.0f}: it decodes in {waves} waves")
+    # generate's chunks and vLLM's waves run one after the other, each over its share of the sequences
+    parts = math.ceil(seqs / GENERATE_BATCH) if run.rollout == "transformers" else waves
+    seqs = seqs / parts
+    cfg = student.config
+    rate = compute * engine_gpus
     context = run.prompt_tokens + run.completion_tokens // 2
-    share = student.expert_share(context)
-    rate = 1 / ((1 - share) / compute + share / expert_compute)  # FLOP/s over the student's mix
     prefill = student.flops_per_token(run.prompt_tokens) * seqs * run.prompt_tokens
     decode_flops = student.flops_per_token(context) * seqs
     # each token picks K of E experts: the share of routed weights a decode step of `seqs` tokens reads
@@ -127,40 +208,34 @@ def _generation_seconds(
 
         touched = 1 - (1 - top_k(cfg) / num_experts(cfg)) ** seqs
     weight_bytes = (student.total - student.routed + student.routed * touched) * (
-        dtype_bytes(run.precision) if run.rollout == "vllm" else 4
+        dtype_bytes(run.precision) if vllm else 4
     )
-    kv = seqs * (run.prompt_tokens + run.completion_tokens / 2) * kv_values_per_token(cfg, run.rollout)
+    kv = seqs * (run.prompt_tokens + run.completion_tokens / 2) * kv_values_per_token(cfg, "vllm" if vllm else "")
     kv_bytes = kv * dtype_bytes(run.precision)
-    per_token = max(decode_flops / rate, (weight_bytes + kv_bytes) / bandwidth if bandwidth else 0.0)
+    read = (weight_bytes + kv_bytes) / (bandwidth * engine_gpus) if bandwidth else 0.0
+    per_token = max(decode_flops / rate, read)
     if run.rollout == "transformers":
         per_token += GENERATE_LAYER_OVERHEAD_S * cfg.num_hidden_layers
-        if hw.gpus > 1 and run.parallel == "fsdp":
-            gather = 4 * student.total * (hw.gpus - 1) / hw.gpus / (hw.link_gbs * 1e9)
-            if gather > per_token:
-                engine = dtype_bytes("bf16") * student.total / GIB
-                alternative = (
-                    f"--rollout vllm would decode from an unsharded copy, if its share holds the student's "
-                    f"{engine:.0f} GiB of bf16 weights (plan it with --rollout vllm --vllm-gpu-memory SHARE)"
-                    if engine < 0.5 * hw.memory_gib
-                    else f"a vLLM engine beside the trainer would hold the student's {engine:.0f} GiB of bf16 weights "
-                    "on every GPU, which padd cannot place"
-                )
-                notes.append(
-                    f"generate on the FSDP2-sharded student gathers every layer at every token ({gather:.2f} s per "
-                    f"token); {alternative}"
-                )
+        if gather > per_token:
+            engine = dtype_bytes("bf16") * student.total / GIB
+            alternative = (
+                f"--rollout vllm would decode from an unsharded copy, if its share holds the student's "
+                f"{engine:.0f} GiB of bf16 weights (plan it with --rollout vllm --vllm-gpu-memory SHARE)"
+                if engine < 0.5 * hw.memory_gib
+                else f"a vLLM server on GPUs of its own would hold the student's {engine:.0f} GiB of bf16 weights "
+                "(plan it with --rollout vllm-server --server-gpus N)"
+            )
+            notes.append(
+                f"generate on the FSDP2-sharded student gathers every layer at every token ({gather:.2f} s per "
+                f"token); {alternative}"
+            )
             per_token = max(per_token, gather)
-    waves = 1
-    if run.rollout == "vllm" and hw.device == "cuda":
-        capacity = vllm_kv_tokens(student, run, hw)
-        needed = seqs * run.sequence  # the rollout batch's own lengths, not the engine's longest
-        if 0 < capacity < needed:
-            waves = math.ceil(needed / capacity)
-            notes.append(f"vLLM's KV cache holds {capacity:,.0f} tokens of {needed:,.0f}: it decodes in {waves} waves")
-    return chunks * (prefill / rate + waves * run.completion_tokens * per_token)
+    return parts * (prefill / rate + run.completion_tokens * per_token)
 
 
 def vllm_kv_tokens(student: ModelShape, run: Run, hw: Hardware) -> float:
-    """Tokens the engine's KV cache holds: its share less the weights and about 1 GiB of activations."""
-    free = run.vllm_share * hw.memory_gib * GIB - dtype_bytes(run.precision) * student.total - GIB
+    """Tokens the engine's KV cache holds: its share (of each of a server's GPUs) less the weights and
+    about 1 GiB of activations per GPU."""
+    gpus = run.server_gpus if run.rollout == "vllm-server" else 1
+    free = gpus * (run.vllm_share * hw.memory_gib - 1) * GIB - dtype_bytes(run.precision) * student.total
     return free / (kv_values_per_token(student.config, "vllm") * dtype_bytes(run.precision))
