@@ -1,6 +1,7 @@
 """The paper's two pairs (configs/study-*-to-*.yaml): each preset, as it is, runs seed -> warm-up ->
 2 Phase B steps on random-weight models of the pair's architecture types at miniature sizes; only
-the budgets shrink (tokens, steps, lengths), every other setting is the preset's."""
+the budgets shrink (tokens, steps, lengths) and what one process cannot run is overridden (BUDGET),
+every other setting is the preset's."""
 
 from pathlib import Path
 
@@ -42,10 +43,27 @@ PAIRS = {
         ),
     ),
 }
+# The presets' memory options and rollout engine are those of 8 GPUs (docs/plan.md); in one process
+# FSDP2's CPU offload is refused (it needs 2+ processes), a micro-batch of 8 does not divide the
+# miniature mini-batch of 2 completions (1 does: two micro-batches per update), and the vLLM server
+# is not here, so generate samples (no server address). Activation checkpointing runs as the presets
+# set it.
+ONE_PROCESS = {
+    "warmup": dict(offload=False),
+    "train": dict(offload=False, micro_batch_size=1, rollout="transformers", vllm_server_url=None),
+}
 BUDGET = {
     "seed": dict(tokens=1024, heldout_tokens=512, cka_tokens=256, seq_len=32, batch_size=4),
-    "warmup": dict(tokens=512, seq_len=32, batch_size=4),
-    "train": dict(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6, world_per_skill=10, save_every=1),
+    "warmup": dict(tokens=512, seq_len=32, batch_size=4, **ONE_PROCESS["warmup"]),
+    "train": dict(
+        steps=2,
+        prompts_per_step=2,
+        group_size=2,
+        max_new_tokens=6,
+        world_per_skill=10,
+        save_every=1,
+        **ONE_PROCESS["train"],
+    ),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from padd.plan.memory import offloaded_bytes, saved_bytes_per_token, weight_copi
 from padd.plan.models import PlanError, load_model_config, measure_model
 from padd.plan.report import changes, make_plan, mfu_for_gpu_hours, run_plan
 from padd.plan.settings import GIB, resolve_plan
+from padd.plan.timing import warmup_end_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,41 +163,84 @@ PAPER_GPU_HOURS = 24  # the paper's PADD on 8 × H100 for the Qwen student
 def test_the_deepseek_pair_fits_8_gpus_with_the_memory_options_and_a_vllm_server():
     plan = plan_of(study=DEEPSEEK)
     run = plan.run
-    # the preset's settings: padd train's and padd warmup's memory options, a server on 4 of the 8 GPUs
+    # the preset's warmup: and train: sections: padd train's and padd warmup's memory options, and
+    # the rollouts on a server on 4 of the 8 GPUs (its share of them in the plan: section)
     assert (run.micro_batch, run.checkpointing, run.offload) == (8, True, True)
-    assert (run.warmup_checkpointing, run.warmup_offload) == (True, True)
+    assert (run.warmup_checkpointing, run.warmup_offload) == (True, False)
     assert (run.rollout, run.server_gpus, run.trainers(plan.hardware.gpus)) == ("vllm-server", 4, 4)
     assert plan.fits and changes(plan) == []
-    # loaded shard by shard, never whole: padd train's load (the larger, on 4 trainers) holds a quarter of
-    # the bf16 teacher and one tensor, the student's shards going to CPU memory
+    # loaded shard by shard, never whole: padd warmup's load (the larger: its student not offloaded) holds
+    # an eighth of the bf16 teacher and of the float32 student, and one tensor
     load = plan.memory["load"]
-    assert load["teacher"] == 2 * plan.teacher.total / 4 and not load["student weights"]
+    assert load["teacher"] == 2 * plan.teacher.total / 8 and load["student weights"] == 4 * plan.student.total / 8
     assert load["tensor read"] == 4 * max(plan.student.largest_tensor, plan.teacher.largest_tensor)
-    # the warm-up's whole float32 copy on rank 0 at its end: 58.5 GiB, which fits
-    assert plan.memory["warmup_end"] == {"whole student": 4 * plan.student.total}
+    # the warm-up's end gathers the whole student into rank 0's CPU memory: a GPU holds its shards
+    # (not offloaded in this warm-up) and the tensor being gathered
+    student = plan.student
+    assert plan.memory["warmup_end"] == {
+        "student weights": 4 * student.total / 8,
+        "tensor gathered": 4 * student.largest_tensor,
+    }
+    assert plan.host["warmup_end"] == {"offloaded shards": 0.0, "whole student (rank 0)": 4 * student.total}
     # offloaded: no weights, gradients or AdamW state on the GPUs, no foreach temporaries
     assert not plan.memory["backward"]["AdamW state"] and "AdamW temps" not in plan.memory["step"]
+    # the largest phase is now the warm-up's own, no longer the push
+    assert max(plan.peaks, key=plan.peaks.get) == "warmup"
     # the same order as the paper's 24 GPU-hours (its DeepSeek budget is not given): 2-10 times it
     assert 2 * PAPER_GPU_HOURS < plan.gpu_hours < 10 * PAPER_GPU_HOURS
 
 
-def test_the_qwen_pair_fits_8_gpus_but_where_padd_holds_the_whole_float32_student_on_a_gpu():
-    """Every phase fits with the preset's settings but two, where padd holds the whole float32
-    student (114 GiB) on a GPU: the end of the FSDP2 warm-up (moved onto rank 0's GPU for the router
-    start and the save) and the weights' push to the vLLM server (checkpoint_weights' whole gather on
-    every trainer); no setting of padd changes them."""
+def test_the_qwen_pair_fits_8_gpus_now_that_no_gpu_holds_the_whole_float32_student():
+    """The warm-up's end keeps the whole float32 student (114 GiB) in rank 0's CPU memory, and the
+    push to the vLLM server gathers it tensor by tensor into rank 0's CPU memory: every phase fits,
+    the largest being Stage I's 76 GiB on one GPU."""
     plan = plan_of(study=QWEN)
-    usable = plan.hardware.usable_gib * GIB
-    over = [phase for phase, peak in plan.peaks.items() if peak > usable]
-    assert over == ["warmup_end", "step"] and not plan.fits
-    whole = 4 * plan.student.total
-    assert plan.memory["warmup_end"]["whole student"] == plan.memory["step"]["weights for vLLM"] == whole > 80 * GIB
-    (change,) = changes(plan)
-    assert change.startswith("nothing padd can change") and "weights for vLLM, 113.7 GiB" in change
-    # every other phase fits: Stage I's 76 GiB on one GPU is the largest
-    assert max(peak for phase, peak in plan.peaks.items() if phase not in over) < usable
+    run, student = plan.run, plan.student
+    assert (run.warmup_checkpointing, run.warmup_offload) == (True, True)
+    assert (run.micro_batch, run.checkpointing, run.offload, run.rollout) == (8, True, True, "vllm-server")
+    assert plan.fits and changes(plan) == []
+    assert max(plan.peaks, key=plan.peaks.get) == "stage1"
+    assert (plan.peak + plan.hardware.reserve_gib * GIB) / GIB == pytest.approx(76.2, abs=0.05)
+    whole, tensor = 4 * student.total, 4 * student.largest_tensor
+    # on a GPU: no shards (offloaded) and the one tensor being gathered, at the warm-up's end and the push
+    assert plan.memory["warmup_end"] == {"tensor gathered": tensor} and tensor < 2 * GIB < whole
+    assert plan.memory["step"]["tensor gathered"] == tensor and "weights for vLLM" not in plan.memory["step"]
+    # in the machine's CPU memory: rank 0's whole copy beside the offloaded shards
+    assert plan.host["warmup_end"] == {"offloaded shards": whole, "whole student (rank 0)": whole}
+    assert plan.host["push"] == {"offloaded shards": 16 * student.total, "whole student (rank 0)": whole}
+    assert plan.host_peaks["push"] == max(plan.host_peaks.values()) < plan.hardware.host_memory_gib * GIB
     # in the same order as the paper's 24 GPU-hours
     assert 2 * PAPER_GPU_HOURS < plan.gpu_hours < 10 * PAPER_GPU_HOURS
+
+
+def test_a_colocated_engine_still_gathers_the_whole_student_on_every_rank():
+    """Only the push to a server goes tensor by tensor to rank 0's host; the sync to a colocated
+    engine (and so its GPU memory) is unchanged."""
+    plan = plan_of(study=DEEPSEEK, rollout="vllm", server_gpus=None)
+    assert plan.memory["step"]["weights for vLLM"] == 4 * plan.student.total
+    assert "push" not in plan.host_peaks or not plan.host["push"]
+
+
+def test_the_router_start_after_an_fsdp2_warmup_runs_on_rank_0s_cpu():
+    """After the whole student is gathered into rank 0's CPU memory (over the interconnect, then rank
+    0's GPU-to-CPU link), the kept start's fit report is a forward over router_tokens tokens there, at
+    the host's modest rate: small beside the warm-up."""
+    plan = plan_of(study=QWEN)
+    run, hw, student = plan.run, plan.hardware, plan.student
+    assert (run.warmup_router_init, run.router_tokens) == ("keep", 4096)
+    forward = student.flops_per_token(run.warmup_seq_len) * 4096 / (hw.host_tflops * 1e12)
+    whole = 4 * student.total
+    gather = (
+        whole * 7 / 8 / (hw.link_gbs * 1e9) + whole / (hw.host_link_gbs * 1e9) + whole / 8 / (hw.host_link_gbs * 1e9)
+    )
+    at_mfu = lambda work: work / (hw.tflops * 1e12 * hw.mfu)  # noqa: E731
+    assert warmup_end_seconds(student, run, hw, at_mfu) == pytest.approx(gather + forward)
+    assert 10 < forward < 60 and gather + forward < plan.seconds["warmup"] / 4
+    # unsharded, the start's forward runs on the device at the MFU
+    ddp = replace(run, warmup_parallel="ddp", warmup_offload=False)
+    assert warmup_end_seconds(student, ddp, hw, at_mfu) == pytest.approx(
+        forward * hw.host_tflops * 1e12 / (hw.tflops * 1e12 * hw.mfu)
+    )
 
 
 def test_the_memory_options_lower_memory_as_modelled():
@@ -337,7 +382,10 @@ def test_padd_plan_reads_the_paper_pair_presets_without_weights(study, tmp_path,
     printed = capsys.readouterr().out
     assert "padd's copy of" in printed and "GPU-hours" in printed and "vLLM server on 4 of the 8 GPUs" in printed
     assert "--offload: " in printed  # the offloaded state's CPU memory
-    assert json.loads(out.read_text())["vllm_server"]["gpus"] == 4
+    assert "CPU memory of the machine (2048 GiB): warm-up end" in printed  # rank 0's whole copy there
+    written = json.loads(out.read_text())
+    assert written["vllm_server"]["gpus"] == 4 and written["fits"]
+    assert written["host_memory_gib"]["push"]["whole student (rank 0)"] > 50
 
 
 def _memory_options_error(**options) -> str:

@@ -22,9 +22,12 @@ given (padd.config.MemoryOptions: --micro-batch-size, --activation-checkpointing
                   vocabulary the largest term of a long-completion update
     vLLM          a colocated engine's share of the GPU (weights + KV cache), beside the trainer, or
                   a vLLM server (--rollout vllm-server) on GPUs of its own, the trainers on the
-                  others; the whole float32 weights gathered for each sync or push under FSDP2
-    warm-up end   the whole float32 student on rank 0's device after an FSDP2 warm-up (the router
-                  start and the save)
+                  others; under FSDP2 the whole float32 weights gathered on every trainer for each
+                  sync to a colocated engine, and for each push to a server one tensor at a time
+                  into rank 0's CPU memory
+    warm-up end   after an FSDP2 warm-up the whole float32 student gathered tensor by tensor into
+                  rank 0's CPU memory (the router start's forwards run there, and the save)
+    host          the machine's CPU memory: --offload's shards and rank 0's whole float32 copy
     AdamW temps   the foreach step's float32 copy of the moments it updates (CUDA; none offloaded)
     reserve       CUDA context, NCCL buffers and allocator slack (GPU); on a CPU, the footprint of
                   the Python process that runs padd, measured in a fresh interpreter

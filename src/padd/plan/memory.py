@@ -176,13 +176,16 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
     warm["logits"] = tokens * vocab * (4 * wb + 4) + 6 * KD_CHUNK_TOKENS * vocab * 4
     memory["warmup"] = warm
     # at its end an FSDP2 warm-up frees the teacher and the optimizer and gathers the whole float32
-    # student onto rank 0, which moves it to its device for the router start and the save
-    # (padd.distributed.unsharded_copy); the experts' shards are still referenced there
+    # student, tensor by tensor, into rank 0's CPU memory, where rank 0 runs the router start and the
+    # save (padd.distributed.unsharded_copy): a GPU holds its shards and the tensor being gathered
+    # (host_memory counts the copy); on a CPU device that memory is the process's own
     end = {}
     if run.warmup_parallel == "fsdp" and gpus > 1:
-        end["whole student"] = 4 * student.total
         if not (warm_offloaded and hw.device == "cuda"):
-            end["student weights"] = 4 * student.experts / gpus
+            end["student weights"] = 4 * student.total / gpus
+        end["tensor gathered"] = 4 * student.largest_tensor
+        if hw.device != "cuda":
+            end["whole student"] = 4 * student.total
     memory["warmup_end"] = end
 
     # Phase B: what stays resident through a rollout batch (gradients live until the next backward)
@@ -241,12 +244,48 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
     step = dict(resident)
     if not (offloaded and hw.device == "cuda"):
         step["AdamW temps"] = _optimizer_temporaries(student, run.parallel, trainers, hw.device)
-    if run.rollout.startswith("vllm"):
-        # the sync to a colocated engine and the push to a server both take checkpoint_weights: the whole
-        # float32 weights gathered on every rank's device (FSDP2), or the grouped experts split
-        step["weights for vLLM"] = 4 * (student.total if run.parallel == "fsdp" and trainers > 1 else student.routed)
+    sharded = run.parallel == "fsdp" and trainers > 1
+    if run.rollout == "vllm-server" and sharded:
+        # the push to a server gathers each tensor into rank 0's CPU memory in turn
+        # (checkpoint_weights(rank0_cpu=True)): a GPU holds its shards and one whole tensor; rank 0's
+        # host the whole float32 student while it writes the file (host_memory)
+        step["tensor gathered"] = 4 * student.largest_tensor
+        if hw.device != "cuda":
+            step["weights for vLLM"] = 4 * student.total
+    elif run.rollout.startswith("vllm"):
+        # the sync to a colocated engine takes checkpoint_weights gathered whole on every rank's device
+        # (FSDP2); unsharded, the grouped experts split (a server's push copies them to rank 0's host)
+        step["weights for vLLM"] = 4 * (student.total if sharded else student.routed)
     memory["step"] = step
     return memory
+
+
+def host_memory(student: ModelShape, run: Run, hw: Hardware) -> dict[str, dict[str, float]]:
+    """Bytes of CPU memory on the machine (every process's) where padd keeps the most there, by
+    component: the warm-up, its end and Phase B's update hold FSDP2's --offload shards (weights,
+    gradients and AdamW state; at the warm-up's end only the weights, the optimizer freed); the
+    warm-up's end and a push to a vLLM server also rank 0's whole float32 student (the router start
+    and the save; the safetensors file it writes). GPU runs only (on a CPU device the phases' memory
+    is this memory)."""
+    if hw.device != "cuda":
+        return {}
+    gpus, trainers = hw.gpus, run.trainers(hw.gpus)
+    whole = 4 * student.total
+    warm_off = run.offloaded(gpus, warmup=True)
+    train_off = run.offloaded(gpus)
+    host: dict[str, dict[str, float]] = {
+        "warmup": {"offloaded shards": offloaded_bytes(student, student.experts, gpus) * gpus if warm_off else 0.0},
+        "warmup_end": {},
+        "update": {
+            "offloaded shards": offloaded_bytes(student, student.total, trainers) * trainers if train_off else 0.0
+        },
+        "push": {},
+    }
+    if run.warmup_parallel == "fsdp" and gpus > 1:
+        host["warmup_end"] = {"offloaded shards": whole if warm_off else 0.0, "whole student (rank 0)": whole}
+    if run.rollout == "vllm-server":
+        host["push"] = dict(host["update"]) | {"whole student (rank 0)": whole}
+    return host
 
 
 def _load(teacher: ModelShape, student: ModelShape, parallel: str, precision: str, gpus: int, offloaded: bool):

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from padd.config import PlanConfig
-from padd.plan.memory import MEMORY_PHASES, dtype_bytes, offloaded_bytes, phase_memory, server_memory
+from padd.plan.memory import MEMORY_PHASES, dtype_bytes, host_memory, offloaded_bytes, phase_memory, server_memory
 from padd.plan.models import ModelShape
 from padd.plan.settings import GIB, Hardware, Run, resolve_plan
 from padd.plan.timing import phase_seconds, vllm_kv_tokens
@@ -28,12 +28,13 @@ TITLES = {
     "backward": "backward",
     "step": "step",
     "update": "update",
+    "push": "push",
 }
 MEMORY_CAPTION = (
     "load: the student (float32) and teacher on each device, under FSDP2 each rank's shard. warm-up end: the "
-    "whole student on rank 0 (FSDP2). Phase B per rollout batch, on a trainer: generate, teacher "
-    "(its forward, KD only), student (π_old, Γ and the update's forward), backward, step (AdamW, then the "
-    "weights to vLLM)"
+    "whole student gathered tensor by tensor into rank 0's CPU memory (FSDP2). Phase B per rollout batch, on a "
+    "trainer: generate, teacher (its forward, KD only), student (π_old, Γ and the update's forward), backward, "
+    "step (AdamW, then the weights to vLLM: to a server under FSDP2 tensor by tensor into rank 0's CPU memory)"
 )
 # the memory table's phases of each command, which its memory options change
 WARMUP_PHASES = ("warmup", "warmup_end")
@@ -47,6 +48,7 @@ class Plan:
     run: Run
     hardware: Hardware
     memory: dict[str, dict[str, float]]  # phase -> component -> bytes per device
+    host: dict[str, dict[str, float]]  # phase -> component -> bytes of the machine's CPU memory (GPU runs)
     seconds: dict[str, float]  # phase -> wall seconds of the whole run
     step_flops: dict[str, float]  # Phase B phase -> FLOPs per rollout batch, all GPUs
     notes: list[str]
@@ -59,6 +61,10 @@ class Plan:
     @property
     def peak(self) -> float:
         return max(self.peaks.values())
+
+    @property
+    def host_peaks(self) -> dict[str, float]:
+        return {phase: sum(parts.values()) for phase, parts in self.host.items()}
 
     @property
     def fits(self) -> bool:
@@ -74,8 +80,15 @@ class Plan:
 
 def make_plan(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> Plan:
     memory = phase_memory(teacher, student, run, hw)
+    host = host_memory(student, run, hw)
     seconds, step_flops, notes = phase_seconds(teacher, student, run, hw)
-    plan = Plan(teacher, student, run, hw, memory, seconds, step_flops, notes)
+    plan = Plan(teacher, student, run, hw, memory, host, seconds, step_flops, notes)
+    if host and max(plan.host_peaks.values()) > hw.host_memory_gib * GIB:
+        phase = max(plan.host_peaks, key=plan.host_peaks.get)
+        notes.append(
+            f"the {TITLES[phase]} holds {plan.host_peaks[phase] / GIB:.0f} GiB of CPU memory, more than the "
+            f"machine's {hw.host_memory_gib:.0f} GiB"
+        )
     if run.rollout.startswith("vllm") and hw.device == "cuda" and vllm_kv_tokens(student, run, hw) < run.vllm_length:
         where = f"{run.server_gpus} × " if run.rollout == "vllm-server" else ""
         plan.blocked = (
@@ -318,6 +331,14 @@ def print_plan(plan: Plan, suggested: list[str], console: Console, target_gpu_ho
                 f"{command} --offload: {per / GIB:.1f} GiB of shards per process in CPU memory, "
                 f"{per * processes / GIB:.0f} GiB over its {processes}"
             )
+    rank0 = {p: parts["whole student (rank 0)"] for p, parts in plan.host.items() if "whole student (rank 0)" in parts}
+    if rank0:
+        where = ", ".join(
+            f"{TITLES[p]} {plan.host_peaks[p] / GIB:.0f} GiB ({rank0[p] / GIB:.1f} of them rank 0's whole float32 "
+            "student)"
+            for p in rank0
+        )
+        console.print(f"CPU memory of the machine ({hw.host_memory_gib:.0f} GiB): {where}")
 
     time = Table(title=f"Time at MFU {hw.mfu:g}" + (f" of {hw.tflops:g} TFLOP/s" if hw.tflops else ""))
     for col in ("phase", "FLOP / batch", "per batch", "whole run", "share"):
@@ -392,6 +413,7 @@ def plan_json(plan: Plan, suggested: list[str]) -> dict:
         "hardware": asdict(plan.hardware),
         "memory_gib": {p: {k: v / GIB for k, v in parts.items()} for p, parts in plan.memory.items()},
         "peak_gib": {p: v / GIB + plan.hardware.reserve_gib for p, v in plan.peaks.items()},
+        "host_memory_gib": {p: {k: v / GIB for k, v in parts.items()} for p, parts in plan.host.items()},
         "vllm_server": server,
         "fits": plan.fits,
         "changes": suggested,

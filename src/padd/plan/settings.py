@@ -26,12 +26,18 @@ H100 = {
     "host_link_gbs": 64.0,
     "host_gbs": 614.0 / 8,
 }
+# a DGX H100's host: 2 TiB of CPU memory, where FSDP2's --offload and rank 0's whole float32 copies
+# (the warm-up's end, a push to a vLLM server) live; and a modest float32 rate for the forwards rank 0
+# runs there (the router start after an FSDP2 warm-up): its 112 cores peak near 7 TFLOP/s, a
+# transformers forward of an MoE on them reaches a fraction, and under torchrun (OMP_NUM_THREADS=1
+# unless set) a single core's
+HOST = {"memory_gib": 2048.0, "tflops": 1.0}
 # a weights file written and read on one machine (padd's safetensors push to a vLLM server): a local
 # NVMe drive's sequential rate, about that of a single-threaded write through the page cache
 FILE_GBS = 5.0
 GPU_RESERVE_GIB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation
-# padd train's rollout engines; vllm-server (a vLLM server on GPUs of its own, the trainer pushing its
-# weights after each rollout batch's updates) is planned here before padd train's TrainConfig takes it
+# padd train's rollout engines; vllm-server: a vLLM server on GPUs of its own, the trainer pushing its
+# weights after each rollout batch's updates
 ROLLOUTS = ("transformers", "vllm", "vllm-server")
 SERVER_SHARE = 0.9  # a vLLM server's share of its own GPUs: vLLM's default gpu_memory_utilization
 
@@ -49,6 +55,8 @@ class Hardware:
     file_gbs: float  # a weights file's write and read (the push to a vLLM server)
     mfu: float
     reserve_gib: float
+    host_memory_gib: float = HOST["memory_gib"]  # CPU memory of the machine, shared by its processes
+    host_tflops: float = HOST["tflops"]  # float32 TFLOP/s of a forward on rank 0's CPU
 
     @property
     def usable_gib(self) -> float:
@@ -101,6 +109,9 @@ class Run:
     warmup_checkpointing: bool = False
     warmup_offload: bool = False
     server_gpus: int = 0  # --rollout vllm-server: the server's GPUs, of the run's
+    # the warm-up's router start (padd warmup --router-init) and the tokens of its fit and fit report
+    warmup_router_init: str = "keep"
+    router_tokens: int = 4096
 
     @property
     def sequence(self) -> int:
@@ -372,6 +383,8 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
         warmup_checkpointing=bool(_pick(cfg.activation_checkpointing, warm, "activation_checkpointing", False)),
         warmup_offload=bool(_pick(cfg.offload, warm, "offload", False)),
         server_gpus=server_gpus,
+        warmup_router_init=warm.get("router_init") or ("keep" if stage1 == "seed" else "uniform"),
+        router_tokens=warm.get("router_tokens", _default(WarmupConfig, "router_tokens")),
     )
     if not run.splits_over(cfg.gpus):
         where = f"the {run.trainers(cfg.gpus)} trainer GPUs" if server_gpus else f"{cfg.gpus} GPUs"

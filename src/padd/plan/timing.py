@@ -148,14 +148,35 @@ def _warmup_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hard
         )
     elif bandwidth:
         seconds += optimizer_steps * OPTIMIZER_BYTES * student.experts / shards / bandwidth
-    return seconds
+    return seconds + warmup_end_seconds(student, run, hw, at_mfu)
+
+
+def warmup_end_seconds(student: ModelShape, run: Run, hw: Hardware, at_mfu) -> float:
+    """The warm-up's router start: its forwards over `router_tokens` tokens (one for the fit report of
+    a kept or uniform start; a fitted start's layer-by-layer ones, about half a forward per layer,
+    first), on the device at the MFU, or after an FSDP2 warm-up on rank 0's CPU at the host's rate,
+    once the whole float32 student is gathered there (every tensor over the interconnect, then over
+    rank 0's GPU-to-CPU link; with --offload each shard copied in first). The save is not counted."""
+    length = run.warmup_seq_len
+    tokens = max(1, run.router_tokens // length) * length
+    layers = student.config.num_hidden_layers
+    forwards = 1 + ((layers + 1) / 2 if run.warmup_router_init in ("centroid", "distill") else 0)
+    work = forwards * student.flops_per_token(length) * tokens
+    if not (run.warmup_parallel == "fsdp" and hw.gpus > 1):
+        return at_mfu(work)
+    whole = 4 * student.total
+    gather = whole * (hw.gpus - 1) / hw.gpus / (hw.link_gbs * 1e9) + whole / (hw.host_link_gbs * 1e9)
+    if run.offloaded(hw.gpus, warmup=True):
+        gather += whole / hw.gpus / (hw.host_link_gbs * 1e9)
+    return gather + work / (hw.host_tflops * 1e12)
 
 
 def _sync_seconds(student: ModelShape, run: Run, hw: Hardware, gather: float, copy: float, bandwidth) -> float:
     """The weights' sync to the rollout engine once per rollout batch: under FSDP2 one whole gather
     (and with --offload one copy of the shards) on every trainer, then into a colocated engine at the
     memory bandwidth, or to a vLLM server through a file (padd's safetensors transfer backend): the
-    float32 weights copied to rank 0's CPU memory, written, and read by the server."""
+    float32 weights copied to rank 0's CPU memory (under FSDP2 each tensor as it is gathered), written,
+    and read by the server."""
     if run.rollout == "transformers":
         return 0.0  # generate samples from the trained model itself
     if run.rollout == "vllm":
