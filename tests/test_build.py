@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from padd.routing import uniform_random_routing
+from padd.routing import UniformRandomRouting
 from padd.stage1.build import LayerPlan, TeacherError, build_student, validate_teacher
 from padd.stage1.partition import plan_layer
 from padd.tiny import make_tiny_teacher
@@ -96,7 +96,7 @@ def test_unbiased_start_under_uniform_random_routing(qwen2_teacher):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(6, teacher.config.hidden_size, generator=g)
     draws = 4000
-    with torch.no_grad(), uniform_random_routing(student, g):
+    with torch.no_grad(), UniformRandomRouting(student, g).draw(draws * h.shape[0]).rows():
         target = teacher.model.layers[0].mlp(h)
         out = student.model.layers[0].mlp(h.repeat(draws, 1)).view(draws, *h.shape)
     mean, sem = out.mean(0), out.std(0) / draws**0.5

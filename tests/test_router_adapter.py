@@ -81,7 +81,7 @@ def test_the_routing_hooks_work_on_every_architecture(model_type):
     """Through the adapter, padd's router hooks act on any supported student: replaying the model's
     own selection reproduces its logits, Γ against its own router weights is exactly 0, and uniform
     random routing sends every token to K experts."""
-    from padd.routing import RouterRecorder, RoutingReplay, TokenGammaMeter, router_weights, uniform_random_routing
+    from padd.routing import RouterRecorder, RoutingReplay, TokenGammaMeter, UniformRandomRouting, router_weights
 
     model = tiny_model(model_type)
     ids = torch.randint(0, 64, (2, 9))
@@ -97,7 +97,8 @@ def test_the_routing_hooks_work_on_every_architecture(model_type):
     with torch.no_grad(), TokenGammaMeter(model, router_weights(model), old_topk, n_prompt, n_completion) as meter:
         model(input_ids=ids)
     assert float(meter.token_gamma().abs().max()) == 0.0
-    with torch.no_grad(), uniform_random_routing(model), RouterRecorder(model, keep_logits=False) as rec:
+    uniform = UniformRandomRouting(model).draw(ids.numel())
+    with torch.no_grad(), uniform.rows(), RouterRecorder(model, keep_logits=False) as rec:
         model(input_ids=ids)
     chosen = rec.selections(tuple(ids.shape))
     assert chosen.shape[-1] == model.config.num_experts_per_tok

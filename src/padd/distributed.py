@@ -151,12 +151,15 @@ def gather_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     return model_sd, optim_sd
 
 
-def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def whole_state_dict(model: torch.nn.Module, rank0_cpu: bool = False) -> dict[str, torch.Tensor]:
     """The model's state dict with sharded tensors gathered whole, on every rank (a collective when
-    sharded; an unsharded model's own tensors otherwise)."""
+    sharded; an unsharded model's own tensors otherwise). `rank0_cpu` (sharded models only): each
+    tensor is gathered, moved to rank 0's CPU memory and dropped from the GPU before the next, so no
+    GPU holds more than its shards and one whole tensor; the other ranks get {}."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_cpu)
+    return get_model_state_dict(model, options=options)
 
 
 def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:

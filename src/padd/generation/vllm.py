@@ -80,15 +80,19 @@ def vllm_unserved_shapes(config) -> list[str]:
     return problems
 
 
-def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+def checkpoint_weights(model: torch.nn.Module, rank0_cpu: bool = False) -> list[tuple[str, torch.Tensor]]:
     """The model's weights under the names and layouts its `save_pretrained` checkpoint uses.
 
-    Sharded (FSDP2) tensors are gathered whole, so every rank must call this. Tied weights appear
+    Sharded (FSDP2) tensors are gathered whole, so every rank must call this; with `rank0_cpu`
+    tensor by tensor into rank 0's CPU memory (the other ranks get []), so that no GPU ever holds
+    the whole model (a vLLM server's push needs the weights on rank 0 only). Tied weights appear
     once, as in the checkpoint.
     """
     from transformers.core_model_loading import revert_weight_conversion
 
-    state = whole_state_dict(model)
+    state = whole_state_dict(model, rank0_cpu=rank0_cpu)
+    if not state:
+        return []
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return list(revert_weight_conversion(model, state).items())

@@ -220,8 +220,10 @@ class VLLMServerRollout:
             warnings.warn(f"{err}; the next rollout batch tries again", stacklevel=2)
 
     def _push(self, model: torch.nn.Module) -> None:
-        # a collective under FSDP2, which every rank joins; otherwise rank 0's own copy is whole
-        weights = checkpoint_weights(model) if self.main or is_sharded(model) else []
+        # a collective under FSDP2, which every rank joins, gathering each tensor into rank 0's CPU
+        # memory in turn (no GPU holds the whole student); otherwise rank 0's own copy is whole
+        sharded = is_sharded(model)
+        weights = checkpoint_weights(model, rank0_cpu=sharded) if self.main or sharded else []
         error = None
         if self.main:
             try:

@@ -339,13 +339,15 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     sharded = is_sharded(student)
     if sharded:
         # The router init and the save below work on whole weights: rank 0 alone holds them (one
-        # float32 copy, as the final save of `padd train` does), the other ranks wait for its result.
-        # The fit's layer-by-layer forwards stop inside the model, which FSDP2 units cannot.
+        # float32 copy, as the final save of `padd train` does), in CPU memory, where it runs the
+        # router start's forwards (a GPU could not hold the paper's 30B student whole); the other
+        # ranks wait for its result. The fit's layer-by-layer forwards stop inside the model, which
+        # FSDP2 units cannot.
         del optim, trained
         student = unsharded_copy(student)
         if student is not None:
             load_selection_bias(student, cfg.student)
-            student.to(device)
+            masses = None if masses is None else [m.cpu() for m in masses]
     router = None
     if student is not None:
         student.eval()
