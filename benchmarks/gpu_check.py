@@ -10,11 +10,14 @@ then runs, each as a user would:
    checkpointing, the preset's sequence length): its time and peak memory per rank;
 3. one `padd train` rollout batch the same way: each phase's time and peak memory, the tokens;
 4. with `--vllm`, the same batch on a vLLM engine beside the trainer;
-5. with `--vllm-server`, the same batch from a vLLM server of its own (on the second half of the
+5. with `--vllm-server`, two batches from a vLLM server of its own (on the second half of the
    GPUs, the trainer on the first; sharing the one GPU where there is one), the trainer pushing
-   its weights after the update: then the server's greedy completions of a few prompts against the
-   trained student's own `generate` (the push is exact when they agree; the server runs in float32
-   here so that rounding cannot flip a random model's near-tied tokens).
+   its weights after each update. The second batch is sampled from the pushed weights: its largest
+   gap between the server's log-probabilities of its tokens and the trainer's own (sampler_logp_gap)
+   shows the push arrived (the transformers row's gap is the same check on the trainer's own
+   generate: the level of bf16 rounding); then the server's greedy completions of a few prompts
+   against the trained student's `generate` (random weights have near-tied tokens, which any
+   difference of kernels flips, so this is a share, not a pass/fail).
 
 `--shrink K` divides every width by K, so that the same script runs on a CPU (gloo, `--device cpu`):
 that is how it is tested; at K = 1 it has run only where a GPU was at hand.
@@ -201,13 +204,17 @@ def greedy_agreement(url: str, student: Path, device: str, max_new_tokens: int) 
     server.pending = None  # it has just taken these weights from padd train's last push
     own = TransformersRollout(model, tokenizer).sample(prompts, 1, temperature=0.0, max_new_tokens=max_new_tokens)
     served = server.sample(prompts, 1, temperature=0.0, max_new_tokens=max_new_tokens)
-    same = sum(
-        torch.equal(a[m.bool()], b[n.bool()])
-        for a, m, b, n in zip(
-            own.completion_ids, own.completion_mask, served.completion_ids, served.completion_mask, strict=True
-        )
-    )
-    return f"{same} of {len(prompts)} prompts"
+    same = prefix = 0
+    for a, m, b, n in zip(
+        own.completion_ids, own.completion_mask, served.completion_ids, served.completion_mask, strict=True
+    ):
+        a, b = a[m.bool()], b[n.bool()]
+        same += int(torch.equal(a, b))
+        width = min(len(a), len(b))
+        differs = (a[:width] != b[:width]).nonzero()
+        prefix += int(differs[0]) if len(differs) else width
+    mean = prefix / len(prompts)
+    return f"{same} of {len(prompts)} identical; on average the first {mean:.1f} of {max_new_tokens} tokens agree"
 
 
 def flags(options: dict) -> list[str]:
@@ -306,7 +313,7 @@ def main() -> None:
             data="world:add+sub",
             world_per_skill=64,
             out=out,
-            steps=1,
+            steps=2 if name == "vllm-server" else 1,  # the second batch samples the pushed weights
             prompts_per_step=2 * processes,
             group_size=train["group_size"],
             updates_per_batch=2,
@@ -331,9 +338,12 @@ def main() -> None:
         measured.append((f"Phase B ({name}): tokens, wall s", f"{last['completion_tokens']}, {seconds:.0f}"))
         measured.append((f"Phase B ({name}): seconds by phase", times))
         measured.append((f"Phase B ({name}): peak GiB by phase (rank 0)", peaks))
+        if "sampler_logp_gap" in last:
+            gap = f"{last['sampler_logp_gap']:.4f} (rollout batch {last['batch']})"
+            measured.append((f"Phase B ({name}): max |log p sampler - log p trainer|", gap))
         if name == "vllm-server":
             agree = greedy_agreement(rollout["vllm_server_url"], out / "student", args.device, new_tokens)
-            measured.append(("vLLM server after the push: greedy = generate", agree))
+            measured.append(("vLLM server after the push: greedy vs generate", agree))
     if server is not None:
         stop(server)
 
