@@ -437,3 +437,12 @@ def test_a_noisy_training_forward_keeps_the_old_policy_forward():
     assert not noisy_in_training(SimpleNamespace(attention_dropout=0.0, router_jitter_noise=0))
     assert noisy_in_training(SimpleNamespace(attention_dropout=0.1))
     assert noisy_in_training(SimpleNamespace(router_jitter_noise=0.01))
+
+
+def test_vllm_sleep_is_refused_where_it_cannot_act(tmp_path):
+    """vLLM's sleep mode needs its CuMemAllocator (a GPU) and the colocated engine: elsewhere the
+    flag would do nothing, so it is refused before anything loads."""
+    base = dict(student="s", teacher="t", data="world:add", out=str(tmp_path / "r"), vllm_sleep=True)
+    for extra in ({}, {"rollout": "vllm"}, {"rollout": "vllm-server", "vllm_server_url": "http://127.0.0.1:1"}):
+        with pytest.raises(ConfigError, match="--vllm-sleep puts the colocated engine"):
+            objective_of(TrainConfig(**base, **extra))

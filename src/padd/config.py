@@ -577,6 +577,9 @@ class TrainConfig(MemoryOptions, RunOptions):
     vllm_max_model_len: int | None = opt(
         None, "vllm rollouts: longest prompt + completion (default: 2048 + the budget, within the model's context)"
     )
+    vllm_sleep: bool = opt(
+        False, "--rollout vllm on a GPU: the engine sleeps while the trainer steps (vLLM's sleep mode, level 2)"
+    )
     vllm_server_url: str | None = opt(
         None, "vllm-server rollouts: the server's address, e.g. http://127.0.0.1:8000 (docs/vllm-server.md starts one)"
     )

@@ -38,6 +38,7 @@ def rollout_backend(cfg, model, tokenizer, *, dist, sharded: bool) -> RolloutBac
         gpu_memory_utilization=cfg.vllm_gpu_memory,
         max_model_len=cfg.vllm_max_model_len or length,
         require_routing=cfg.routing_replay,
+        sleep=cfg.vllm_sleep,
         seed=cfg.seed * 1_000_003 + dist.rank,
         progress=cfg.progress and dist.main,
     )

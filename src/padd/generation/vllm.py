@@ -203,6 +203,7 @@ class VLLMRollout:
         record_routing: bool = True,
         require_routing: bool = False,
         enforce_eager: bool = False,
+        sleep: bool = False,
         seed: int = 0,
         progress: bool = False,
     ):
@@ -212,7 +213,11 @@ class VLLMRollout:
         give it (R3 needs it); `max_model_len`: longest prompt + completion (default:
         `engine_length` with a budget as long as PROMPT_ROOM);
         `gpu_memory_utilization`: the engine's share of the GPU (default 0.3, beside a trainer);
-        `enforce_eager`: skip vLLM's torch.compile and graph capture (faster start, slower decode)."""
+        `enforce_eager`: skip vLLM's torch.compile and graph capture (faster start, slower decode);
+        `sleep`: vLLM's sleep mode (a GPU only; not run here, as no GPU was at hand): after each
+        batch's sampling the engine sleeps at level 2, releasing its weights and KV cache to the
+        trainer's steps; `sync_weights` wakes the weights, loads the trainer's, and the next sample
+        wakes the KV cache."""
 
         # One engine in this process, so weights reach it by reference, not through a pipe.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -228,8 +233,10 @@ class VLLMRollout:
         self.moe_layers = moe_layers
         pad_prompts_left(tokenizer)
         self.context = max_model_len or engine_length(context, PROMPT_ROOM)
+        self.sleep, self.asleep = sleep, False
         engine_args = dict(
             model=model_dir,
+            enable_sleep_mode=sleep,
             dtype=dtype,
             max_model_len=self.context,
             seed=seed,
@@ -271,9 +278,12 @@ class VLLMRollout:
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
-        self.llm.collective_rpc(_load_into_worker, args=(checkpoint_weights(model),))
-        # cached prefixes hold keys and values of the old weights
-        self.llm.reset_prefix_cache()
+        weights = checkpoint_weights(model)
+        if self.asleep:  # level 2 kept nothing of the weights: every one is loaded below
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc(_load_into_worker, args=(weights,))
+        if not self.asleep:  # cached prefixes hold keys and values of the old weights
+            self.llm.reset_prefix_cache()
 
     def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
         from vllm import SamplingParams
@@ -305,7 +315,14 @@ class VLLMRollout:
             )
             for i in range(len(requests))
         ]
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.llm.reset_prefix_cache()  # its blocks were discarded with the KV cache
+            self.asleep = False
         outputs = self.llm.generate(requests, params, use_tqdm=self.progress)
+        if self.sleep:  # the trainer's forwards and steps get the engine's memory until the next sample
+            self.llm.sleep(level=2)
+            self.asleep = True
         samples = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
         completions = [list(c.token_ids) for c in samples]
         width = max(1, max(len(c) for c in completions))

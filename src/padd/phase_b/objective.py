@@ -93,6 +93,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             "--routing-replay needs vLLM's routed-expert return, which only its Model Runner V2 gives (Triton, "
             "a GPU): run it with --device cuda, or drop it on a CPU"
         )
+    if cfg.vllm_sleep and (cfg.rollout != "vllm" or cfg.device != "cuda"):
+        raise ConfigError(
+            "--vllm-sleep puts the colocated engine of --rollout vllm to sleep, which vLLM can do on a GPU "
+            "only (its CuMemAllocator): give --rollout vllm --device cuda, or drop it"
+        )
     if cfg.rollout == "vllm" and cfg.device == "cpu" and cfg.vllm_gpu_memory is not None:
         raise ConfigError(
             "--vllm-gpu-memory only acts on a GPU; on a CPU, VLLM_CPU_KVCACHE_SPACE (GiB) sizes the engine"
