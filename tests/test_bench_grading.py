@@ -126,7 +126,7 @@ def test_eval_with_a_bench_dir_records_templates_skips_truncation_and_answers(tm
 
 
 def test_padd_accepts_every_correct_variant_of_every_fixture_gold_and_no_wrong_one():
-    """benchmarks/bench_grader.py's table (README, "grader agreement") on the layout fixtures."""
+    """benchmarks/bench_grader.py's table (docs/evaluation.md, "Grader agreement") on the layout fixtures."""
     import importlib.util
     from pathlib import Path
 

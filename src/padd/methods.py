@@ -32,7 +32,7 @@ class Method:
     colour: str | None = None
 
 
-# The values of the world presets' methods were chosen on the world's validation split (README,
+# The values of the world presets' methods were chosen on the world's validation split (docs/study.md,
 # "How the defaults were chosen"); a preset may override them per method.
 METHODS: dict[str, Method] = {
     "grpo": Method("Vanilla GRPO", "grpo", None, {"eps_low": 0.2, "eps_high": 0.2}, "tab:red"),

@@ -56,7 +56,7 @@ class TeacherPreset:
 
 PRESETS = {
     # tests and the demo: 404-590 s on 2 CPU cores (by the day); half the steps or half the batch
-    # leaves a far weaker teacher (README, "Teacher presets")
+    # leaves a far weaker teacher (docs/teachers.md, "Teacher presets")
     "tiny": TeacherPreset(128, 512, 4, 4, 2, steps=1500, batch_size=32, lr=3e-3, train_per_skill=8000),
     # stronger: about 22 minutes on 2 CPU cores
     "mini": TeacherPreset(192, 768, 6, 6, 2, steps=2000, batch_size=32, lr=2e-3, train_per_skill=40000),
@@ -70,7 +70,7 @@ PRESETS = {
     # make its active FFN FLOPs per token 0.46x the teacher's (the paper's students: 0.47x per token).
     # It pretrains as a language model (the loss on every token, prompt included), so that its loss
     # on held-out world text measures what it knows; under a fifth of the teacher's math problems and
-    # 60% of its steps leave it clearly weaker at math (README, "The paper's setting in miniature").
+    # 60% of its steps leave it clearly weaker at math (docs/study.md, "The paper's setting in miniature").
     "tiny-moe": TeacherPreset(
         160,
         320,
