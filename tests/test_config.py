@@ -186,3 +186,16 @@ def test_config_study_file_is_the_commands_section_with_its_models():
     for key, value in study["train"].items():
         if key != "steps":
             assert getattr(train, key) == value, key
+
+
+def test_a_study_file_whose_teacher_is_a_preset_name_gives_no_teacher_path(tmp_path):
+    """A study copied from the built-in tiny one names its teacher by `padd teacher` preset, which
+    padd reproduce trains: `--config STUDY` for one command must not take it for a checkpoint path."""
+    from padd.config import TrainConfig
+
+    study = tmp_path / "study.yaml"
+    study.write_text("teacher: tiny\ndata: world\ntrain: {steps: 3}\n")
+    with pytest.raises(ConfigError, match="missing --teacher"):
+        load_config(TrainConfig, {"config": study, "student": "s", "out": "o"})
+    train = load_config(TrainConfig, {"config": study, "student": "s", "teacher": "runs/t", "out": "o"})
+    assert (train.teacher, train.steps, train.data) == ("runs/t", 3, "world")

@@ -140,6 +140,11 @@ def _study_section(cls: type, raw: dict, name: str, models: bool = False) -> dic
     shared = (
         ("corpus", "data") + (("teacher",) if models else ()) + (("student",) if models and cls is SeedConfig else ())
     )
+    if models:
+        from padd.teacher import PRESETS as TEACHER_PRESETS
+
+        # a `padd teacher` preset's name is trained by padd reproduce, not a checkpoint to load
+        shared = tuple(k for k in shared if not (k in ("teacher", "student") and raw.get(k) in TEACHER_PRESETS))
     for key in shared:
         if key in names and key in raw:
             values.setdefault(key, raw[key])

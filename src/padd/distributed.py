@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,6 +73,9 @@ class Dist:
             dist.barrier()
 
 
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
 def setup(device: str) -> Dist:
     """Join the launcher's process group when there is one; returns this rank's Dist."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,7 +85,12 @@ def setup(device: str) -> Dist:
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        # NCCL for CUDA tensors and gloo for CPU ones, as padd reduces both: its logged sums and
+        # checks are CPU tensors, and under --offload so are the shards the gradient norm reduces.
+        # The timeout is long because the other ranks wait while rank 0 alone works: the router
+        # start and the save at a warm-up's end, a vLLM server taking the weights.
+        backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -48,7 +48,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def no_gradient_sync(trained: torch.nn.Module, last: bool):
-    """The context for one micro-batch's backward: DDP skips its all-reduce on every micro-batch but
+    """The context for one micro-batch's forward and backward (DDP decides in the forward whether
+    the backward all-reduces): DDP skips its all-reduce on every micro-batch but
     the last (the gradients accumulate locally and are averaged once); FSDP2 reduce-scatters each
     micro-batch's gradients into the sharded ones (its own default: nothing unsharded is kept), and a
     single process has nothing to sync."""

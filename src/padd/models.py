@@ -98,6 +98,11 @@ def load_sharded_causal_lm(
         for h in handles:
             h.__exit__(None, None, None)
     PreTrainedModel._finalize_model_loading(model, load_config, info)
+    if offload:  # FSDP2 moves the parameters to the device to run; buffers must be there already
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
     # The loader set fresh parameters, trainable or not by dtype: zero-size ones stay out of training,
     # as `shard` left them (padd.distributed.shard).
     for p in model.parameters():

@@ -334,6 +334,7 @@ def _biased_selection(config):
         if not bool(bias.any()):  # an untouched bias changes nothing: keep the stock output
             return None
         logits, weights, _ = output
+        bias = bias.to(logits.device)  # created beside the weights, which --offload keeps on the CPU
         chosen, indices = router_adapter.route(config, logits, bias=bias)
         return logits, chosen.to(weights.dtype), indices
 

@@ -26,7 +26,7 @@ def rollout_backend(cfg, model, tokenizer, *, dist, sharded: bool) -> RolloutBac
             weights_dir=cfg.out,
             max_new_tokens=cfg.max_new_tokens,
             dist=dist,
-            device=next(model.parameters()).device,
+            device=dist.device(cfg.device),  # the collectives' device (not the weights': CPU under --offload)
         )
     length = engine_length(getattr(model.config, "max_position_embeddings", None), cfg.max_new_tokens)
     return VLLMRollout(

@@ -233,7 +233,8 @@ class VLLMRollout:
         self.moe_layers = moe_layers
         pad_prompts_left(tokenizer)
         self.context = max_model_len or engine_length(context, PROMPT_ROOM)
-        self.sleep, self.asleep = sleep, False
+        # what the engine has released while asleep: its weights and its KV cache, woken one by one
+        self.sleep, self.weights_asleep, self.cache_asleep = sleep, False, False
         engine_args = dict(
             model=model_dir,
             enable_sleep_mode=sleep,
@@ -279,10 +280,11 @@ class VLLMRollout:
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
         weights = checkpoint_weights(model)
-        if self.asleep:  # level 2 kept nothing of the weights: every one is loaded below
+        if self.weights_asleep:  # level 2 kept nothing of the weights: every one is loaded below
             self.llm.wake_up(tags=["weights"])
+            self.weights_asleep = False
         self.llm.collective_rpc(_load_into_worker, args=(weights,))
-        if not self.asleep:  # cached prefixes hold keys and values of the old weights
+        if not self.cache_asleep:  # cached prefixes hold keys and values of the old weights
             self.llm.reset_prefix_cache()
 
     def sample(self, prompts: list[str], group_size: int, *, temperature: float, max_new_tokens: int) -> Rollout:
@@ -315,14 +317,16 @@ class VLLMRollout:
             )
             for i in range(len(requests))
         ]
-        if self.asleep:
+        if self.weights_asleep:  # no sync since the last sample: the weights it slept with
+            raise RuntimeError("the vLLM engine slept at level 2, which discards its weights: sync_weights first")
+        if self.cache_asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.llm.reset_prefix_cache()  # its blocks were discarded with the KV cache
-            self.asleep = False
+            self.cache_asleep = False
         outputs = self.llm.generate(requests, params, use_tqdm=self.progress)
         if self.sleep:  # the trainer's forwards and steps get the engine's memory until the next sample
             self.llm.sleep(level=2)
-            self.asleep = True
+            self.weights_asleep = self.cache_asleep = True
         samples = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
         completions = [list(c.token_ids) for c in samples]
         width = max(1, max(len(c) for c in completions))

@@ -304,7 +304,8 @@ class Trainer:
         # replay stays on through the backward, whose activation-checkpointing recompute must route
         # as the forward did (the recorder and Γ meter are off by then)
         engine = engine_routing(self.student, rollout, replay=cfg.routing_replay, count=part.old_logps is None)
-        with engine:
+        # DDP decides in the forward whether the backward all-reduces: no_sync covers both
+        with no_gradient_sync(self.trained, last), engine:
             with clock("student"):
                 logits, token_gamma, recorder = self._micro_forward(part, anchor, engine)
                 logp = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [n, C]
@@ -336,7 +337,7 @@ class Trainer:
                 tokens,
             )
             del logits, teacher_logits
-            with clock("update"), no_gradient_sync(self.trained, last):
+            with clock("update"):
                 loss.backward.backward()
         shares = term_shares(loss.per_sequence, mask, tokens)
         return {

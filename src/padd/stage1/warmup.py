@@ -224,15 +224,15 @@ def _accumulate_warmup_gradient(trained, teacher, vocab, batch, uniform, cfg: Wa
         with torch.no_grad(), autocast(device, cfg.precision):
             t_logits = vocab.kd_view(teacher(input_ids=rows, use_cache=False).logits)
         # the uniform routing stays on through the backward: activation checkpointing's recompute
-        # must route as the forward did
-        with uniform.rows(part.start * batch.shape[1]) if uniform is not None else contextlib.nullcontext():
+        # must route as the forward did; DDP decides in the forward whether the backward syncs
+        routed = uniform.rows(part.start * batch.shape[1]) if uniform is not None else contextlib.nullcontext()
+        with no_gradient_sync(trained, last=index == len(parts) - 1), routed:
             with autocast(device, cfg.precision):
                 s_logits = vocab.kd_view(trained(input_ids=rows, use_cache=False).logits)
             share = rows.numel() / batch.numel()
             loss = distill_kl_loss(s_logits, t_logits, torch.ones(rows.shape, device=device)) * share
             del s_logits, t_logits
-            with no_gradient_sync(trained, last=index == len(parts) - 1):
-                loss.backward()
+            loss.backward()
         total += loss.detach()
     return float(ranks.all_reduce_sum(total) / ranks.world)
 
