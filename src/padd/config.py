@@ -122,6 +122,10 @@ def _preset_section(cls: type, name: str) -> dict:
     return _study_section(cls, raw, name)
 
 
+def _preset_name(value) -> bool:
+    return isinstance(value, str) and "/" not in value and not Path(value).exists()
+
+
 def _study_section(cls: type, raw: dict, name: str, models: bool = False) -> dict:
     """This command's section of the study `raw` (`name` in errors), with its corpus or problem set
     where the command takes one; with `models`, also its teacher (and padd seed's student), which a
@@ -141,10 +145,9 @@ def _study_section(cls: type, raw: dict, name: str, models: bool = False) -> dic
         ("corpus", "data") + (("teacher",) if models else ()) + (("student",) if models and cls is SeedConfig else ())
     )
     if models:
-        from padd.teacher import PRESETS as TEACHER_PRESETS
-
-        # a `padd teacher` preset's name is trained by padd reproduce, not a checkpoint to load
-        shared = tuple(k for k in shared if not (k in ("teacher", "student") and raw.get(k) in TEACHER_PRESETS))
+        # a bare name that is no folder here is a `padd teacher` preset's (tiny, mini, ...), which padd
+        # reproduce trains: not a checkpoint to load, so the command asks for one instead
+        shared = tuple(k for k in shared if not (k in ("teacher", "student") and _preset_name(raw.get(k))))
     for key in shared:
         if key in names and key in raw:
             values.setdefault(key, raw[key])
