@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench_phase_b import phase_means, random_teacher
+from bench_phase_b import decomposed_student, phase_means, random_teacher
 
 SETTINGS = {
     "plain": {},
@@ -43,27 +43,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="completion length (random weights: all of it)")
     parser.add_argument("--workdir", type=Path, help="where the runs go (default: a temp folder)")
     args = parser.parse_args()
-    from padd.config import DecomposeConfig, TrainConfig
+    from padd.config import TrainConfig
     from padd.phase_b.loop import run_train
-    from padd.stage1.decompose import decompose
 
     quiet = Console(quiet=True)
     work = Path(tempfile.mkdtemp(prefix="padd-bench-memory-", dir=args.workdir))
-    teacher, student = random_teacher(args.shape, work / "teacher"), work / "student"
-    decompose(
-        DecomposeConfig(
-            teacher=str(teacher),
-            corpus="world",
-            out=str(student),
-            experts=8,
-            top_k=4,
-            tokens=2048,
-            seq_len=128,
-            device=args.device,
-            progress=False,
-        ),
-        quiet,
-    )
+    teacher = random_teacher(args.shape, work / "teacher")
+    student = decomposed_student(teacher, work / "student", args.device)
     results = {}
     for name, options in SETTINGS.items():
         run = work / name.replace(" ", "-").replace("+", "and")

@@ -80,6 +80,27 @@ def random_teacher(shape: str, out: Path) -> Path:
     return out
 
 
+def decomposed_student(teacher: Path, out: Path, device: str) -> Path:
+    """`teacher` decomposed into a student at `out` as the presets do (E=8, top-4), not warmed up:
+    the speed and memory of a step do not depend on it."""
+    from padd.config import DecomposeConfig
+    from padd.stage1.decompose import decompose
+
+    cfg = DecomposeConfig(
+        teacher=str(teacher),
+        corpus="world",
+        out=str(out),
+        experts=8,
+        top_k=4,
+        tokens=2048,
+        seq_len=128,
+        device=device,
+        progress=False,
+    )
+    decompose(cfg, Console(quiet=True))
+    return out
+
+
 def phase_means(run: Path) -> dict[str, float]:
     """Mean seconds per rollout batch of each phase and the max of each phase's peak memory (GB),
     leaving the first batch out (kernel warm-up, allocator growth)."""
@@ -120,9 +141,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, interleaved; the fastest is kept")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and runs go (default: a temp folder)")
     args = parser.parse_args()
-    from padd.config import DecomposeConfig, TrainConfig
+    from padd.config import TrainConfig
     from padd.phase_b.loop import run_train
-    from padd.stage1.decompose import decompose
 
     shapes = (args.shapes or ("qwen2.5-0.5b" if args.device == "cuda" else "tiny,mini")).split(",")
     given = dict(t.split("=", 1) for t in args.teacher)
@@ -132,20 +152,10 @@ def main() -> None:
     for shape in shapes:
         work = Path(tempfile.mkdtemp(prefix=f"padd-bench-phase-b-{shape}-", dir=args.workdir))
         teacher = Path(given[shape]) if shape in given else random_teacher(shape, work / "teacher")
-        student = Path(students[shape]) if shape in students else work / "student"
-        if shape not in students:  # not warmed up: the speed does not depend on it
-            decompose_cfg = DecomposeConfig(
-                teacher=str(teacher),
-                corpus="world",
-                out=str(student),
-                experts=8,
-                top_k=4,
-                tokens=2048,
-                seq_len=128,
-                device=args.device,
-                progress=False,
-            )
-            decompose(decompose_cfg, quiet)
+        if shape in students:
+            student = Path(students[shape])
+        else:
+            student = decomposed_student(teacher, work / "student", args.device)
         best: dict[str, dict] = {}
         for repeat, method in ((r, m) for r in range(args.repeats) for m in ("grpo", "padd")):
             run = work / f"{method}-{repeat}"
