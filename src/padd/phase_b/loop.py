@@ -277,20 +277,17 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
         }
 
-    def _micro_forward(self, part: Trajectory, anchor, engine=None):
+    def _micro_forward(self, part: Trajectory, anchor, own_replay: bool = True):
         """The training-mode student forward on one micro-batch: (logits [n, C, V], Γ [n, C] (zero
-        off the completion), the recorder of its routing). `engine`: the routing replay/counter
-        already entered by the caller, else one for this forward alone."""
+        off the completion), the recorder of its routing). `own_replay`: replay the engine's routing
+        (R3) for this forward alone; False where the caller holds the replay open itself."""
         rollout, dev = part.rollout, self.device
         meter = TokenGammaMeter(
             self.student, anchor, part.old_topk, rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
         )
         recorder = RouterRecorder(self.student)
-        if engine is None:
-            engine = engine_routing(self.student, rollout, replay=self.cfg.routing_replay)
-        else:  # entered by the caller
-            engine = contextlib.nullcontext()
-        with self.amp(), engine, meter, recorder:
+        replay = engine_routing(self.student, rollout, replay=self.cfg.routing_replay) if own_replay else None
+        with self.amp(), replay or contextlib.nullcontext(), meter, recorder:
             logits = forward_completion(self.trained, rollout, dev)  # [n, C, V]
             token_gamma = meter.token_gamma() * part.completion_mask.to(dev)
         return logits, token_gamma, recorder
@@ -307,7 +304,7 @@ class Trainer:
         # DDP decides in the forward whether the backward all-reduces: no_sync covers both
         with no_gradient_sync(self.trained, last), engine:
             with clock("student"):
-                logits, token_gamma, recorder = self._micro_forward(part, anchor, engine)
+                logits, token_gamma, recorder = self._micro_forward(part, anchor, own_replay=False)
                 logp = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [n, C]
             counts = (getattr(engine, "differ", 0), getattr(engine, "counted", 0))
             old_logps = logp.detach() if part.old_logps is None else part.old_logps.to(dev)
