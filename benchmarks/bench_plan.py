@@ -8,10 +8,13 @@ the largest resident set size seen while it ran, batches after the first, when g
 state exist) with `padd plan --device cpu` for the same settings and the longest prompt those
 batches drew.
 
-Each shape runs twice: as the presets train, and with padd train's memory options
+Each shape runs three times: as the presets train; with padd train's memory options
 (`--micro-batch-size 4 --activation-checkpointing`: each mini-batch of 16 completions in 4
-micro-batches, every decoder layer recomputed in the backward). FSDP2's `--offload` needs 2+
-processes and this benchmark runs one; on a CPU it would move tensors to the memory they are in.
+micro-batches, every decoder layer recomputed in the backward); and with all three under FSDP2 on
+2 gloo processes started by torchrun (`--parallel fsdp --offload`, one thread each; each rank's
+mini-batch of 8 completions in 2 micro-batches of 4). That last row is rank 0's log against the
+plan of 2 processes: on a CPU, FSDP2's offload moves shards into the memory they are already in, so
+the row checks the plan's sharded state, gathers and the offload's bookkeeping, not a saving.
 
 The runs set glibc's MALLOC_MMAP_THRESHOLD_ so that freed tensors go back to the system at once:
 at glibc's default the threshold grows after the first large free, later allocations come from a
@@ -20,7 +23,7 @@ shape: 5-10% per phase; a quarter in the generate phase with 186-token prompts).
 logged peak is torch's allocated memory, with no such gap.
 
     python benchmarks/bench_plan.py                    # tiny, mini and mini with a 16k vocabulary
-    python benchmarks/bench_plan.py --shapes tiny --options memory --steps 3
+    python benchmarks/bench_plan.py --shapes tiny --options memory,offload --steps 3
 """
 
 from __future__ import annotations
@@ -40,7 +43,25 @@ SHAPES = {"tiny": ("tiny", None), "mini": ("mini", None), "mini-16k": ("mini", 1
 TRAIN = dict(prompts_per_step=8, group_size=4, updates_per_batch=2, max_new_tokens=96, temperature=0.8)
 DATA, PER_SKILL, SEED = "world", 50, 0
 # padd train's memory options each run is planned and measured with
-OPTIONS = {"plain": {}, "memory": {"micro_batch_size": 4, "activation_checkpointing": True}}
+OPTIONS = {
+    "plain": {},
+    "memory": {"micro_batch_size": 4, "activation_checkpointing": True},
+    "offload": {"micro_batch_size": 4, "activation_checkpointing": True, "parallel": "fsdp", "offload": True},
+}
+
+
+def processes_of(options: dict) -> int:
+    """Processes a run of these settings takes: 2 under FSDP2 (offload needs 2+), else 1."""
+    return 2 if options.get("parallel") == "fsdp" else 1
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on, for torchrun's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build(shape: str, work: Path) -> tuple[Path, Path]:
@@ -78,15 +99,16 @@ def build(shape: str, work: Path) -> tuple[Path, Path]:
     return teacher, student
 
 
-def longest_prompt(student: Path, steps: int) -> int:
-    """Tokens of the longest prompt the run's `steps` rollout batches draw (their padded prompt width)."""
+def longest_prompt(student: Path, steps: int, processes: int = 1) -> int:
+    """Tokens of the longest prompt rank 0 draws in the run's `steps` rollout batches (its padded
+    prompt width) when `processes` ranks share each batch."""
     from transformers import AutoTokenizer
 
     from padd.data import batch_problems, build_prompt, load_problems
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     problems = load_problems(DATA, split="train", world_per_skill=PER_SKILL, seed=SEED)
-    drawn = [p for b in range(steps) for p in batch_problems(problems, b, TRAIN["prompts_per_step"], SEED, 0, 1)]
+    drawn = [p for b in range(steps) for p in batch_problems(problems, b, TRAIN["prompts_per_step"], SEED, 0, processes)]
     return max(len(tokenizer(build_prompt(tokenizer, p.problem)).input_ids) for p in drawn)
 
 
@@ -103,13 +125,23 @@ def flags_of(options: dict) -> list[str]:
 
 
 def measured_peaks(teacher: Path, student: Path, out: Path, steps: int, options: dict) -> dict[str, float]:
-    """Each phase's logged peak (GiB) over the batches after the first, from a fresh `padd train`."""
+    """Each phase's logged peak (GiB, rank 0's under torchrun) over the batches after the first, from
+    a fresh `padd train`."""
     flags = flags_of({**TRAIN, **options})
-    command = [sys.executable, "-m", "padd", "train", "--student", str(student), "--teacher", str(teacher)]
+    processes = processes_of(options)
+    start = [sys.executable, "-m"]
+    if processes > 1:
+        start += ["torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1"]
+        start += [f"--master_port={free_port()}", "-m"]
+    command = [*start, "padd", "train", "--student", str(student), "--teacher", str(teacher)]
     command += ["--data", DATA, "--world-per-skill", str(PER_SKILL), "--out", str(out), "--steps", str(steps)]
     command += [*flags, "--save-every", "0", "--overwrite", "--no-progress"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    subprocess.run(command, check=True, capture_output=True, env=env)
+    if processes > 1:  # one thread per process on this machine's 2 cores, as the tests run torchrun
+        env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"padd train failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     later = [r for r in rows if r["batch"] > 1]
     return {p: max(r[f"mem_{p}_gb"] for r in later) for p in PHASES}
@@ -128,6 +160,7 @@ def predicted_peaks(teacher: Path, prompt_tokens: int, steps: int, options: dict
         device="cpu",
         steps=steps,
         prompt_tokens=prompt_tokens,
+        gpus=processes_of(options),
         **TRAIN,
         **options,
     )
@@ -142,9 +175,9 @@ def compare(
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """options -> phase -> (predicted, measured) peak GiB for `shape` (one teacher and student for all)."""
     teacher, student = build(shape, work)
-    prompt = longest_prompt(student, steps)
     result = {}
     for name in options:
+        prompt = longest_prompt(student, steps, processes_of(OPTIONS[name]))
         measured = measured_peaks(teacher, student, work / f"run-{name}", steps, OPTIONS[name])
         predicted = predicted_peaks(teacher, prompt, steps, OPTIONS[name])
         result[name] = {p: (predicted[p], measured[p]) for p in PHASES}

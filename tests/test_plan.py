@@ -84,6 +84,15 @@ def test_cpu_memory_plan_is_within_a_quarter_of_the_logged_peaks(tmp_path, shape
     assert grows["predicted"] == pytest.approx(grows["measured"], rel=0.3), grows
 
 
+@pytest.mark.slow
+def test_cpu_memory_plan_of_fsdp2_offload_is_within_a_quarter_of_rank_0s_logged_peaks(tmp_path):
+    """The same on the tiny shape under FSDP2 on 2 gloo processes with --offload, micro-batches and
+    activation checkpointing on: rank 0's logged peaks against the plan of 2 processes."""
+    results = bench_plan().compare("tiny", tmp_path, steps=2, options=("offload",))
+    for phase, (predicted, measured) in results["offload"].items():
+        assert predicted == pytest.approx(measured, rel=0.25), (phase, predicted, measured)
+
+
 def _saved_per_token(cfg, precision: str, checkpointing: bool) -> tuple[float, float]:
     """(bytes per token, bytes independent of the tokens) autograd keeps from a training forward of
     `cfg` on this CPU, as padd trains (float32 routers, experts in the autocast dtype): from forwards
