@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from padd.config import EvalConfig
 from padd.data import build_prompt
+from padd.determinism import deterministic_kernels
 from padd.errors import UserError
 from padd.eval import evaluate_bench
 from padd.generation.rollout import TransformersRollout
@@ -189,6 +190,7 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     steps = cfg.steps or preset.steps
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
+    deterministic_kernels(cfg.device)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     n_train = cfg.train_per_skill or preset.train_per_skill

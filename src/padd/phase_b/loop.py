@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 
 from padd.config import TrainConfig, to_dict
 from padd.data import batch_problems, build_prompt, load_problems
+from padd.determinism import deterministic_kernels
 from padd.distributed import full_tensor, is_sharded, setup, wrap_for_training
 from padd.errors import UserError
 from padd.generation import rollout_backend
@@ -81,6 +82,7 @@ class Trainer:
         self.sample_temperature = cfg.temperature if cfg.temperature > 0 else 1.0
         self.out = Path(cfg.out)
         self.dist = setup(cfg.device)
+        deterministic_kernels(cfg.device)
         if cfg.prompts_per_step % self.dist.world:
             raise UserError(
                 f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {self.dist.world} processes, "

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from padd.config import WarmupConfig, to_dict
 from padd.corpus import sample_corpus
+from padd.determinism import deterministic_kernels
 from padd.distributed import is_sharded, setup, unsharded_copy, wrap_for_training
 from padd.errors import UserError
 from padd.io import atomic_save_dir, check_out_dir
@@ -256,6 +257,7 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     check_out_dir(out, cfg.overwrite)
     ranks = setup(cfg.device)
     device = ranks.device(cfg.device)
+    deterministic_kernels(device)
     cfg.check_memory_options(cfg.batch_size, "--batch-size", ranks.world)
     if cfg.activation_checkpointing:
         check_activation_checkpointing(cfg.student)
