@@ -108,7 +108,8 @@ def longest_prompt(student: Path, steps: int, processes: int = 1) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     problems = load_problems(DATA, split="train", world_per_skill=PER_SKILL, seed=SEED)
-    drawn = [p for b in range(steps) for p in batch_problems(problems, b, TRAIN["prompts_per_step"], SEED, 0, processes)]
+    size = TRAIN["prompts_per_step"]
+    drawn = [p for b in range(steps) for p in batch_problems(problems, b, size, SEED, 0, processes)]
     return max(len(tokenizer(build_prompt(tokenizer, p.problem)).input_ids) for p in drawn)
 
 
