@@ -163,13 +163,13 @@ def test_two_processes_share_one_folder_without_losing_rows_or_cells(tmp_path, s
         return StudyRun(cfg)
 
     first, second = make("grpo"), make("padd")  # both have read cells.json
-    first.cell("analysis/only-first", "analysis", lambda: None)
+    first.ledger.cell("analysis/only-first", "analysis", lambda: None)
 
     def must_not_run():
         raise AssertionError("a cell the other process finished ran again")
 
-    second.cell("analysis/only-first", "analysis", must_not_run)
-    second.cell("eval/only-second", "eval", lambda: None)
+    second.ledger.cell("analysis/only-first", "analysis", must_not_run)
+    second.ledger.cell("eval/only-second", "eval", lambda: None)
     cells = json.loads((shared / "cells.json").read_text())
     assert {"analysis/only-first", "eval/only-second", "train/grpo-s1"} <= set(cells)
 
@@ -185,7 +185,7 @@ def test_without_the_init_comparison_only_the_students_the_rows_use_are_warmed_u
     def starts(**kw):
         cfg = ReproduceConfig(preset=str(flags["preset"]), out=str(tmp_path / "r"), seeds=1, **kw)
         run = StudyRun(cfg)
-        return run.warm_starts(), run.start, run.other_start
+        return run.grid.warm_starts(), run.grid.start, run.grid.other_start
 
     both, start, other = starts(methods="base,grpo,padd", ablations="none")
     assert both == {"cluster": [start, other], "random": [start, other]}
@@ -286,7 +286,7 @@ def test_a_study_with_a_pretrained_student_seeds_it_and_compares_against_it(tmp_
     from padd.config import ReproduceConfig
     from padd.study import StudyRun
 
-    every = StudyRun(ReproduceConfig(preset=str(preset), out=str(tmp_path / "all"), ablations="all")).ablations
+    every = StudyRun(ReproduceConfig(preset=str(preset), out=str(tmp_path / "all"), ablations="all")).grid.ablations
     assert "no-stage1" in every and "other-start" not in every  # all: every ablation that applies
     base = json.loads((run / "eval" / "base.json").read_text())
     assert base["model"] == str(student)
