@@ -392,127 +392,168 @@ def sweep_lines(run: RunFiles, benches: list[str]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, console: Console | None = None) -> Path:
-    """Write run_dir/report.md and run_dir/plots/*.png from the run's files; print Table 1."""
-    console = console or Console()
-    run_dir = Path(run_dir)
-    run = RunFiles.read(run_dir)
+def _preamble(run: RunFiles) -> list[str]:
+    """The report's title and the paragraph naming the preset, the seeds and the split."""
     study = run.manifest["study"]
-    benches, broad = _benches(study["benches"]), _benches(study["broad"])
-    main_rows = ["teacher", *run.manifest["methods"]]
-    ablation_rows = ["padd", *run.manifest["ablations"]] if run.manifest["ablations"] else []
-    sweep_rows = run.manifest.get("sweep_rows", [])
-    plot_dir = run_dir / "plots"
-    plot_dir.mkdir(exist_ok=True)
     seeds = len(run.manifest["seeds"])
     split = run.manifest.get("eval_split", "test")
-
-    lines = [
+    return [
         "# PADD study report",
         "",
         f"Preset: teacher `{study['teacher']}`, Phase B data `{study['data']}`, router start "
         f"`{run.manifest.get('router_start', 'uniform')}`, {seeds} seed(s) per trained row, greedy Pass@1 (%) on "
         f"the `{split}` split as mean ± std over seeds. Every number below is read from this run's files.",
-        "",
-        "## Table 1: main results",
-        "",
-        _md(score_table(run, main_rows, benches, average=True, flops=True)),
     ]
-    if ablation_rows:
+
+
+def _score_sections(run: RunFiles, main_rows: list[str], benches: list[str], broad: list[str]) -> list[str]:
+    """Markdown lines of the accuracy tables: Table 1, the ablations, the sweep and the broad skills
+    (each only when the run has its rows)."""
+    lines = ["", "## Table 1: main results", "", _md(score_table(run, main_rows, benches, average=True, flops=True))]
+    if run.manifest["ablations"]:
+        ablation_rows = ["padd", *run.manifest["ablations"]]
         lines += ["", "## Ablations", "", _md(score_table(run, ablation_rows, benches, average=True, flops=False))]
     lines += sweep_lines(run, benches)
     if broad:
-        all_rows = [*main_rows, *run.manifest["ablations"], *sweep_rows]
+        all_rows = [*main_rows, *run.manifest["ablations"], *run.manifest.get("sweep_rows", [])]
         lines += ["", "## Broad skills (not trained on in Phase B)", ""]
         lines.append(_md(score_table(run, all_rows, broad, average=len(broad) > 1, flops=False)))
+    return lines
 
-    trained = [r for r in [*run.manifest["methods"], *run.manifest["ablations"], *sweep_rows] if r != "base"]
-    stage_rows = [r for r in (*STAGE_ROWS, *sweep_rows) if r in trained]
-    if stage_rows:
-        lines += [
-            "",
-            "## Do the stages act?",
-            "",
-            "III: the median of exp(−λΓ) on negative-advantage tokens over the updates whose router had moved "
-            "since the rollout (the first mini-batch of each batch is on-policy, Γ = 0). IV: the spread of the "
-            "selection bias (max − min per layer, mean over layers) against the gap between the K-th and "
-            "(K+1)-th router scores it must bridge, and the share of token-layer selections it changed.",
-            "",
-            *stage_table(run, stage_rows),
-        ]
-        cv = {r: s for r in stage_rows if (s := _series(run, r, "load_cv", "step", statistics.fmean)) is not None}
-        if cv:
-            plots.series_curves(
-                cv, {r: run.label(r) for r in cv}, "load CV (mean over MoE layers)", plot_dir / "load_cv.png"
-            )
-            lines += ["", "![load CV per step](plots/load_cv.png)"]
 
-    spec_rows = {k: v for k, v in run.analysis.items()}
-    if spec_rows:
-        lines += [
-            "",
-            "## Expert specialisation",
-            "",
-            "NMI and ESI between each token's teacher co-activation cluster (Stage I's K-Means partition) and the "
-            "student's top-1 expert, on held-out tokens, mean over MoE layers. "
-            + (
-                "`seeded-*` and `unseeded-*` are the pretrained student's warm-ups before Phase B, with and "
-                "without padd seed; the clusters are those padd seed matched to the experts, each student layer "
-                "against the teacher layer its layer map gives. "
-                if _pretrained(run)
-                else "`cluster-*` and `random-*` are the warmed-up students before Phase B (Stage I vs random "
-                "upcycling) at the uniform and the fitted (distill) router start; a fitted start was fitted to "
-                "its own partition's cluster masses, so the primary comparison is at the uniform start. "
-                if any(n.startswith(("cluster-", "random-")) for n in spec_rows)
-                else "The warmed-up students before Phase B were not analysed (`--no-compare-inits`). "
-            )
-            + "Trained rows are listed by run.",
-            "",
-            "| Model | NMI | ESI | load CV (mean over layers) |",
-            "| --- | --- | --- | --- |",
-        ]
-        for name, a in spec_rows.items():
-            lines.append(f"| {name} | {a['nmi']:.3f} | {a['esi']:.3f} | {statistics.fmean(a['load_cv']):.3f} |")
-        plots.specialisation_bars({n: (a["nmi"], a["esi"]) for n, a in spec_rows.items()}, plot_dir / "nmi_esi.png")
-        lines += ["", "![NMI and ESI](plots/nmi_esi.png)"]
-        start = run.manifest.get("router_start", "uniform")
-        with_stage1 = run.manifest.get("inits", {}).get("cluster", "cluster")
-        shown = {
-            f"{with_stage1}-{start}": "Start of Phase B",
-            "grpo-s0": "Vanilla GRPO (seed 0)",
-            "padd-s0": "PADD (seed 0)",
-        }
-        heat = {n: np.array(a["load"]) for n, a in spec_rows.items() if n in shown}
-        if heat:
-            plots.load_heatmaps(heat, shown, plot_dir / "load.png")
-            lines += ["", "![expert load per layer](plots/load.png)"]
+def _stage_section(run: RunFiles, trained: list[str], plot_dir: Path) -> list[str]:
+    """Markdown lines of "Do the stages act?" with the load-CV plot (drawn into plot_dir); [] when no
+    trained row has stage measurements."""
+    stage_rows = [r for r in (*STAGE_ROWS, *run.manifest.get("sweep_rows", [])) if r in trained]
+    if not stage_rows:
+        return []
+    lines = [
+        "",
+        "## Do the stages act?",
+        "",
+        "III: the median of exp(−λΓ) on negative-advantage tokens over the updates whose router had moved "
+        "since the rollout (the first mini-batch of each batch is on-policy, Γ = 0). IV: the spread of the "
+        "selection bias (max − min per layer, mean over layers) against the gap between the K-th and "
+        "(K+1)-th router scores it must bridge, and the share of token-layer selections it changed.",
+        "",
+        *stage_table(run, stage_rows),
+    ]
+    cv = {r: s for r in stage_rows if (s := _series(run, r, "load_cv", "step", statistics.fmean)) is not None}
+    if cv:
+        plots.series_curves(
+            cv, {r: run.label(r) for r in cv}, "load CV (mean over MoE layers)", plot_dir / "load_cv.png"
+        )
+        lines += ["", "![load CV per step](plots/load_cv.png)"]
+    return lines
 
+
+def _specialisation_intro(run: RunFiles) -> str:
+    """The paragraph that says what NMI and ESI measure and which students before Phase B are listed."""
+    if _pretrained(run):
+        before_phase_b = (
+            "`seeded-*` and `unseeded-*` are the pretrained student's warm-ups before Phase B, with and "
+            "without padd seed; the clusters are those padd seed matched to the experts, each student layer "
+            "against the teacher layer its layer map gives. "
+        )
+    elif any(n.startswith(("cluster-", "random-")) for n in run.analysis):
+        before_phase_b = (
+            "`cluster-*` and `random-*` are the warmed-up students before Phase B (Stage I vs random "
+            "upcycling) at the uniform and the fitted (distill) router start; a fitted start was fitted to "
+            "its own partition's cluster masses, so the primary comparison is at the uniform start. "
+        )
+    else:
+        before_phase_b = "The warmed-up students before Phase B were not analysed (`--no-compare-inits`). "
+    return (
+        "NMI and ESI between each token's teacher co-activation cluster (Stage I's K-Means partition) and the "
+        "student's top-1 expert, on held-out tokens, mean over MoE layers. "
+        + before_phase_b
+        + "Trained rows are listed by run."
+    )
+
+
+def _load_heatmap_lines(run: RunFiles, plot_dir: Path) -> list[str]:
+    """Draw the expert-load heatmaps of the start of Phase B, vanilla GRPO and PADD (seed 0) into
+    plot_dir; returns the markdown lines that show them ([] when none was analysed)."""
+    start = run.manifest.get("router_start", "uniform")
+    with_stage1 = run.manifest.get("inits", {}).get("cluster", "cluster")
+    shown = {
+        f"{with_stage1}-{start}": "Start of Phase B",
+        "grpo-s0": "Vanilla GRPO (seed 0)",
+        "padd-s0": "PADD (seed 0)",
+    }
+    heat = {n: np.array(a["load"]) for n, a in run.analysis.items() if n in shown}
+    if not heat:
+        return []
+    plots.load_heatmaps(heat, shown, plot_dir / "load.png")
+    return ["", "![expert load per layer](plots/load.png)"]
+
+
+def _specialisation_section(run: RunFiles, plot_dir: Path) -> list[str]:
+    """Markdown lines of "Expert specialisation": the NMI / ESI / load CV table of every analysed
+    student and its plots (drawn into plot_dir); [] when nothing was analysed."""
+    if not run.analysis:
+        return []
+    lines = [
+        "",
+        "## Expert specialisation",
+        "",
+        _specialisation_intro(run),
+        "",
+        "| Model | NMI | ESI | load CV (mean over layers) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, a in run.analysis.items():
+        lines.append(f"| {name} | {a['nmi']:.3f} | {a['esi']:.3f} | {statistics.fmean(a['load_cv']):.3f} |")
+    plots.specialisation_bars({n: (a["nmi"], a["esi"]) for n, a in run.analysis.items()}, plot_dir / "nmi_esi.png")
+    lines += ["", "![NMI and ESI](plots/nmi_esi.png)"]
+    return lines + _load_heatmap_lines(run, plot_dir)
+
+
+def _routing_section(run: RunFiles, plot_dir: Path) -> list[str]:
+    """Markdown lines of "Routing stability": Γ_step of PADD and vanilla GRPO, with its plot (drawn
+    into plot_dir); [] when neither row logged it."""
     gamma_rows = {r: s for r in ("padd", "grpo") if (s := _series(run, r, "gamma_step", "step")) is not None}
-    if gamma_rows:
-        lines += ["", "## Routing stability", "", "| Method | Γ_step at the last step | Γ_step mean | Γ_step p90 |"]
-        lines.append("| --- | --- | --- | --- |")
-        for r, s in gamma_rows.items():
-            lines.append(f"| {run.label(r)} | {s[:, -1].mean():.3g} | {s.mean():.3g} | {np.quantile(s, 0.9):.3g} |")
-        plots.gamma_curves(gamma_rows, {r: run.label(r) for r in gamma_rows}, plot_dir / "gamma.png")
-        lines += ["", "![router shift](plots/gamma.png)"]
-    rewards = {r: s for r in trained if (s := _series(run, r, "reward_mean", "batch")) is not None}
-    if rewards:
-        plots.reward_curves(rewards, {r: run.label(r) for r in rewards}, plot_dir / "rewards.png")
-        lines += ["", "## Phase B reward", "", "![reward curves](plots/rewards.png)"]
-    if "teacher" in run.evals:
-        teacher_flops = run.evals["teacher"]["flops_per_token@1024"]
-        points = {
-            run.label(r): (
-                run.evals[run.names(r)[0]]["flops_per_token@1024"] / teacher_flops,
-                statistics.fmean(run.average(r, benches)),
-            )
-            for r in [*main_rows, *run.manifest["ablations"]]
-            if run.names(r)
-        }
-        plots.pass_vs_flops(points, plot_dir / "pass_vs_flops.png")
-        lines += ["", "## Accuracy against compute", "", "![Pass@1 vs FLOPs](plots/pass_vs_flops.png)"]
+    if not gamma_rows:
+        return []
+    lines = ["", "## Routing stability", "", "| Method | Γ_step at the last step | Γ_step mean | Γ_step p90 |"]
+    lines.append("| --- | --- | --- | --- |")
+    for r, s in gamma_rows.items():
+        lines.append(f"| {run.label(r)} | {s[:, -1].mean():.3g} | {s.mean():.3g} | {np.quantile(s, 0.9):.3g} |")
+    plots.gamma_curves(gamma_rows, {r: run.label(r) for r in gamma_rows}, plot_dir / "gamma.png")
+    return lines + ["", "![router shift](plots/gamma.png)"]
 
-    lines += [
+
+def _reward_section(run: RunFiles, trained: list[str], plot_dir: Path) -> list[str]:
+    """Markdown lines of "Phase B reward" with the reward curves of the trained rows (drawn into
+    plot_dir); [] when none logged a reward."""
+    rewards = {r: s for r in trained if (s := _series(run, r, "reward_mean", "batch")) is not None}
+    if not rewards:
+        return []
+    plots.reward_curves(rewards, {r: run.label(r) for r in rewards}, plot_dir / "rewards.png")
+    return ["", "## Phase B reward", "", "![reward curves](plots/rewards.png)"]
+
+
+def _compute_section(run: RunFiles, main_rows: list[str], benches: list[str], plot_dir: Path) -> list[str]:
+    """Markdown lines of "Accuracy against compute": average Pass@1 against FLOPs relative to the
+    teacher (plotted into plot_dir); [] without the teacher's eval."""
+    if "teacher" not in run.evals:
+        return []
+    teacher_flops = run.evals["teacher"]["flops_per_token@1024"]
+    points = {
+        run.label(r): (
+            run.evals[run.names(r)[0]]["flops_per_token@1024"] / teacher_flops,
+            statistics.fmean(run.average(r, benches)),
+        )
+        for r in [*main_rows, *run.manifest["ablations"]]
+        if run.names(r)
+    }
+    plots.pass_vs_flops(points, plot_dir / "pass_vs_flops.png")
+    return ["", "## Accuracy against compute", "", "![Pass@1 vs FLOPs](plots/pass_vs_flops.png)"]
+
+
+def _claims_section(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
+    """Markdown lines of the paper's claims with how they are judged and each verdict."""
+    return [
         "",
         "## What this run says about the paper's claims",
         "",
@@ -522,12 +563,43 @@ def write_report(run_dir: Path, console: Console | None = None) -> Path:
         "",
         *claims(run, benches, broad),
     ]
+
+
+def _wall_clock_section(run: RunFiles) -> list[str]:
+    """Markdown lines of the seconds each stage took, summed over its cells, and the total."""
     stages: dict[str, float] = {}
     for cell in run.cells.values():
         stages[cell["stage"]] = stages.get(cell["stage"], 0.0) + cell["seconds"]
-    lines += ["", "## Wall-clock per stage", "", "| Stage | seconds |", "| --- | --- |"]
+    lines = ["", "## Wall-clock per stage", "", "| Stage | seconds |", "| --- | --- |"]
     lines += [f"| {stage} | {sec:.0f} |" for stage, sec in stages.items()]
     lines.append(f"| total | {sum(stages.values()):.0f} |")
+    return lines
+
+
+def write_report(run_dir: Path, console: Console | None = None) -> Path:
+    """Write run_dir/report.md and run_dir/plots/*.png from the run's files; print Table 1."""
+    console = console or Console()
+    run_dir = Path(run_dir)
+    run = RunFiles.read(run_dir)
+    study = run.manifest["study"]
+    benches, broad = _benches(study["benches"]), _benches(study["broad"])
+    main_rows = ["teacher", *run.manifest["methods"]]
+    sweep_rows = run.manifest.get("sweep_rows", [])
+    trained = [r for r in [*run.manifest["methods"], *run.manifest["ablations"], *sweep_rows] if r != "base"]
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    # The sections run in the report's order, so the plots are drawn in that order as well.
+    lines = [
+        *_preamble(run),
+        *_score_sections(run, main_rows, benches, broad),
+        *_stage_section(run, trained, plot_dir),
+        *_specialisation_section(run, plot_dir),
+        *_routing_section(run, plot_dir),
+        *_reward_section(run, trained, plot_dir),
+        *_compute_section(run, main_rows, benches, plot_dir),
+        *_claims_section(run, benches, broad),
+        *_wall_clock_section(run),
+    ]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     print_table(run, [*main_rows, *run.manifest["ablations"], *sweep_rows], benches + broad, console)

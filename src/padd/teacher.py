@@ -181,47 +181,53 @@ def accumulate_batch_gradient(model, examples, pad_id: int, device, micro_batche
     return total
 
 
-def train_teacher(cfg, console: Console | None = None) -> dict:
-    """Train the preset's model into cfg.out; returns {"pass@1": {skill: score}, ...}."""
-    from transformers import AutoTokenizer
-
-    console = console or Console()
-    preset = PRESETS[cfg.preset]
-    steps = cfg.steps or preset.steps
-    out = Path(cfg.out)
-    check_out_dir(out, cfg.overwrite)
-    deterministic_kernels(cfg.device)
-    torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+def _problems_per_skill(cfg, preset: TeacherPreset) -> dict[str, int]:
+    """Training problems per skill: cfg's or the preset's count, capped for the math skills at the
+    preset's math_per_skill (a student that saw less math)."""
     n_train = cfg.train_per_skill or preset.train_per_skill
     n_math = min(n_train, preset.math_per_skill or n_train)
-    rows = [
-        r
-        for s in SKILLS
-        for r in make_problems(s, "train", n_math if s in MATH_SKILLS else n_train, cfg.seed, allow_fewer=True)
-    ]
-    random.Random(cfg.seed).shuffle(rows)
-    if cfg.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    else:
-        # The tokenizer sees whole training texts, prompt template included, so the fixed instruction
-        # costs a few tokens rather than one per character.
-        tokenizer = build_tokenizer(
-            (build_prompt(None, r["problem"]) + " " + r["solution"] for r in rows[:20000]), vocab_size=512
-        )
+    return {s: n_math if s in MATH_SKILLS else n_train for s in SKILLS}
+
+
+def _training_rows(per_skill: dict[str, int], seed: int) -> list[dict]:
+    """The training problems of every skill (`per_skill` of each), shuffled with `seed`."""
+    rows = [r for s in SKILLS for r in make_problems(s, "train", per_skill[s], seed, allow_fewer=True)]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def _teacher_tokenizer(tokenizer_path: str | None, rows: list[dict]):
+    """The tokenizer at `tokenizer_path` if given, else a byte-level BPE tokenizer trained on `rows`."""
+    if tokenizer_path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer_path)
+    # The tokenizer sees whole training texts, prompt template included, so the fixed instruction
+    # costs a few tokens rather than one per character.
+    return build_tokenizer(
+        (build_prompt(None, r["problem"]) + " " + r["solution"] for r in rows[:20000]), vocab_size=512
+    )
+
+
+def _training_examples(
+    tokenizer, rows: list[dict], loss_on_prompt: bool, batch_size: int
+) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per row, the prompt length 0 when the loss covers the prompt too;
+    raises UserError when there are fewer examples than one batch."""
     examples = _examples(tokenizer, rows)
-    if preset.loss_on_prompt:
+    if loss_on_prompt:
         examples = [(ids, 0) for ids, _ in examples]
-    batch_size = cfg.batch_size or preset.batch_size
     if len(examples) < batch_size:
         raise UserError(
             f"{len(examples)} training examples is fewer than one batch of {batch_size}; raise --train-per-skill"
         )
-    console.print(
-        f"{len(examples)} training examples, tokenizer of {len(tokenizer)} tokens ({time.perf_counter() - t0:.0f}s)"
-    )
-    model = build_model(preset, tokenizer).to(cfg.device)
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr or preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    return examples
+
+
+def _train_steps(model, examples, pad_id: int, cfg, *, steps: int, batch_size: int, lr: float) -> float | None:
+    """Train `model` for `steps` AdamW steps on batches sampled from `examples` with seed cfg.seed + 1;
+    returns the exponential moving average of the loss (None when steps is 0)."""
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     # Warm-up, stable, decay: a constant rate through the middle reaches the point where the model
     # learns to copy operands from the prompt sooner than a cosine that starts decaying at once.
     warmup, decay = max(1, steps // 20), max(1, steps // 5)
@@ -233,20 +239,27 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
     bar = tqdm(range(steps), desc=f"teacher ({cfg.preset})", disable=not cfg.progress)
     loss_ema = None
     for _ in bar:
-        value = accumulate_batch_gradient(model, gen.sample(examples, batch_size), tokenizer.pad_token_id, cfg.device)
+        value = accumulate_batch_gradient(model, gen.sample(examples, batch_size), pad_id, cfg.device)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
         loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
         bar.set_postfix(loss=f"{loss_ema:.3f}")
-    train_s = time.perf_counter() - t0
+    return loss_ema
+
+
+def _save_trained(model, tokenizer, out: Path) -> None:
+    """Switch `model` to eval mode and save it and `tokenizer` into `out`."""
     model.eval()
     model.config.output_router_logits = False  # an MoE's auxiliary loss was for pretraining only
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
+
+def _evaluate_skills(model, tokenizer, cfg, out: Path) -> dict[str, float]:
+    """Greedy Pass@1 per skill on cfg.eval_per_skill test problems each ({} when that is 0)."""
     eval_cfg = EvalConfig(
         model=str(out),
         out=str(out / "padd_teacher.json"),
@@ -256,30 +269,62 @@ def train_teacher(cfg, console: Console | None = None) -> dict:
         seed=cfg.seed,
         progress=cfg.progress,
     )
-    scores = {}
-    if cfg.eval_per_skill > 0:
-        generator = TransformersRollout(model, tokenizer, batch_size=eval_cfg.batch_size, progress=eval_cfg.progress)
-        scores = {s: evaluate_bench(generator, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
+    if cfg.eval_per_skill <= 0:
+        return {}
+    generator = TransformersRollout(model, tokenizer, batch_size=eval_cfg.batch_size, progress=eval_cfg.progress)
+    return {s: evaluate_bench(generator, f"world:{s}", eval_cfg)["pass@1"] for s in SKILLS}
+
+
+def _print_scores(cfg, scores: dict[str, float], console: Console) -> None:
+    """The per-skill Pass@1 table on the terminal, when there are scores."""
+    if not scores:
+        return
+    table = Table(title=f"teacher {cfg.preset}: greedy Pass@1 on {cfg.eval_per_skill} test problems per skill")
+    for s in SKILLS:
+        table.add_column(s, justify="right")
+    table.add_row(*(f"{100 * scores[s]:.1f}" for s in SKILLS))
+    console.print(table)
+
+
+def train_teacher(cfg, console: Console | None = None) -> dict:
+    """Train the preset's model into cfg.out; returns {"pass@1": {skill: score}, ...}."""
+    console = console or Console()
+    preset = PRESETS[cfg.preset]
+    steps = cfg.steps or preset.steps
+    batch_size = cfg.batch_size or preset.batch_size
+    lr = cfg.lr or preset.lr
+    out = Path(cfg.out)
+    check_out_dir(out, cfg.overwrite)
+    deterministic_kernels(cfg.device)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    per_skill = _problems_per_skill(cfg, preset)
+    rows = _training_rows(per_skill, cfg.seed)
+    tokenizer = _teacher_tokenizer(cfg.tokenizer, rows)
+    examples = _training_examples(tokenizer, rows, preset.loss_on_prompt, batch_size)
+    console.print(
+        f"{len(examples)} training examples, tokenizer of {len(tokenizer)} tokens ({time.perf_counter() - t0:.0f}s)"
+    )
+    model = build_model(preset, tokenizer).to(cfg.device)
+    final_loss = _train_steps(model, examples, tokenizer.pad_token_id, cfg, steps=steps, batch_size=batch_size, lr=lr)
+    train_s = time.perf_counter() - t0
+    _save_trained(model, tokenizer, out)
+    scores = _evaluate_skills(model, tokenizer, cfg, out)
     record = {
         "preset": cfg.preset,
         "architecture": model.config.model_type,
-        "train_per_skill": {sk: n_math if sk in MATH_SKILLS else n_train for sk in SKILLS},
+        "train_per_skill": per_skill,
         "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "trained",
         "steps": steps,
-        "lr": cfg.lr or preset.lr,
+        "lr": lr,
         "batch_size": batch_size,
         "train_seconds": round(train_s, 1),
-        "final_loss": loss_ema,
+        "final_loss": final_loss,
         "pass@1": scores,
         "eval_per_skill": cfg.eval_per_skill,
         "seed": cfg.seed,
     }
     atomic_write_json(out / "padd_teacher.json", record)
-    if scores:
-        table = Table(title=f"teacher {cfg.preset}: greedy Pass@1 on {cfg.eval_per_skill} test problems per skill")
-        for s in SKILLS:
-            table.add_column(s, justify="right")
-        table.add_row(*(f"{100 * scores[s]:.1f}" for s in SKILLS))
-        console.print(table)
+    _print_scores(cfg, scores, console)
     console.print(f"trained {steps} steps in {train_s:.0f}s, written to {out}")
     return record
