@@ -76,30 +76,68 @@ def collect_layer_stats(
     width = proj_dim if project else n_tokens
     # Made up front, not on first use: a rank with no batch must still join every reduction.
     acc = {i: _Accumulator(all_layers[i].mlp.down_proj.in_features, width, device) for i in layers}
+    _stream_activations(
+        model,
+        windows,
+        acc,
+        layers,
+        project=project,
+        proj_dim=proj_dim,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        ranks=ranks,
+    )
+    _reduce_onto_owners(acc, layers, ranks)
+    return {i: _normalised(acc[i], n_tokens) for i in owned_layers(layers, ranks)}
+
+
+def _recording_hook(st: _Accumulator, cursor: dict, project: bool):
+    """A down_proj forward pre-hook adding its input's |activations| ([tokens, d_ff]) to `st`: projected by
+    cursor["proj"] when `project`, else written as the columns from token cursor["pos"] on."""
+
+    def fn(module, inputs):
+        a = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1])  # [tokens, d_ff]
+        start = cursor["pos"]
+        if project:
+            st.feat.addmm_(a.T, cursor["proj"])
+        else:
+            st.feat[:, start : start + a.shape[0]] = a.T
+        st.sq += (a.double() ** 2).sum(0)
+        st.active += (a > a.median(dim=1, keepdim=True).values).sum(0).double()
+
+    return fn
+
+
+def _stream_activations(
+    model: torch.nn.Module,
+    windows: torch.LongTensor,
+    acc: dict[int, _Accumulator],
+    layers: list[int],
+    *,
+    project: bool,
+    proj_dim: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    ranks: Dist,
+) -> None:
+    """Run this rank's batches (every world-th) of `windows` through the decoder stack, adding the
+    activations of each of `layers` to its accumulator in `acc`, projected to `proj_dim` columns when
+    `project`. Leaves the model's hooks and train/eval mode as they were."""
+    device = next(model.parameters()).device
+    all_layers = model.model.layers
     cursor = {"pos": 0, "proj": None}
-
-    def hook(layer_idx):
-        def fn(module, inputs):
-            a = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1])  # [tokens, d_ff]
-            st = acc[layer_idx]
-            start = cursor["pos"]
-            if project:
-                st.feat.addmm_(a.T, cursor["proj"])
-            else:
-                st.feat[:, start : start + a.shape[0]] = a.T
-            st.sq += (a.double() ** 2).sum(0)
-            st.active += (a > a.median(dim=1, keepdim=True).values).sum(0).double()
-
-        return fn
-
-    handles = [all_layers[i].mlp.down_proj.register_forward_pre_hook(hook(i)) for i in layers]
+    handles = [
+        all_layers[i].mlp.down_proj.register_forward_pre_hook(_recording_hook(acc[i], cursor, project)) for i in layers
+    ]
     was_training = model.training
     model.eval()
     # The decoder stack alone: the LM head's logits are never needed here (1/14 of a 7B's forward).
     body = model.model
     starts = list(range(0, windows.shape[0], batch_size))
     try:
-        bar = tqdm(total=n_tokens, desc="activations", unit="tok", disable=not (progress and ranks.main))
+        bar = tqdm(total=windows.numel(), desc="activations", unit="tok", disable=not (progress and ranks.main))
         for b in range(ranks.rank, len(starts), ranks.world):
             batch = windows[starts[b] : starts[b] + batch_size].to(device)
             cursor["pos"] = starts[b] * windows.shape[1]
@@ -112,6 +150,11 @@ def collect_layer_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def _reduce_onto_owners(acc: dict[int, _Accumulator], layers: list[int], ranks: Dist) -> None:
+    """Sum every layer's accumulator over the ranks onto the rank that owns it (`owned_layers`), in
+    `layers` order on every rank; drops from `acc` the layers this rank does not own."""
     mine = owned_layers(layers, ranks)
     for j, i in enumerate(layers):
         owner = j % ranks.world
@@ -119,9 +162,10 @@ def collect_layer_stats(
             ranks.reduce_sum(total, dst=owner)
         if i not in mine:
             del acc[i]  # a partial sum: free it before the next layer's reduction
-    out = {}
-    for i in mine:
-        st = acc[i]
-        norm = st.sq.sqrt().clamp_min(1e-12).float()
-        out[i] = LayerStats(features=st.feat / norm[:, None], active_frac=(st.active / n_tokens).float())
-    return out
+
+
+def _normalised(st: _Accumulator, n_tokens: int) -> LayerStats:
+    """A layer's statistics from its summed accumulator: features scaled to unit L2 norm, activity
+    as a share of the `n_tokens` tokens."""
+    norm = st.sq.sqrt().clamp_min(1e-12).float()
+    return LayerStats(features=st.feat / norm[:, None], active_frac=(st.active / n_tokens).float())

@@ -37,8 +37,6 @@ def _load_teacher_config(path: str):
 
 def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     """Run Stage I (docs/method.md §3 steps 1-4, 7) and write the student; returns the padd_stage1.json record."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     console = console or Console()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -55,17 +53,67 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
     device = ranks.device(cfg.device)
 
     # Everything checkable from the config fails before any weight is read.
+    tcfg, expert_size = _checked_teacher_config(cfg)
+    tokenizer, windows = _sample_windows(cfg)
+    lap("sample")
+
+    teacher = load_causal_lm(cfg.teacher, dtype=_DTYPES[cfg.dtype], device=device)
+    teacher.eval()
+    lap("load")
+
+    moe_layers = list(range(cfg.dense_layers, tcfg.num_hidden_layers))
+    stats = _coactivation_stats(cfg, teacher, windows, moe_layers, ranks)
+    lap("activations")
+
+    plans = _plan_layers(cfg, stats, moe_layers, tcfg.intermediate_size, expert_size, ranks)
+    lap("cluster")
+    if not ranks.main:
+        ranks.barrier()  # rank 0 builds and writes the student
+        return {}
+
+    student = build_student(teacher, plans, top_k=cfg.top_k)
+    lap("build")
+
+    record = _stage1_record(
+        cfg, plans, expert_size, tokens=int(windows.numel()), processes=ranks.world, timings=timings
+    )
+    _save_student(out, student, tokenizer, teacher, record)
+    lap("save")
+    # The record inside the atomic save lacks only its own save time; add it now (a few bytes).
+    record["timings_s"] = timings
+    atomic_write_json(out / STAGE1_FILE, record)
+    print_summary(console, tcfg, student.config, record, out)
+    for problem in vllm_unserved_shapes(student.config):
+        console.print(f"[yellow]warning: vLLM's CPU build cannot serve this student: {problem}")
+    ranks.barrier()
+    return record
+
+
+def _checked_teacher_config(cfg: DecomposeConfig):
+    """(the teacher's config, the expert size) once everything checkable from the config is checked:
+    the teacher's architecture, --dense-layers and the expert sizes. Reads no weight, so that a bad
+    option fails before any model loads."""
+    from transformers import AutoModelForCausalLM
+
     tcfg = _load_teacher_config(cfg.teacher)
     with torch.device("meta"):
         validate_teacher(AutoModelForCausalLM.from_config(tcfg))
-    n_layers, d_ff = tcfg.num_hidden_layers, tcfg.intermediate_size
+    n_layers = tcfg.num_hidden_layers
     if not 0 <= cfg.dense_layers < n_layers:
         raise UserError(
             f"--dense-layers must be in [0, {n_layers}) for a {n_layers}-layer teacher, got {cfg.dense_layers}"
         )
-    expert_size = check_sizes(d_ff, cfg.experts, cfg.top_k, cfg.shared_neurons, cfg.expert_size, cfg.init)
+    expert_size = check_sizes(
+        tcfg.intermediate_size, cfg.experts, cfg.top_k, cfg.shared_neurons, cfg.expert_size, cfg.init
+    )
+    return tcfg, expert_size
+
+
+def _sample_windows(cfg: DecomposeConfig):
+    """(the teacher's tokenizer, the corpus sample in its tokens: [n_windows, seq_len] windows)."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
-    need_stats = cfg.init == "cluster" or cfg.shared_neurons > 0
     windows = sample_corpus(
         cfg.corpus,
         tokenizer,
@@ -75,28 +123,31 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
         seq_len=cfg.seq_len,
         seed=cfg.seed,
     )
-    lap("sample")
+    return tokenizer, windows
 
-    teacher = load_causal_lm(cfg.teacher, dtype=_DTYPES[cfg.dtype], device=device)
-    teacher.eval()
-    lap("load")
 
-    moe_layers = list(range(cfg.dense_layers, n_layers))
-    stats = {}
-    if need_stats:
-        stats = collect_layer_stats(
-            teacher,
-            windows,
-            proj_dim=cfg.proj_dim,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            layers=moe_layers,
-            progress=cfg.progress,
-            ranks=ranks,
-        )
-    lap("activations")
+def _coactivation_stats(cfg: DecomposeConfig, teacher, windows: torch.Tensor, moe_layers: list[int], ranks) -> dict:
+    """The teacher's neuron statistics ({layer: LayerStats}) of the MoE layers this rank owns, or {}
+    when neither the cluster init nor shared neurons need them."""
+    if not (cfg.init == "cluster" or cfg.shared_neurons > 0):
+        return {}
+    return collect_layer_stats(
+        teacher,
+        windows,
+        proj_dim=cfg.proj_dim,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        layers=moe_layers,
+        progress=cfg.progress,
+        ranks=ranks,
+    )
 
-    # Several ranks: each clusters its own layers (those it got the statistics of) and all share plans.
+
+def _plan_layers(cfg: DecomposeConfig, stats: dict, moe_layers: list[int], d_ff: int, expert_size: int, ranks) -> list:
+    """The expert plan of every decoder layer (None for the dense ones), on every rank; a collective.
+
+    Several ranks: each clusters its own layers (those it got the statistics of) and all share
+    plans. Consumes `stats`, freeing each layer's statistics once it is planned."""
     mine = {}
     bar = tqdm(
         owned_layers(moe_layers, ranks),
@@ -118,31 +169,34 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
             kmeans_iters=cfg.kmeans_iters,
         )
     by_layer = {i: p for part in ranks.all_gather_objects(mine) for i, p in part.items()}
-    plans = [None] * cfg.dense_layers + [by_layer[i] for i in moe_layers]
-    lap("cluster")
-    if not ranks.main:
-        ranks.barrier()  # rank 0 builds and writes the student
-        return {}
+    return [None] * cfg.dense_layers + [by_layer[i] for i in moe_layers]
 
-    student = build_student(teacher, plans, top_k=cfg.top_k)
-    lap("build")
 
-    record = {
+def _stage1_record(
+    cfg: DecomposeConfig, plans: list, expert_size: int, *, tokens: int, processes: int, timings: dict
+) -> dict:
+    """The padd_stage1.json record of a run: its geometry, every layer's plan, `timings` (the dict
+    itself, so that phases timed later still show) and the config."""
+    return {
         "teacher": str(Path(cfg.teacher).resolve()),
         "experts": cfg.experts,
         "top_k": cfg.top_k,
         "expert_size": expert_size,
         "init": cfg.init,
         "seed": cfg.seed,
-        "tokens": int(windows.numel()),
+        "tokens": tokens,
         "dense_layers": cfg.dense_layers,
-        "processes": ranks.world,
+        "processes": processes,
         "layers": [
             {"dense": True, "experts": [], "shared": [], "objective": None} if p is None else p.to_json() for p in plans
         ],
         "timings_s": timings,
         "config": to_dict(cfg),
     }
+
+
+def _save_student(out: Path, student, tokenizer, teacher, record: dict) -> None:
+    """Write the student, the teacher's tokenizer and generation config, and `record` to `out`, atomically."""
 
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp)
@@ -152,15 +206,6 @@ def decompose(cfg: DecomposeConfig, console: Console | None = None) -> dict:
         (tmp / STAGE1_FILE).write_text(json.dumps(record, indent=1))
 
     atomic_save_dir(out, write)
-    lap("save")
-    # The record inside the atomic save lacks only its own save time; add it now (a few bytes).
-    record["timings_s"] = timings
-    atomic_write_json(out / STAGE1_FILE, record)
-    print_summary(console, tcfg, student.config, record, out)
-    for problem in vllm_unserved_shapes(student.config):
-        console.print(f"[yellow]warning: vLLM's CPU build cannot serve this student: {problem}")
-    ranks.barrier()
-    return record
 
 
 def print_summary(console: Console, tcfg, scfg, record: dict, out: Path, context: int = 1024) -> None:

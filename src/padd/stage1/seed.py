@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from rich.console import Console
@@ -167,18 +168,10 @@ def topk_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
     """Seed the pretrained student's routers from the teacher's clusters; write cfg.out; return the record."""
-    from transformers import AutoTokenizer
-
     console = console or Console()
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
-    if cfg.seed_strength < 0:
-        raise UserError(f"--seed-strength {cfg.seed_strength}: give 0 (keep the pretrained routers) or more")
-    if (Path(cfg.student) / STAGE1_FILE).exists():
-        raise UserError(
-            f"--student {cfg.student} was built by padd decompose (its experts are the teacher's clusters "
-            "already); padd seed is for a pretrained MoE student: give padd warmup this student instead"
-        )
+    _check_seed_options(cfg)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -189,6 +182,72 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
         clock = now
 
     device = torch.device(cfg.device)
+    teacher, student, t_tok, s_tok = _load_teacher_and_student(cfg, device)
+    fit, heldout = _fit_and_heldout_windows(cfg, t_tok)
+    lap("load")
+
+    layer_map, cka = _map_layers(cfg, teacher, student, fit)
+    moe_layers = moe_layer_indices(student)
+    teacher_layers = [layer_map[i] for i in moe_layers]
+    lap("layer map")
+
+    partitions = _cluster_teacher_layers(cfg, teacher, fit, sorted(set(teacher_layers)), num_experts(student.config))
+    lap("cluster")
+
+    # before: NMI / ESI do not depend on which cluster is matched to which expert, so the unmatched
+    # partitions measure the pretrained routers (and no second copy of the student is loaded)
+    before_topk = selections(student, heldout, cfg.batch_size)
+    before_loss, before_greedy = lm_loss(student, heldout, cfg.batch_size)
+    unmatched = [partitions[t].to(device) for t in teacher_layers]
+    before_spec = expert_specialisation(student, teacher, heldout, unmatched, teacher_layers=teacher_layers)
+    layers_record, matched = _match_and_fit_routers(
+        cfg, student, teacher, fit, partitions, unmatched, moe_layers=moe_layers, teacher_layers=teacher_layers
+    )
+    lap("match and fit")
+
+    after_loss, after_greedy = lm_loss(student, heldout, cfg.batch_size)
+    after_topk = selections(student, heldout, cfg.batch_size)
+    after_spec = expert_specialisation(student, teacher, heldout, matched, teacher_layers=teacher_layers)
+    lap("measure")
+
+    before = _Heldout(loss=before_loss, greedy=before_greedy, topk=before_topk, spec=before_spec)
+    after = _Heldout(loss=after_loss, greedy=after_greedy, topk=after_topk, spec=after_spec)
+    record = _seed_record(cfg, student, heldout, layer_map, cka, before, after, timings, layers_record)
+    _save_seeded_student(out, student, s_tok, record)
+    lap("save")
+    record["timings_s"] = timings
+    atomic_write_json(out / SEED_FILE, record)
+    _print_summary(console, record, out)
+    _warn_if_loss_rose(console, record["lm_loss"]["relative_rise"])
+    return record
+
+
+class _Heldout(NamedTuple):
+    """The student's held-out measurements under one set of routers: LM loss, greedy next tokens
+    (`lm_loss`), top-K selections (`selections`) and `expert_specialisation`'s summary."""
+
+    loss: float
+    greedy: torch.Tensor
+    topk: torch.Tensor
+    spec: dict
+
+
+def _check_seed_options(cfg: SeedConfig) -> None:
+    """Raise a UserError for a negative seed strength or a student padd decompose built (before any model loads)."""
+    if cfg.seed_strength < 0:
+        raise UserError(f"--seed-strength {cfg.seed_strength}: give 0 (keep the pretrained routers) or more")
+    if (Path(cfg.student) / STAGE1_FILE).exists():
+        raise UserError(
+            f"--student {cfg.student} was built by padd decompose (its experts are the teacher's clusters "
+            "already); padd seed is for a pretrained MoE student: give padd warmup this student instead"
+        )
+
+
+def _load_teacher_and_student(cfg: SeedConfig, device: torch.device):
+    """(teacher, student, teacher's tokenizer, student's tokenizer), both models on `device`; raises
+    when the teacher's token ids do not mean the same in the student's vocabulary."""
+    from transformers import AutoTokenizer
+
     t_tok, s_tok = AutoTokenizer.from_pretrained(cfg.teacher), AutoTokenizer.from_pretrained(cfg.student)
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     teacher = load_causal_lm(cfg.teacher, dtype=dtype, device=device)
@@ -196,7 +255,12 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
     # One token sequence feeds both models: the teacher's tokenizer, whose ids mean the same in the
     # student's (checked here; the paper's pairs share their tokenizers).
     shared_vocab(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
-    # one sample, split into disjoint windows: the fit's and the held-out measurements'
+    return teacher, student, t_tok, s_tok
+
+
+def _fit_and_heldout_windows(cfg: SeedConfig, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit windows, held-out windows): one corpus sample in the teacher's tokens, split into disjoint
+    windows in the proportion of --tokens to --heldout-tokens; raises when none is left held out."""
     windows = sample_corpus(
         cfg.corpus,
         t_tok,
@@ -210,106 +274,142 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
     fit, heldout = windows[:n_fit], windows[n_fit:]
     if heldout.shape[0] == 0:
         raise UserError("the corpus sample has no windows left for the held-out measurements; raise --heldout-tokens")
-    lap("load")
+    return fit, heldout
 
-    n_t, n_s = teacher.config.num_hidden_layers, student.config.num_hidden_layers
-    cka = None
-    if cfg.layer_map == "cka":
-        cka_windows = fit[: max(1, cfg.cka_tokens // fit.shape[1])]
-        cka = cka_matrix(
-            ffn_input_grams(teacher, cka_windows, cfg.batch_size), ffn_input_grams(student, cka_windows, cfg.batch_size)
-        )
-        layer_map = monotone_layer_map(cka)
-    else:
-        layer_map = proportional_layer_map(n_t, n_s)
-    moe_layers = moe_layer_indices(student)
-    teacher_layers = [layer_map[i] for i in moe_layers]
-    lap("layer map")
 
+def _map_layers(cfg: SeedConfig, teacher, student, fit: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+    """(the teacher layer of each student decoder layer, the CKA matrix it came from or None for the
+    proportional map)."""
+    if cfg.layer_map != "cka":
+        return proportional_layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers), None
+    cka_windows = fit[: max(1, cfg.cka_tokens // fit.shape[1])]
+    cka = cka_matrix(
+        ffn_input_grams(teacher, cka_windows, cfg.batch_size), ffn_input_grams(student, cka_windows, cfg.batch_size)
+    )
+    return monotone_layer_map(cka), cka
+
+
+def _cluster_teacher_layers(
+    cfg: SeedConfig, teacher, fit: torch.Tensor, layers: list[int], n_experts: int
+) -> dict[int, torch.Tensor]:
+    """{teacher layer: [n_experts, S] neuron indices}: each of `layers` clustered by co-activation on `fit`."""
     stats = collect_layer_stats(
         teacher,
         fit,
         proj_dim=cfg.proj_dim,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        layers=sorted(set(teacher_layers)),
+        layers=layers,
         progress=cfg.progress,
     )
-    n_experts = num_experts(student.config)
-    partitions = {
+    return {
         t: cluster_neurons(st.features, st.active_frac, n_experts, seed=cfg.seed + t, iters=cfg.kmeans_iters)
         for t, st in stats.items()
     }
-    del stats
-    lap("cluster")
 
-    # before: NMI / ESI do not depend on which cluster is matched to which expert, so the unmatched
-    # partitions measure the pretrained routers (and no second copy of the student is loaded)
-    before_topk = selections(student, heldout, cfg.batch_size)
-    before_loss, before_greedy = lm_loss(student, heldout, cfg.batch_size)
-    unmatched = [partitions[t].to(device) for t in teacher_layers]
-    before_spec = expert_specialisation(student, teacher, heldout, unmatched, teacher_layers=teacher_layers)
+
+def _match_and_fit_routers(
+    cfg: SeedConfig,
+    student,
+    teacher,
+    fit: torch.Tensor,
+    partitions: dict[int, torch.Tensor],
+    unmatched: list[torch.Tensor],
+    *,
+    moe_layers: list[int],
+    teacher_layers: list[int],
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """Seed every MoE layer's router in place, first layer first; returns (each layer's record, each
+    layer's teacher neurons [E, S] in expert order, on cfg.device).
+
+    unmatched: per MoE layer, the partition of its teacher layer (`partitions`) on cfg.device."""
     # the teacher's cluster masses do not depend on the student's routers: one pass for every layer
     masses = teacher_cluster_masses(teacher, fit, unmatched, cfg.batch_size, teacher_layers)
-    gates = moe_gates(student)
     layers_record, matched = [], []
-    for j, (gate, t, q) in enumerate(zip(gates, teacher_layers, masses, strict=True)):
-        (h,) = router_inputs(student, fit, cfg.batch_size, layer=j)
-        bias = getattr(gate, "bias", None)
-        with torch.no_grad():
-            probs = log_scores(student.config, torch.nn.functional.linear(h, gate.weight.float(), bias)).exp()
-        coact = coactivation(q.to(h.device), probs)
-        of_expert = match_clusters(coact)
-        q_matched = q.to(h.device)[:, of_expert]
-        weight, fit_info = fit_router(
-            student.config, gate.weight, h, q_matched, strength=cfg.seed_strength, bias=bias, steps=cfg.fit_steps
-        )
-        with torch.no_grad():
-            gate.weight.copy_(weight.to(gate.weight.dtype))
-        experts = partitions[t][of_expert]
-        matched.append(experts.to(device))
-        share = float(coact[of_expert, torch.arange(n_experts)].sum() / coact.sum())
-        layers_record.append(
-            {
-                "student_layer": moe_layers[j],
-                "teacher_layer": t,
-                "cluster_of_expert": of_expert.tolist(),
-                "matched_coactivation_share": share,  # 1/E when routing ignores the clusters
-                **fit_info,
-                "experts": experts.tolist(),
-            }
-        )
-    lap("match and fit")
+    for j, (gate, t, q) in enumerate(zip(moe_gates(student), teacher_layers, masses, strict=True)):
+        experts, layer_record = _seed_router(cfg, student, fit, j, gate, q, partitions[t])
+        matched.append(experts.to(torch.device(cfg.device)))
+        layers_record.append({"student_layer": moe_layers[j], "teacher_layer": t, **layer_record})
+    return layers_record, matched
 
-    after_loss, after_greedy = lm_loss(student, heldout, cfg.batch_size)
-    after_topk = selections(student, heldout, cfg.batch_size)
-    after_spec = expert_specialisation(student, teacher, heldout, matched, teacher_layers=teacher_layers)
-    lap("measure")
 
-    rise = (after_loss - before_loss) / before_loss
-    record = {
+def _seed_router(
+    cfg: SeedConfig, student, fit: torch.Tensor, layer: int, gate, q: torch.Tensor, partition: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    """Match MoE layer `layer`'s clusters to its experts and fit its router `gate` to them, in place,
+    on the inputs the layer gets when the layers before it route with their seeded routers.
+
+    q: [N, C] the fit tokens' cluster-mass shares; partition: [C, S] its teacher layer's clusters.
+
+    Returns:
+        (the teacher neurons [E, S] matched to each expert, the layer's record: the matching, its
+        co-activation share, `fit_router`'s summary and the experts' neurons).
+    """
+    (h,) = router_inputs(student, fit, cfg.batch_size, layer=layer)
+    bias = getattr(gate, "bias", None)
+    with torch.no_grad():
+        probs = log_scores(student.config, torch.nn.functional.linear(h, gate.weight.float(), bias)).exp()
+    coact = coactivation(q.to(h.device), probs)
+    of_expert = match_clusters(coact)
+    q_matched = q.to(h.device)[:, of_expert]
+    weight, fit_info = fit_router(
+        student.config, gate.weight, h, q_matched, strength=cfg.seed_strength, bias=bias, steps=cfg.fit_steps
+    )
+    with torch.no_grad():
+        gate.weight.copy_(weight.to(gate.weight.dtype))
+    experts = partition[of_expert]
+    share = float(coact[of_expert, torch.arange(num_experts(student.config))].sum() / coact.sum())
+    return experts, {
+        "cluster_of_expert": of_expert.tolist(),
+        "matched_coactivation_share": share,  # 1/E when routing ignores the clusters
+        **fit_info,
+        "experts": experts.tolist(),
+    }
+
+
+def _seed_record(
+    cfg: SeedConfig,
+    student,
+    heldout: torch.Tensor,
+    layer_map: list[int],
+    cka: torch.Tensor | None,
+    before: _Heldout,
+    after: _Heldout,
+    timings: dict,
+    layers_record: list[dict],
+) -> dict:
+    """The padd_seed.json record: the layer map, the held-out comparison of the pretrained (`before`)
+    and seeded (`after`) routers, `timings` (the dict itself, so that phases timed later still show),
+    the config and each layer's record."""
+    rise = (after.loss - before.loss) / before.loss
+    return {
         "teacher": str(Path(cfg.teacher).resolve()),
         "student": str(Path(cfg.student).resolve()),
         "layer_map_method": cfg.layer_map,
         "layer_map": layer_map,  # teacher layer of each student decoder layer
         "cka": None if cka is None else [[round(v, 4) for v in row] for row in cka.tolist()],
-        "experts": n_experts,
+        "experts": num_experts(student.config),
         "top_k": top_k(student.config),
         "seed_strength": cfg.seed_strength,
         "heldout_tokens": int(heldout.numel()),
-        "nmi": {"before": before_spec["nmi"], "after": after_spec["nmi"]},
-        "esi": {"before": before_spec["esi"], "after": after_spec["esi"]},
-        "topk_agreement_with_pretrained": topk_agreement(before_topk, after_topk),
-        "lm_loss": {"before": before_loss, "after": after_loss, "relative_rise": rise},
+        "nmi": {"before": before.spec["nmi"], "after": after.spec["nmi"]},
+        "esi": {"before": before.spec["esi"], "after": after.spec["esi"]},
+        "topk_agreement_with_pretrained": topk_agreement(before.topk, after.topk),
+        "lm_loss": {"before": before.loss, "after": after.loss, "relative_rise": rise},
         # the share of held-out positions whose greedy next token seeding left unchanged
-        "next_token_agreement": float((before_greedy == after_greedy).float().mean()),
+        "next_token_agreement": float((before.greedy == after.greedy).float().mean()),
         "load_cv": {
-            k: sum(v["load_cv"]) / len(v["load_cv"]) for k, v in (("before", before_spec), ("after", after_spec))
+            k: sum(v.spec["load_cv"]) / len(v.spec["load_cv"]) for k, v in (("before", before), ("after", after))
         },
         "timings_s": timings,
         "config": to_dict(cfg),
         "layers": layers_record,
     }
+
+
+def _save_seeded_student(out: Path, student, s_tok, record: dict) -> None:
+    """Write the seeded student, its tokenizer, generation config and selection bias, and `record` to
+    `out`, atomically."""
 
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp)
@@ -320,16 +420,15 @@ def run_seed(cfg: SeedConfig, console: Console | None = None) -> dict:
         (tmp / SEED_FILE).write_text(json.dumps(record, indent=1))
 
     atomic_save_dir(out, write)
-    lap("save")
-    record["timings_s"] = timings
-    atomic_write_json(out / SEED_FILE, record)
-    _print_summary(console, record, out)
+
+
+def _warn_if_loss_rose(console: Console, rise: float) -> None:
+    """Warn when seeding raised the held-out LM loss (relative `rise`) by more than MAX_LOSS_RISE."""
     if rise > MAX_LOSS_RISE:
         console.print(
             f"[yellow]warning: seeding raised the student's held-out LM loss by {100 * rise:.1f}% (more than "
             f"{100 * MAX_LOSS_RISE:.0f}%); a lower --seed-strength keeps the routers nearer their pretrained weights"
         )
-    return record
 
 
 def _print_summary(console: Console, record: dict, out: Path) -> None:

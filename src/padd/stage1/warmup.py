@@ -42,7 +42,7 @@ from padd.models import load_causal_lm
 from padd.precision import autocast, experts_in_autocast_dtype, routers_in_fp32, teacher_dtype
 from padd.router_adapter import log_scores
 from padd.routing import RouterRecorder, UniformRandomRouting, load_selection_bias, moe_gates, moe_layer_indices
-from padd.stage1.reference import STAGE1_FILE, copy_reference, read_reference
+from padd.stage1.reference import STAGE1_FILE, Reference, copy_reference, read_reference
 from padd.vocab import shared_vocab
 
 ROUTER_INITS = ("uniform", "centroid", "distill", "keep")
@@ -250,14 +250,58 @@ def warmup_defaults(cfg: WarmupConfig) -> tuple[str, str]:
 
 def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     """Warm the student's experts up against the teacher and initialise its router; write cfg.out."""
-    from transformers import AutoTokenizer
-
     console = console or Console()
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
     ranks = setup(cfg.device)
     device = ranks.device(cfg.device)
     deterministic_kernels(device)
+    routing, router_init, reference = _check_warmup_options(cfg, ranks)
+    t0 = time.perf_counter()
+    student, teacher, s_tok, vocab = _load_warmup_models(cfg, ranks, device)
+    windows = sample_corpus(
+        cfg.corpus,
+        s_tok,
+        text_field=cfg.text_field,
+        split=cfg.split,
+        # the same sample with or without training, so that a start set by --epochs 0 on a warmed-up
+        # student is the one the full warm-up would have fitted
+        n_tokens=cfg.tokens,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+    )
+    trained, params, optim = _expert_training_setup(cfg, student, ranks)
+    log = _train_experts(cfg, trained, student, teacher, vocab, windows, params, optim, routing=routing, ranks=ranks)
+    warm_s = time.perf_counter() - t0
+    peak_gb = peak_memory_gb(device)  # the warm-up's, on this rank (before the router fit below)
+
+    probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
+    # the start's fit to the teacher's clusters is reported for every init
+    masses = _probe_cluster_masses(teacher, probe, reference, cfg.batch_size, device)
+    del teacher
+    sharded = is_sharded(student)
+    if sharded:
+        # The router init and the save below work on whole weights: rank 0 alone holds them (one
+        # float32 copy, as the final save of `padd train` does), in CPU memory, where it runs the
+        # router start's forwards (a GPU could not hold the paper's 30B student whole); the other
+        # ranks wait for its result. The fit's layer-by-layer forwards stop inside the model, which
+        # FSDP2 units cannot.
+        del optim, trained
+        student, masses = _whole_student_on_rank0(student, masses, cfg.student)
+    router = None if student is None else _start_router(cfg, student, router_init, probe, masses)
+    if sharded:
+        router = ranks.all_gather_objects(router)[0]
+    record = _warmup_record(cfg, log, windows, warm_s, peak_gb, ranks, routing, router)
+    if ranks.main:
+        _save_warmed_student(out, student, s_tok, cfg.student, record, log)
+    ranks.barrier()
+    _print_outcome(console, record, router, routing, router_init, warm_s, out)
+    return record
+
+
+def _check_warmup_options(cfg: WarmupConfig, ranks) -> tuple[str, str, Reference | None]:
+    """(warm-up routing, router start, the student's cluster reference or None), once every option
+    is checked against the others and the student's folder: before any model loads."""
     cfg.check_memory_options(cfg.batch_size, "--batch-size", ranks.world)
     if cfg.activation_checkpointing:
         check_activation_checkpointing(cfg.student)
@@ -270,7 +314,15 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
             f"--router-init {router_init} fits the router to the teacher's clusters, which {cfg.student} does "
             f"not carry (no {STAGE1_FILE} or padd_seed.json): run padd decompose or padd seed first"
         )
-    t0 = time.perf_counter()
+    return routing, router_init, reference
+
+
+def _load_warmup_models(cfg: WarmupConfig, ranks, device: torch.device):
+    """(student, teacher, student's tokenizer, their shared vocabulary): the student in float32 for
+    training (routers in fp32, experts in the autocast dtype, checkpointed if asked), the teacher in
+    the precision's dtype."""
+    from transformers import AutoTokenizer
+
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
     # Under FSDP2 both models are built sharded and load only this rank's shards (padd.models).
     fsdp = cfg.parallel == "fsdp" and ranks.world > 1
@@ -281,17 +333,12 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(student)
     vocab = shared_vocab(t_tok, s_tok, teacher.config.vocab_size, student.config.vocab_size)
-    windows = sample_corpus(
-        cfg.corpus,
-        s_tok,
-        text_field=cfg.text_field,
-        split=cfg.split,
-        # the same sample with or without training, so that a start set by --epochs 0 on a warmed-up
-        # student is the one the full warm-up would have fitted
-        n_tokens=cfg.tokens,
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-    )
+    return student, teacher, s_tok, vocab
+
+
+def _expert_training_setup(cfg: WarmupConfig, student, ranks) -> tuple[torch.nn.Module, list, torch.optim.Optimizer]:
+    """(the module to train through, the trained expert parameters, their AdamW): every other weight
+    of the student frozen."""
     for p in student.parameters():
         p.requires_grad_(False)
     for p in expert_parameters(student):  # a zero-size one (an absent shared expert) has nothing to train
@@ -301,6 +348,25 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
     trained = wrap_for_training(student, ranks, cfg.parallel, offload=cfg.offload)
     params = [p for p in expert_parameters(student) if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    return trained, params, optim
+
+
+def _train_experts(
+    cfg: WarmupConfig,
+    trained,
+    student,
+    teacher,
+    vocab,
+    windows: torch.Tensor,
+    params: list,
+    optim: torch.optim.Optimizer,
+    *,
+    routing: str,
+    ranks,
+) -> list[dict]:
+    """Run cfg.epochs passes of the warm-up over `windows`, this rank's share of each batch; returns
+    the log, one {"step", "epoch", "kl"} per optimizer step (the same on every rank)."""
+    device = ranks.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed * ranks.world + ranks.rank)
     order_gen = torch.Generator().manual_seed(cfg.seed + 1)
     log = []
@@ -328,40 +394,49 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(kl=f"{value:.4f}")
     bar.close()
-    warm_s = time.perf_counter() - t0
-    peak_gb = peak_memory_gb(device)  # the warm-up's, on this rank (before the router fit below)
+    return log
 
-    probe = windows[: max(1, cfg.router_tokens // windows.shape[1])]
-    masses = None
-    if reference is not None:  # the start's fit to the teacher's clusters is reported for every init
-        ref = reference.to(device)
-        # on every rank: a sharded teacher's forwards are collectives
-        masses = teacher_cluster_masses(teacher, probe, ref.clusters, cfg.batch_size, ref.teacher_layers)
-    del teacher
-    sharded = is_sharded(student)
-    if sharded:
-        # The router init and the save below work on whole weights: rank 0 alone holds them (one
-        # float32 copy, as the final save of `padd train` does), in CPU memory, where it runs the
-        # router start's forwards (a GPU could not hold the paper's 30B student whole); the other
-        # ranks wait for its result. The fit's layer-by-layer forwards stop inside the model, which
-        # FSDP2 units cannot.
-        del optim, trained
-        student = unsharded_copy(student)
-        if student is not None:
-            load_selection_bias(student, cfg.student)
-            masses = None if masses is None else [m.cpu() for m in masses]
-    router = None
+
+def _probe_cluster_masses(
+    teacher, probe: torch.Tensor, reference: Reference | None, batch_size: int, device: torch.device
+) -> list[torch.Tensor] | None:
+    """Per MoE layer, the probe tokens' shares of the teacher's activation mass in each reference
+    cluster ([N, E], `teacher_cluster_masses`); None for a student without a cluster reference."""
+    if reference is None:
+        return None
+    ref = reference.to(device)
+    # on every rank: a sharded teacher's forwards are collectives
+    return teacher_cluster_masses(teacher, probe, ref.clusters, batch_size, ref.teacher_layers)
+
+
+def _whole_student_on_rank0(student, masses: list | None, student_path: str):
+    """(rank 0's whole float32 CPU copy of the sharded `student`, with the selection bias its
+    checkpoint carries, and `masses` moved to the CPU beside it); (None, `masses`) on the other
+    ranks. A collective."""
+    student = unsharded_copy(student)
     if student is not None:
-        student.eval()
-        for p in student.parameters():
-            p.requires_grad_(True)
-        router = init_router(student, router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
-    if sharded:
-        router = ranks.all_gather_objects(router)[0]
-    record = {
+        load_selection_bias(student, student_path)
+        masses = None if masses is None else [m.cpu() for m in masses]
+    return student, masses
+
+
+def _start_router(cfg: WarmupConfig, student, router_init: str, probe: torch.Tensor, masses: list | None) -> dict:
+    """Set the (whole) student's routers for Phase B by `router_init` (`init_router`); returns its summary."""
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return init_router(student, router_init, seed=cfg.seed, probe=probe, masses=masses, batch_size=cfg.batch_size)
+
+
+def _warmup_record(
+    cfg: WarmupConfig, log: list[dict], windows: torch.Tensor, warm_s: float, peak_gb: float, ranks, routing, router
+) -> dict:
+    """The padd_warmup.json record: the run, its first and last KL, time, memory, the router start's
+    summary `router` and the config."""
+    return {
         "student": str(Path(cfg.student).resolve()),
         "teacher": str(Path(cfg.teacher).resolve()),
-        "steps": step,
+        "steps": len(log),
         "tokens": int(windows.numel()),
         "first_kl": log[0]["kl"] if log else None,
         "last_kl": log[-1]["kl"] if log else None,
@@ -373,19 +448,29 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         "config": to_dict(cfg),
     }
 
+
+def _save_warmed_student(out: Path, student, s_tok, student_path: str, record: dict, log: list[dict]) -> None:
+    """Write the student, its tokenizer, the input student's cluster reference, `record` and the
+    step log (warmup_log.jsonl) to `out`, atomically."""
+
     def write(tmp: Path) -> None:
         student.save_pretrained(tmp)
         s_tok.save_pretrained(tmp)
-        copy_reference(cfg.student, tmp)
+        copy_reference(student_path, tmp)
         (tmp / "padd_warmup.json").write_text(json.dumps(record, indent=1))
         (tmp / "warmup_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
-    if ranks.main:
-        atomic_save_dir(out, write)
-    ranks.barrier()
+    atomic_save_dir(out, write)
+
+
+def _print_outcome(
+    console: Console, record: dict, router: dict, routing: str, router_init: str, warm_s: float, out: Path
+) -> None:
+    """One line: what the warm-up trained, behind which router, how the router starts, where it went."""
     trained = (
-        f"{step} steps over {record['tokens']} tokens, KL {record['first_kl']:.4f} -> {record['last_kl']:.4f}"
-        if log
+        f"{record['steps']} steps over {record['tokens']} tokens, "
+        f"KL {record['first_kl']:.4f} -> {record['last_kl']:.4f}"
+        if record["steps"]
         else "no training (--epochs 0)"
     )
     fit = f" (fit to the teacher's clusters: KL {router['router_fit_kl']:.4f})" if "router_fit_kl" in router else ""
@@ -393,4 +478,3 @@ def run_warmup(cfg: WarmupConfig, console: Console | None = None) -> dict:
         f"warm-up: {trained} behind the {routing} router in {warm_s:.1f}s; router start {router_init}{fit}; "
         f"written to {out}"
     )
-    return record
