@@ -132,22 +132,36 @@ MEMORY_PHASES = ("load", "stage1", "warmup", "warmup_end", "generation", "teache
 def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> dict[str, dict[str, float]]:
     """Bytes per device of each phase (MEMORY_PHASES) at its peak, by component; Phase B's on a
     trainer (a vLLM server's GPUs hold the server alone)."""
-    gpus, trainers, b = hw.gpus, run.trainers(hw.gpus), dtype_bytes(run.precision)
-    vocab = student.config.vocab_size
-    memory: dict[str, dict[str, float]] = {}
+    resident = _resident_memory(teacher, student, run, hw)
+    memory: dict[str, dict[str, float]] = {
+        "load": _load_memory(teacher, student, run, hw.gpus),
+        "stage1": _stage1_memory(teacher, student, run),
+        "warmup": _warmup_memory(teacher, student, run, hw),
+        "warmup_end": _warmup_end_memory(student, run, hw),
+        "generation": _generation_memory(student, run, hw, resident),
+    }
+    memory |= _forward_backward_memory(teacher, student, run, hw, resident)
+    memory["step"] = _step_memory(student, run, hw, resident)
+    return memory
 
+
+def _load_memory(teacher: ModelShape, student: ModelShape, run: Run, gpus: int) -> dict[str, float]:
+    """Bytes per device while the models load, by component: padd warmup's or padd train's, whichever
+    is larger."""
     # padd warmup and padd train load the student in float32 and the teacher in the run's precision:
     # whole on every device, or under FSDP2 on 2+ processes each rank's shard of both (padd.models)
-    memory["load"] = max(
+    return max(
         (
             _load(teacher, student, run.warmup_parallel, run.warmup_precision, gpus, run.offloaded(gpus, True)),
-            _load(teacher, student, run.parallel, run.precision, trainers, run.offloaded(gpus)),
+            _load(teacher, student, run.parallel, run.precision, run.trainers(gpus), run.offloaded(gpus)),
         ),
         key=lambda parts: sum(parts.values()),
     )
 
-    # Stage I on one device: padd seed holds both models while it measures; padd decompose frees
-    # its statistics before it builds the student
+
+def _stage1_memory(teacher: ModelShape, student: ModelShape, run: Run) -> dict[str, float]:
+    """Bytes of Stage I's one device at its peak, by component: padd seed holds both models while it
+    measures; padd decompose frees its statistics before it builds the student."""
     t_cfg = teacher.config
     window = run.stage1_batch_size * run.stage1_seq_len
     statistics = {
@@ -160,51 +174,78 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
         stage1 |= statistics
     if run.stage1 == "seed" or sum(statistics.values()) <= built["student model"]:
         stage1 |= built
-    memory["stage1"] = stage1
+    return stage1
 
-    # warm-up: every rank trains its batch_size windows per step (the experts, behind a frozen router),
-    # micro-batch by micro-batch, on KL(teacher || student) over whole windows
+
+def _warmup_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> dict[str, float]:
+    """Bytes per device of a warm-up step, by component: every rank trains its batch_size windows per
+    step (the experts, behind a frozen router), micro-batch by micro-batch, on KL(teacher || student)
+    over whole windows."""
+    gpus, vocab = hw.gpus, student.config.vocab_size
     wb = dtype_bytes(run.warmup_precision)
     tokens = (run.warmup_micro_batch or run.warmup_batch_size) * run.warmup_seq_len
     saved, largest = saved_bytes_per_token(student.config, run.warmup_precision)
-    warm_offloaded = run.offloaded(gpus, warmup=True)
-    warm = training_state(student, student.experts, run.warmup_parallel, gpus, warm_offloaded, hw.device)
+    offloaded = run.offloaded(gpus, warmup=True)
+    warm = training_state(student, student.experts, run.warmup_parallel, gpus, offloaded, hw.device)
     warm["teacher"] = _teacher_bytes(teacher, run.warmup_precision, run.warmup_parallel, gpus)
     warm["activations"] = tokens * _activations(saved, largest, student.config, run.warmup_checkpointing)
     warm["weight copies"] = weight_copies(student, run.warmup_precision, run.warmup_checkpointing)
     # both models' logits, the loss's masked copies of them, a float32 gradient, a chunk of the loss
     warm["logits"] = tokens * vocab * (4 * wb + 4) + 6 * KD_CHUNK_TOKENS * vocab * 4
-    memory["warmup"] = warm
+    return warm
+
+
+def _warmup_end_memory(student: ModelShape, run: Run, hw: Hardware) -> dict[str, float]:
+    """Bytes per device at the warm-up's end, by component (none unless the warm-up ran under FSDP2
+    on 2+ processes)."""
     # at its end an FSDP2 warm-up frees the teacher and the optimizer and gathers the whole float32
     # student, tensor by tensor, into rank 0's CPU memory, where rank 0 runs the router start and the
     # save (padd.distributed.unsharded_copy): a GPU holds its shards and the tensor being gathered
     # (host_memory counts the copy); on a CPU device that memory is the process's own
     end = {}
-    if run.warmup_parallel == "fsdp" and gpus > 1:
-        if not (warm_offloaded and hw.device == "cuda"):
-            end["student weights"] = 4 * student.total / gpus
+    if run.warmup_parallel == "fsdp" and hw.gpus > 1:
+        if not (run.offloaded(hw.gpus, warmup=True) and hw.device == "cuda"):
+            end["student weights"] = 4 * student.total / hw.gpus
         end["tensor gathered"] = 4 * student.largest_tensor
         if hw.device != "cuda":
             end["whole student"] = 4 * student.total
-    memory["warmup_end"] = end
+    return end
 
-    # Phase B: what stays resident through a rollout batch (gradients live until the next backward)
-    offloaded = run.offloaded(gpus)
-    resident = training_state(student, student.total, run.parallel, trainers, offloaded, hw.device)
+
+def _resident_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> dict[str, float]:
+    """Bytes per trainer that stay resident through Phase B's rollout batch, by component (the
+    gradients live until the next backward)."""
+    trainers = run.trainers(hw.gpus)
+    resident = training_state(student, student.total, run.parallel, trainers, run.offloaded(hw.gpus), hw.device)
     resident["teacher"] = _teacher_bytes(teacher, run.precision, run.parallel, trainers)
     if run.rollout == "vllm":
         resident |= vllm_memory(student, run, hw)
-    seqs, micro = run.sequences_per_forward(gpus)  # per trainer: a rollout batch, one training forward
-    completion, length = run.completion_tokens + 1, run.sequence
+    return resident
 
+
+def _generation_memory(student: ModelShape, run: Run, hw: Hardware, resident: dict[str, float]) -> dict[str, float]:
+    """Bytes per trainer while the rollout batch is generated, by component: `resident`, and under
+    transformers' generate its KV cache, activations and logits."""
     generation = dict(resident)
     if run.rollout == "transformers":
+        b, vocab = dtype_bytes(run.precision), student.config.vocab_size
+        seqs, _ = run.sequences_per_forward(hw.gpus)
         chunk = min(seqs, GENERATE_BATCH)  # generate runs the batch in chunks of this many sequences
-        generation["KV cache"] = chunk * length * kv_values_per_token(student.config, "transformers") * b
+        generation["KV cache"] = chunk * run.sequence * kv_values_per_token(student.config, "transformers") * b
         generation["activations"] = chunk * run.prompt_tokens * _layer_working_bytes(student.config, b)
         generation["logits"] = 3 * chunk * vocab * 4
-    memory["generation"] = generation
+    return generation
 
+
+def _forward_backward_memory(
+    teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware, resident: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """Bytes per trainer of Phase B's student forwards (π_old, Γ and the update's), the teacher's
+    forward and the backward, by phase ("student", "teacher", "backward": the plan JSON's order) and
+    component, each on top of `resident`."""
+    b, vocab = dtype_bytes(run.precision), student.config.vocab_size
+    seqs, micro = run.sequences_per_forward(hw.gpus)  # per trainer: a rollout batch, one training forward
+    completion, length = run.completion_tokens + 1, run.sequence
     saved, largest = saved_bytes_per_token(student.config, run.precision)
     activations = micro * length * _activations(saved, largest, student.config, run.checkpointing)
     copies = weight_copies(student, run.precision, run.checkpointing)
@@ -220,13 +261,11 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
         old = old_seqs * completion * vocab * (b + 4 + 4) + old_seqs * length * _layer_working_bytes(student.config, b)
         if old > activations + copies + logits + copy:
             student_phase = dict(resident) | {"logits": old}
-    memory["student"] = student_phase
 
     teacher_phase = dict(resident) | graph | {"logits": logits}
     if run.kd:
         teacher_phase["teacher logits"] = cells * b
         teacher_phase["teacher acts"] = micro * length * _layer_working_bytes(teacher.config, b)
-    memory["teacher"] = teacher_phase
 
     backward = dict(resident) | graph
     # the logits and their log-softmax, its two float32 gradients and the logits' gradient, and with KD
@@ -237,12 +276,15 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
     if run.kd:
         backward["teacher logits"] = cells * b
         backward["logits"] += 6 * min(KD_CHUNK_TOKENS, cells / vocab) * vocab * 4
-    memory["backward"] = backward
+    return {"student": student_phase, "teacher": teacher_phase, "backward": backward}
 
-    # the optimizer step (on the CPU when offloaded), once the backward has freed its activations,
-    # then the weights' sync to the rollout engine
+
+def _step_memory(student: ModelShape, run: Run, hw: Hardware, resident: dict[str, float]) -> dict[str, float]:
+    """Bytes per trainer of the optimizer step (on the CPU when offloaded), once the backward has
+    freed its activations, then of the weights' sync to the rollout engine, by component."""
+    trainers = run.trainers(hw.gpus)
     step = dict(resident)
-    if not (offloaded and hw.device == "cuda"):
+    if not (run.offloaded(hw.gpus) and hw.device == "cuda"):
         step["AdamW temps"] = _optimizer_temporaries(student, run.parallel, trainers, hw.device)
     sharded = run.parallel == "fsdp" and trainers > 1
     if run.rollout == "vllm-server" and sharded:
@@ -256,8 +298,7 @@ def phase_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwar
         # the sync to a colocated engine takes checkpoint_weights gathered whole on every rank's device
         # (FSDP2); unsharded, the grouped experts split (a server's push copies them to rank 0's host)
         step["weights for vLLM"] = 4 * (student.total if sharded else student.routed)
-    memory["step"] = step
-    return memory
+    return step
 
 
 def host_memory(student: ModelShape, run: Run, hw: Hardware) -> dict[str, dict[str, float]]:

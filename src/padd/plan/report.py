@@ -289,16 +289,33 @@ def _duration(seconds: float) -> str:
 def print_plan(plan: Plan, suggested: list[str], console: Console, target_gpu_hours: float | None = None) -> None:
     """The plan's three tables (models, memory per device, time), its verdict, the settings to change
     (`changes(plan)`) and its notes."""
-    run, hw = plan.run, plan.hardware
+    console.print(_models_table(plan))
+    console.print(_memory_table(plan))
+    for line in _memory_lines(plan):
+        console.print(line)
+    console.print(_time_table(plan))
+    for line in _whole_run_lines(plan) + _verdict_lines(plan, suggested):
+        console.print(line)
+    if target_gpu_hours is not None:
+        console.print(_gpu_hours_line(plan, target_gpu_hours))
+
+
+def _models_table(plan: Plan) -> Table:
+    """The table of the teacher and the student: config, parameters (total, active), FLOPs per token."""
     models = Table(title="Models (parameters counted on a meta-device build)")
     for col in ("", "config", "total", "active", "GFLOPs / token"):
         models.add_column(col, justify="left" if col in ("", "config") else "right")
     for role, m in (("teacher", plan.teacher), ("student", plan.student)):
         models.add_row(
-            role, m.source, _count(m.total), _count(m.active), f"{m.flops_per_token(run.sequence) / 1e9:.3g}"
+            role, m.source, _count(m.total), _count(m.active), f"{m.flops_per_token(plan.run.sequence) / 1e9:.3g}"
         )
-    console.print(models)
+    return models
 
+
+def _memory_table(plan: Plan) -> Table:
+    """The table of memory per device: a row per component, a column per phase (MEMORY_PHASES), then
+    the reserve and each phase's peak."""
+    hw = plan.hardware
     unit, scale = ("GiB", GIB) if plan.peak >= 4 * GIB else ("MiB", 2**20)
     where = f"{hw.gpus} × {hw.memory_gib:g} GiB GPUs" if hw.device == "cuda" else f"CPU, {hw.memory_gib:.0f} GiB"
     memory = Table(title=f"Memory per {'GPU' if hw.device == 'cuda' else 'process'} ({unit}), {where}")
@@ -314,10 +331,17 @@ def print_plan(plan: Plan, suggested: list[str], console: Console, target_gpu_ho
     memory.add_row("reserve" if hw.device == "cuda" else "runtime", *([_amount(reserve, scale)] * len(MEMORY_PHASES)))
     peaks = [_amount(plan.peaks[p] + reserve, scale) for p in MEMORY_PHASES]
     memory.add_row("[bold]peak[/bold]", *(f"[bold]{peak}[/bold]" for peak in peaks))
-    console.print(memory)
+    return memory
+
+
+def _memory_lines(plan: Plan) -> list[str]:
+    """The lines under the memory table: a vLLM server's GPUs, each command's --offload shards in CPU
+    memory, and the machine's CPU memory where rank 0 holds the whole float32 student."""
+    run, hw = plan.run, plan.hardware
+    lines = []
     if run.rollout == "vllm-server":
         server = server_memory(plan.student, run, hw)
-        console.print(
+        lines.append(
             f"vLLM server on {run.server_gpus} of the {hw.gpus} GPUs ({run.vllm_share:g} of each): "
             f"{server['weights'] / GIB:.1f} GiB of the student's weights per GPU, "
             f"{vllm_kv_tokens(plan.student, run, hw):,.0f} tokens of KV cache; the trainers on the other "
@@ -327,7 +351,7 @@ def print_plan(plan: Plan, suggested: list[str], console: Console, target_gpu_ho
         processes = hw.gpus if warmup else run.trainers(hw.gpus)
         if run.offloaded(hw.gpus, warmup=warmup) and hw.device == "cuda":
             per = offloaded_bytes(plan.student, plan.student.experts if warmup else plan.student.total, processes)
-            console.print(
+            lines.append(
                 f"{command} --offload: {per / GIB:.1f} GiB of shards per process in CPU memory, "
                 f"{per * processes / GIB:.0f} GiB over its {processes}"
             )
@@ -338,44 +362,61 @@ def print_plan(plan: Plan, suggested: list[str], console: Console, target_gpu_ho
             "student)"
             for p in rank0
         )
-        console.print(f"CPU memory of the machine ({hw.host_memory_gib:.0f} GiB): {where}")
+        lines.append(f"CPU memory of the machine ({hw.host_memory_gib:.0f} GiB): {where}")
+    return lines
 
+
+def _time_table(plan: Plan) -> Table:
+    """The table of time: a row per phase (TIME_PHASES) with its FLOPs per rollout batch, its time per
+    batch and over the whole run, and its share of the run."""
+    hw = plan.hardware
     time = Table(title=f"Time at MFU {hw.mfu:g}" + (f" of {hw.tflops:g} TFLOP/s" if hw.tflops else ""))
     for col in ("phase", "FLOP / batch", "per batch", "whole run", "share"):
         time.add_column(col, justify="left" if col == "phase" else "right")
     total = sum(plan.seconds.values())
     for phase in TIME_PHASES:
-        per_batch = plan.seconds[phase] / run.steps if phase in plan.step_flops else math.nan
+        per_batch = plan.seconds[phase] / plan.run.steps if phase in plan.step_flops else math.nan
         work = _flop(plan.step_flops[phase]) if phase in plan.step_flops else "-"
         share = "-" if math.isnan(total) or not total else f"{plan.seconds[phase] / total:.0%}"
         time.add_row(TITLES[phase], work, _duration(per_batch), _duration(plan.seconds[phase]), share)
-    console.print(time)
+    return time
 
+
+def _whole_run_lines(plan: Plan) -> list[str]:
+    """The lines on the whole run's time and GPU-hours, or on what the estimate needs when the
+    device's rates are not known."""
+    run, hw = plan.run, plan.hardware
+    total = sum(plan.seconds.values())
     if math.isnan(total):
-        console.print("time: give --gpu-tflops and --bandwidth of this device to estimate it")
-    else:
-        console.print(
-            f"whole run: {_duration(plan.seconds['stage1'])} of Stage I on one device, then "
-            f"{_duration(total - plan.seconds['stage1'])} on {hw.gpus}: [bold]{plan.gpu_hours:.1f} GPU-hours[/bold]"
-        )
-        console.print(
-            f"  ({run.steps} rollout batches of {run.prompts_per_step} × {run.group_size} completions, "
-            f"{run.prompt_tokens} + {run.completion_tokens} tokens each)"
-        )
+        return ["time: give --gpu-tflops and --bandwidth of this device to estimate it"]
+    return [
+        f"whole run: {_duration(plan.seconds['stage1'])} of Stage I on one device, then "
+        f"{_duration(total - plan.seconds['stage1'])} on {hw.gpus}: [bold]{plan.gpu_hours:.1f} GPU-hours[/bold]",
+        f"  ({run.steps} rollout batches of {run.prompts_per_step} × {run.group_size} completions, "
+        f"{run.prompt_tokens} + {run.completion_tokens} tokens each)",
+    ]
+
+
+def _verdict_lines(plan: Plan, suggested: list[str]) -> list[str]:
+    """The lines of the verdict (the peak against the memory per device), the settings to change
+    (`suggested`) and the plan's notes."""
+    hw = plan.hardware
     verdict = "fits" if plan.fits else "does not fit"
-    console.print(
-        f"peak {(plan.peak + reserve) / GIB:.1f} of {hw.memory_gib:.4g} GiB per device: [bold]{verdict}[/bold]"
-    )
-    for i, change in enumerate(suggested):
-        console.print(f"first setting to change: {change}" if i == 0 else f"  {change}")
-    for note in plan.notes:
-        console.print(f"note: {note}")
-    if target_gpu_hours is not None:
-        mfu = mfu_for_gpu_hours(plan, target_gpu_hours)
-        if mfu is None:
-            console.print(f"no MFU reaches {target_gpu_hours:g} GPU-hours: the memory-bound phases alone take longer")
-        else:
-            console.print(f"{target_gpu_hours:g} GPU-hours is this plan at an MFU of {mfu:.2f}")
+    lines = [
+        f"peak {(plan.peak + hw.reserve_gib * GIB) / GIB:.1f} of {hw.memory_gib:.4g} GiB per device: "
+        f"[bold]{verdict}[/bold]"
+    ]
+    lines += [f"first setting to change: {change}" if i == 0 else f"  {change}" for i, change in enumerate(suggested)]
+    lines += [f"note: {note}" for note in plan.notes]
+    return lines
+
+
+def _gpu_hours_line(plan: Plan, target_gpu_hours: float) -> str:
+    """The line on the MFU at which the plan takes `target_gpu_hours` GPU-hours, or that none does."""
+    mfu = mfu_for_gpu_hours(plan, target_gpu_hours)
+    if mfu is None:
+        return f"no MFU reaches {target_gpu_hours:g} GPU-hours: the memory-bound phases alone take longer"
+    return f"{target_gpu_hours:g} GPU-hours is this plan at an MFU of {mfu:.2f}"
 
 
 def _flop(value: float) -> str:

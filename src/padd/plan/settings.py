@@ -240,31 +240,52 @@ def _default(cls, name: str):
 
 def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware]:
     """The models, settings and hardware a PlanConfig describes (its study, then its flags)."""
-    from padd.methods import METHODS
-    from padd.phase_b.loop import noisy_in_training
-
     # the hardware's own numbers first: nothing is built or measured for a plan that cannot be made
+    _check_hardware_numbers(cfg)
+    study = _study_of(cfg)
+    teacher = _teacher_of(cfg, study)
+    student, stage1 = _student_of(cfg, study, teacher)
+    run = Run(
+        # padd train's first, so that its refusals come before the other sections are read
+        **_train_settings(cfg, study, student),
+        **_stage1_settings(cfg, study, stage1, teacher, student),
+        **_warmup_settings(cfg, study.warmup if study else {}, stage1),
+    )
+    _check_prompts_split(run, cfg.gpus)
+    check_memory_options(run, cfg.gpus)
+    return teacher, student, run, hardware_of(cfg, run.precision, teacher.config, student.config)
+
+
+def _check_hardware_numbers(cfg: PlanConfig) -> None:
+    """Refuse (PlanError) a GPU count below 1 or an MFU outside (0, 1]; returns nothing."""
     if cfg.gpus < 1:
         raise PlanError(f"--gpus {cfg.gpus}: give at least 1")
     if not 0 < cfg.mfu <= 1:
         raise PlanError(f"--mfu {cfg.mfu}: give a share of the peak in (0, 1]")
 
-    study = None
-    if cfg.study is not None:
-        from padd.study import load_study
 
-        study = load_study(cfg.study)
+def _study_of(cfg: PlanConfig):
+    """The study cfg names, loaded (padd.study.load_study), or None when it names none."""
+    if cfg.study is None:
+        return None
+    from padd.study import load_study
+
+    return load_study(cfg.study)
+
+
+def _teacher_of(cfg: PlanConfig, study) -> ModelShape:
+    """The teacher's shape: --teacher's, else the study's."""
     teacher_spec = cfg.teacher or (study.teacher if study else None)
     if teacher_spec is None:
         raise PlanError("give --teacher (a checkpoint folder, a config JSON or a preset) or --config STUDY")
-    student_spec = cfg.student or (study.student if study else None)
-    decompose = study.decompose if study else {}
-    seed = study.seed if study else {}
-    warm = study.warmup if study else {}
-    train = study.train if study else {}
-
     teacher_config, teacher_source = load_model_config(teacher_spec)
-    teacher = measure_model(teacher_config, Path(teacher_spec).name, teacher_source)
+    return measure_model(teacher_config, Path(teacher_spec).name, teacher_source)
+
+
+def _student_of(cfg: PlanConfig, study, teacher: ModelShape) -> tuple[ModelShape, str]:
+    """(the student's shape, the Stage I that makes it): a pretrained MoE's (--student, else the
+    study's) for padd seed, else one decomposed from the teacher by padd decompose."""
+    student_spec = cfg.student or (study.student if study else None)
     given_shape = {k: getattr(cfg, k) for k in ("experts", "top_k", "shared_neurons", "expert_size", "dense_layers")}
     if student_spec is not None:
         if any(v is not None for v in given_shape.values()):
@@ -272,50 +293,87 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
         student_config, student_source = load_model_config(student_spec)
         if not is_moe(student_config):
             raise PlanError(f"{student_spec}: model_type {student_config.model_type!r} is not an MoE student")
-        student = measure_model(student_config, Path(student_spec).name, student_source)
-        stage1, section, stage_cls = "seed", seed, SeedConfig
-    else:
-        experts, top_k = _pick(cfg.experts, decompose, "experts", None), _pick(cfg.top_k, decompose, "top_k", None)
-        if experts is None or top_k is None:
-            raise PlanError("a decomposed student needs --experts and --top-k (or a study's decompose: section)")
-        student_config = decomposed_student(
-            teacher_config,
-            experts=experts,
-            top_k=top_k,
-            shared=_pick(cfg.shared_neurons, decompose, "shared_neurons", 0),
-            expert_size=_pick(cfg.expert_size, decompose, "expert_size", None),
-            dense=_pick(cfg.dense_layers, decompose, "dense_layers", 0),
-        )
-        student = measure_model(student_config, f"{teacher.name} decomposed", f"padd decompose --experts {experts}")
-        stage1, section, stage_cls = "decompose", decompose, DecomposeConfig
-    from padd.router_adapter import num_experts
+        return measure_model(student_config, Path(student_spec).name, student_source), "seed"
+    decompose = study.decompose if study else {}
+    experts, top_k = _pick(cfg.experts, decompose, "experts", None), _pick(cfg.top_k, decompose, "top_k", None)
+    if experts is None or top_k is None:
+        raise PlanError("a decomposed student needs --experts and --top-k (or a study's decompose: section)")
+    student_config = decomposed_student(
+        teacher.config,
+        experts=experts,
+        top_k=top_k,
+        shared=_pick(cfg.shared_neurons, decompose, "shared_neurons", 0),
+        expert_size=_pick(cfg.expert_size, decompose, "expert_size", None),
+        dense=_pick(cfg.dense_layers, decompose, "dense_layers", 0),
+    )
+    student = measure_model(student_config, f"{teacher.name} decomposed", f"padd decompose --experts {experts}")
+    return student, "decompose"
+
+
+def _train_settings(cfg: PlanConfig, study, student: ModelShape) -> dict:
+    """Run's fields of padd train (Phase B), from the flags, the study's train: and methods: sections
+    and padd's defaults."""
+    from padd.phase_b.loop import noisy_in_training
+
+    train = study.train if study else {}
+    method = _method_settings(cfg, study, train)
+    precision = _pick(cfg.precision, train, "precision", _default(TrainConfig, "precision"))
+    parallel = _pick(cfg.parallel, train, "parallel", _default(TrainConfig, "parallel"))
+    budget = _pick(cfg.max_new_tokens, train, "max_new_tokens", _default(TrainConfig, "max_new_tokens"))
+    engine = _rollout_settings(cfg, train, student, budget)
+    updates = _pick(cfg.updates_per_batch, train, "updates_per_batch", _default(TrainConfig, "updates_per_batch"))
+    completion = cfg.completion_tokens if cfg.completion_tokens is not None else budget
+    if completion > budget:
+        raise PlanError(f"--completion-tokens {completion} exceeds the budget --max-new-tokens {budget}")
+    return dict(
+        steps=_pick(cfg.steps, train, "steps", _default(TrainConfig, "steps")),
+        prompts_per_step=_pick(
+            cfg.prompts_per_step, train, "prompts_per_step", _default(TrainConfig, "prompts_per_step")
+        ),
+        group_size=_pick(cfg.group_size, train, "group_size", _default(TrainConfig, "group_size")),
+        updates_per_batch=updates,
+        prompt_tokens=cfg.prompt_tokens,
+        completion_tokens=completion,
+        temperature=_pick(cfg.temperature, train, "temperature", _default(TrainConfig, "temperature")),
+        precision=precision,
+        parallel=parallel,
+        old_policy_forward=updates > 1 or noisy_in_training(student.config),
+        micro_batch=_pick(cfg.micro_batch_size, train, "micro_batch_size", None),
+        checkpointing=bool(_pick(cfg.activation_checkpointing, train, "activation_checkpointing", False)),
+        offload=bool(_pick(cfg.offload, train, "offload", False)),
+        **method,
+        **engine,
+    )
+
+
+def _method_settings(cfg: PlanConfig, study, train: dict) -> dict:
+    """Run's fields of the Phase B method: `method`, and whether it runs a KD term (`kd`) and
+    measures Γ's running mean (`gamma_running_mean`)."""
+    from padd.methods import METHODS
 
     method = _pick(cfg.method, train, "method", _default(TrainConfig, "method"))
     if method not in METHODS:
         raise PlanError(f"--method {method!r}: one of {', '.join(METHODS)}")
-    precision = _pick(cfg.precision, train, "precision", _default(TrainConfig, "precision"))
-    parallel = _pick(cfg.parallel, train, "parallel", _default(TrainConfig, "parallel"))
+    lam = _method_option(study, method, "lam")
+    return dict(
+        method=method,
+        kd=METHODS[method].kd is not None and _method_option(study, method, "kd_coef") != 0,
+        gamma_running_mean=METHODS[method].policy is not None
+        and bool(lam)
+        and _method_option(study, method, "shift_norm") == "running-mean",
+    )
+
+
+def _rollout_settings(cfg: PlanConfig, train: dict, student: ModelShape, budget: int) -> dict:
+    """Run's fields of the rollout engine: `rollout`, `vllm_share` and `vllm_length` (None without
+    vLLM) and `server_gpus` (0 without a vLLM server)."""
     rollout = _pick(cfg.rollout, train, "rollout", _default(TrainConfig, "rollout"))
     if rollout not in ROLLOUTS:
         raise PlanError(f"rollout {rollout!r}: one of {', '.join(ROLLOUTS)}")
     share = _pick(cfg.vllm_gpu_memory, train, "vllm_gpu_memory", None)
-    budget = _pick(cfg.max_new_tokens, train, "max_new_tokens", _default(TrainConfig, "max_new_tokens"))
     if cfg.vllm_gpu_memory is not None and not rollout.startswith("vllm"):
         raise PlanError("--vllm-gpu-memory only acts with --rollout vllm or vllm-server")
-    server_gpus = 0
-    if rollout == "vllm-server":
-        if cfg.server_gpus is None:
-            raise PlanError("--rollout vllm-server: give --server-gpus N, the GPUs of the server (of --gpus)")
-        if not 0 < cfg.server_gpus < cfg.gpus:
-            raise PlanError(
-                f"--server-gpus {cfg.server_gpus}: the server takes some of the --gpus {cfg.gpus} and leaves the "
-                "trainers at least one; give 1 to --gpus - 1"
-            )
-        if cfg.device != "cuda":
-            raise PlanError("--rollout vllm-server plans a server on GPUs of its own: give --device cuda")
-        server_gpus = cfg.server_gpus
-    elif cfg.server_gpus is not None:
-        raise PlanError("--server-gpus only acts with --rollout vllm-server")
+    server_gpus = _server_gpus(cfg, rollout)
     vllm_length = None
     if not rollout.startswith("vllm"):
         share = None  # a study's engine settings, for a plan of its transformers rollouts
@@ -326,74 +384,91 @@ def resolve_plan(cfg: PlanConfig) -> tuple[ModelShape, ModelShape, Run, Hardware
             share = SERVER_SHARE if rollout == "vllm-server" else GPU_SHARE
         context = getattr(student.config, "max_position_embeddings", None)
         vllm_length = train.get("vllm_max_model_len") or engine_length(context, budget)
-    updates = _pick(cfg.updates_per_batch, train, "updates_per_batch", _default(TrainConfig, "updates_per_batch"))
-    completion = cfg.completion_tokens if cfg.completion_tokens is not None else budget
-    if completion > budget:
-        raise PlanError(f"--completion-tokens {completion} exceeds the budget --max-new-tokens {budget}")
-    extra = 0
-    if stage1 == "seed":
-        cka = (section.get("cka_tokens") or CKA_TOKENS) if section.get("layer_map", "cka") == "cka" else 0
-        extra = section.get("heldout_tokens", _default(SeedConfig, "heldout_tokens")) + cka
+    return dict(rollout=rollout, vllm_share=share, vllm_length=vllm_length, server_gpus=server_gpus)
+
+
+def _server_gpus(cfg: PlanConfig, rollout: str) -> int:
+    """The GPUs of --rollout vllm-server's server, of --gpus (0 for the other engines)."""
+    if rollout == "vllm-server":
+        if cfg.server_gpus is None:
+            raise PlanError("--rollout vllm-server: give --server-gpus N, the GPUs of the server (of --gpus)")
+        if not 0 < cfg.server_gpus < cfg.gpus:
+            raise PlanError(
+                f"--server-gpus {cfg.server_gpus}: the server takes some of the --gpus {cfg.gpus} and leaves the "
+                "trainers at least one; give 1 to --gpus - 1"
+            )
+        if cfg.device != "cuda":
+            raise PlanError("--rollout vllm-server plans a server on GPUs of its own: give --device cuda")
+        return cfg.server_gpus
+    if cfg.server_gpus is not None:
+        raise PlanError("--server-gpus only acts with --rollout vllm-server")
+    return 0
+
+
+def _stage1_settings(cfg: PlanConfig, study, stage1: str, teacher: ModelShape, student: ModelShape) -> dict:
+    """Run's fields of Stage I (padd seed or padd decompose, `stage1`), from the flags, the study's
+    seed: or decompose: section and padd's defaults."""
+    from padd.router_adapter import num_experts
+
+    seeded = stage1 == "seed"
+    section = (study.seed if seeded else study.decompose) if study else {}
+    stage_cls = SeedConfig if seeded else DecomposeConfig
+    return dict(
+        stage1=stage1,
+        stage1_bytes=_stage1_bytes(section, stage1, teacher, student),
+        stage1_tokens=_pick(cfg.stage1_tokens, section, "tokens", _default(stage_cls, "tokens")),
+        stage1_seq_len=section.get("seq_len", _default(stage_cls, "seq_len")),
+        stage1_batch_size=section.get("batch_size", _default(stage_cls, "batch_size")),
+        stage1_extra_tokens=_stage1_extra_tokens(section, stage1),
+        kmeans_iters=section.get("kmeans_iters", _default(stage_cls, "kmeans_iters")),
+        proj_dim=section.get("proj_dim", _default(stage_cls, "proj_dim")),
+        experts=num_experts(student.config),
+    )
+
+
+def _stage1_extra_tokens(section: dict, stage1: str) -> int:
+    """Tokens padd seed reads beyond its statistics' (held-out and CKA); 0 for padd decompose."""
+    if stage1 != "seed":
+        return 0
+    cka = (section.get("cka_tokens") or CKA_TOKENS) if section.get("layer_map", "cka") == "cka" else 0
+    return section.get("heldout_tokens", _default(SeedConfig, "heldout_tokens")) + cka
+
+
+def _stage1_bytes(section: dict, stage1: str, teacher: ModelShape, student: ModelShape) -> tuple[int, int]:
+    """Bytes per weight of Stage I's (teacher, student)."""
     # Stage I loads both models in --dtype; auto keeps each checkpoint's (padd decompose builds its
     # student in the teacher's)
     dtype = {"float32": 4, "bfloat16": 2, "float16": 2}.get(section.get("dtype", "auto"))
     teacher_bytes = dtype or _checkpoint_bytes(teacher.config)
-    stage1_bytes = (teacher_bytes, dtype or (_checkpoint_bytes(student.config) if stage1 == "seed" else teacher_bytes))
-    lam = _method_option(study, method, "lam")
-    run = Run(
-        stage1=stage1,
-        stage1_bytes=stage1_bytes,
-        stage1_tokens=_pick(cfg.stage1_tokens, section, "tokens", _default(stage_cls, "tokens")),
-        stage1_seq_len=section.get("seq_len", _default(stage_cls, "seq_len")),
-        stage1_batch_size=section.get("batch_size", _default(stage_cls, "batch_size")),
-        stage1_extra_tokens=extra,
-        kmeans_iters=section.get("kmeans_iters", _default(stage_cls, "kmeans_iters")),
-        proj_dim=section.get("proj_dim", _default(stage_cls, "proj_dim")),
-        experts=num_experts(student.config),
+    return teacher_bytes, dtype or (_checkpoint_bytes(student.config) if stage1 == "seed" else teacher_bytes)
+
+
+def _warmup_settings(cfg: PlanConfig, warm: dict, stage1: str) -> dict:
+    """Run's fields of padd warmup, from the flags, the study's warmup: section and padd's defaults."""
+    return dict(
         warmup_tokens=_pick(cfg.warmup_tokens, warm, "tokens", _default(WarmupConfig, "tokens")),
         warmup_seq_len=_pick(cfg.warmup_seq_len, warm, "seq_len", _default(WarmupConfig, "seq_len")),
         warmup_batch_size=_pick(cfg.warmup_batch_size, warm, "batch_size", _default(WarmupConfig, "batch_size")),
         warmup_epochs=_pick(cfg.warmup_epochs, warm, "epochs", _default(WarmupConfig, "epochs")),
         warmup_precision=_pick(cfg.precision, warm, "precision", _default(WarmupConfig, "precision")),
         warmup_parallel=_pick(cfg.parallel, warm, "parallel", _default(WarmupConfig, "parallel")),
-        steps=_pick(cfg.steps, train, "steps", _default(TrainConfig, "steps")),
-        prompts_per_step=_pick(
-            cfg.prompts_per_step, train, "prompts_per_step", _default(TrainConfig, "prompts_per_step")
-        ),
-        group_size=_pick(cfg.group_size, train, "group_size", _default(TrainConfig, "group_size")),
-        updates_per_batch=updates,
-        prompt_tokens=cfg.prompt_tokens,
-        completion_tokens=completion,
-        method=method,
-        kd=METHODS[method].kd is not None and _method_option(study, method, "kd_coef") != 0,
-        temperature=_pick(cfg.temperature, train, "temperature", _default(TrainConfig, "temperature")),
-        precision=precision,
-        parallel=parallel,
-        rollout=rollout,
-        vllm_share=share,
-        vllm_length=vllm_length,
-        old_policy_forward=updates > 1 or noisy_in_training(student.config),
-        gamma_running_mean=METHODS[method].policy is not None
-        and bool(lam)
-        and _method_option(study, method, "shift_norm") == "running-mean",
-        micro_batch=_pick(cfg.micro_batch_size, train, "micro_batch_size", None),
-        checkpointing=bool(_pick(cfg.activation_checkpointing, train, "activation_checkpointing", False)),
-        offload=bool(_pick(cfg.offload, train, "offload", False)),
         warmup_micro_batch=_pick(cfg.warmup_micro_batch_size, warm, "micro_batch_size", None),
         warmup_checkpointing=bool(_pick(cfg.activation_checkpointing, warm, "activation_checkpointing", False)),
         warmup_offload=bool(_pick(cfg.offload, warm, "offload", False)),
-        server_gpus=server_gpus,
         warmup_router_init=warm.get("router_init") or ("keep" if stage1 == "seed" else "uniform"),
         router_tokens=warm.get("router_tokens", _default(WarmupConfig, "router_tokens")),
     )
-    if not run.splits_over(cfg.gpus):
-        where = f"the {run.trainers(cfg.gpus)} trainer GPUs" if server_gpus else f"{cfg.gpus} GPUs"
+
+
+def _check_prompts_split(run: Run, gpus: int) -> None:
+    """Refuse (PlanError), as padd train does, prompts per rollout batch that do not split over its
+    trainer GPUs; returns nothing."""
+    if not run.splits_over(gpus):
+        where = f"the {run.trainers(gpus)} trainer GPUs" if run.server_gpus else f"{gpus} GPUs"
         raise PlanError(
             f"--prompts-per-step {run.prompts_per_step} does not split over {where}: padd train gives every "
             "rank whole groups; give a multiple of the GPUs"
         )
-    check_memory_options(run, cfg.gpus)
-    return teacher, student, run, hardware_of(cfg, precision, teacher.config, student.config)
 
 
 def check_memory_options(run: Run, gpus: int) -> None:

@@ -26,81 +26,23 @@ def phase_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwa
     def at_mfu(work: float) -> float:
         return work / compute if compute else math.nan
 
-    seconds: dict[str, float] = {}
-    # Stage I: the teacher over the sampled tokens (padd seed: both models, before and after, and the
-    # CKA layer map), then a balanced K-Means per layer; one device
-    t_flops = teacher.flops_per_token(run.stage1_seq_len)
-    s_flops = student.flops_per_token(run.stage1_seq_len)
-    work = t_flops * (run.stage1_tokens + run.stage1_extra_tokens)
-    if run.stage1 == "seed":
-        work += s_flops * (run.stage1_tokens + 2 * run.stage1_extra_tokens)
-    d_ff = teacher.config.intermediate_size
-    kmeans = teacher.config.num_hidden_layers * run.kmeans_iters * 2 * 2 * d_ff * run.experts * (run.proj_dim or 1)
-    seconds["stage1"] = at_mfu(work + kmeans)
-    seconds["warmup"] = _warmup_seconds(teacher, student, run, hw, at_mfu, bandwidth)
+    seconds: dict[str, float] = {
+        "stage1": at_mfu(_stage1_flops(teacher, student, run)),
+        "warmup": _warmup_seconds(teacher, student, run, hw, at_mfu, bandwidth),
+    }
 
-    # Phase B, per rollout batch and trainer
+    # Phase B, per rollout batch and trainer: the compute, unless what moves overlapped with it takes longer
     trainers = run.trainers(hw.gpus)
-    seqs = run.prompts_per_step * run.group_size / trainers
-    length, completion = run.sequence, run.completion_tokens
-    forwards = run.forwards(hw.gpus)
-    s_fwd = student.flops_per_token(length) * seqs * length  # one forward over the trainer's sequences
-    # π_old's and Γ's no-grad forwards and the training forward; the backward (twice a forward) and
-    # under activation checkpointing the forward it recomputes
-    student_passes = 1 + (forwards["old"] > 0) + (forwards["gamma"] > 0)
-    update_passes = 2 + run.checkpointing
-    sequences = run.prompts_per_step * run.group_size
-    step_flops = {
-        "generation": student.flops_per_token(run.prompt_tokens) * sequences * run.prompt_tokens
-        + student.flops_per_token(run.prompt_tokens + completion // 2) * sequences * completion,
-        "teacher": (teacher.flops_per_token(length) * seqs * length if run.kd else 0.0) * trainers,
-        "student": s_fwd * student_passes * trainers,
-        "update": s_fwd * update_passes * trainers,
-    }
+    step_flops = _step_flops(teacher, student, run, hw)
     per_step = {phase: at_mfu(step_flops[phase] / trainers) for phase in ("teacher", "student", "update")}
-
-    # what moves, per trainer, overlapped with the compute: FSDP2's gathers of every layer for each
-    # forward and again for each backward, and the gradients' reduce-scatter (the teacher's weights
-    # gathered for its forwards); with --offload each rank's shards copied to the GPU for each
-    # forward and backward and its gradients back; DDP's all-reduce once per optimizer step
-    sharded = run.parallel == "fsdp" and trainers > 1
-    offloaded = run.offloaded(hw.gpus)
-    link, host_link = hw.link_gbs * 1e9, hw.host_link_gbs * 1e9
-    gather = 4 * student.total * (trainers - 1) / trainers / link if sharded else 0.0
-    copy = 4 * student.total / trainers / host_link if offloaded else 0.0
-    accumulated = forwards["train"] - run.updates_per_batch  # micro-batches whose gradients add to others'
-    moved = {
-        "student": (forwards["old"] + forwards["gamma"] + forwards["train"]) * (gather + copy),
-        # each backward's gathers and reduce-scatter, its shards' copy in, the first micro-batch's
-        # gradients' copy out (the others' are synchronous: below)
-        "update": forwards["train"] * (2 * gather + copy) + run.updates_per_batch * copy,
-        "teacher": 0.0,
-    }
-    if sharded and run.kd:
-        teacher_gather = dtype_bytes(run.precision) * teacher.total * (trainers - 1) / trainers / link
-        moved["teacher"] = forwards["teacher"] * teacher_gather
-    if run.parallel == "ddp" and trainers > 1:
-        moved["update"] += run.updates_per_batch * 2 * 4 * student.total * (trainers - 1) / trainers / link
-    for phase, transfer in moved.items():
+    gather, copy = _gather_and_copy_seconds(student, run, hw)
+    for phase, transfer in _overlapped_transfers(teacher, student, run, hw, gather, copy).items():
         if transfer > per_step[phase]:
-            what = "FSDP2's gathers" if sharded else "DDP's all-reduce"
-            what += " and --offload's copies" if offloaded else ""
-            notes.append(
-                f"{what} ({transfer:.1f} s per batch) outlast the {phase} phase's compute "
-                f"({per_step[phase]:.1f} s): transfer-bound"
-            )
+            notes.append(_transfer_bound_note(run, hw, phase, transfer, per_step[phase]))
             per_step[phase] = transfer
 
-    # not overlapped: the optimizer step (on the CPU when offloaded, where FSDP2 also adds each later
-    # micro-batch's gradients to the earlier ones', after a copy out it waits for) and the weights'
-    # sync to the rollout engine
-    shards = trainers if run.parallel == "fsdp" else 1
-    if offloaded:
-        host = hw.host_gbs * 1e9
-        per_step["update"] += run.updates_per_batch * OPTIMIZER_BYTES * student.total / shards / host
-        per_step["update"] += accumulated * (copy + ACCUMULATE_BYTES * student.total / shards / host)
-    elif bandwidth:
-        per_step["update"] += run.updates_per_batch * OPTIMIZER_BYTES * student.total / shards / bandwidth
+    # not overlapped: the optimizer step and the weights' sync to the rollout engine
+    per_step["update"] = _with_optimizer_step(per_step["update"], student, run, hw, copy, bandwidth)
     sync = _sync_seconds(student, run, hw, gather, copy, bandwidth)
     per_step["update"] += sync
     if run.rollout == "vllm-server":
@@ -113,6 +55,100 @@ def phase_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardwa
     for phase in ("generation", "teacher", "student", "update"):
         seconds[phase] = per_step[phase] * run.steps
     return seconds, step_flops, notes
+
+
+def _stage1_flops(teacher: ModelShape, student: ModelShape, run: Run) -> float:
+    """FLOPs of Stage I on its one device: the teacher over the sampled tokens (padd seed: both
+    models, before and after, and the CKA layer map), then a balanced K-Means per layer."""
+    t_flops = teacher.flops_per_token(run.stage1_seq_len)
+    s_flops = student.flops_per_token(run.stage1_seq_len)
+    work = t_flops * (run.stage1_tokens + run.stage1_extra_tokens)
+    if run.stage1 == "seed":
+        work += s_flops * (run.stage1_tokens + 2 * run.stage1_extra_tokens)
+    d_ff = teacher.config.intermediate_size
+    kmeans = teacher.config.num_hidden_layers * run.kmeans_iters * 2 * 2 * d_ff * run.experts * (run.proj_dim or 1)
+    return work + kmeans
+
+
+def _step_flops(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware) -> dict[str, float]:
+    """FLOPs of each Phase B phase (generation, teacher, student, update) per rollout batch, over all
+    trainers."""
+    trainers = run.trainers(hw.gpus)
+    seqs = run.prompts_per_step * run.group_size / trainers
+    length, completion = run.sequence, run.completion_tokens
+    forwards = run.forwards(hw.gpus)
+    s_fwd = student.flops_per_token(length) * seqs * length  # one forward over the trainer's sequences
+    # π_old's and Γ's no-grad forwards and the training forward; the backward (twice a forward) and
+    # under activation checkpointing the forward it recomputes
+    student_passes = 1 + (forwards["old"] > 0) + (forwards["gamma"] > 0)
+    update_passes = 2 + run.checkpointing
+    sequences = run.prompts_per_step * run.group_size
+    return {
+        "generation": student.flops_per_token(run.prompt_tokens) * sequences * run.prompt_tokens
+        + student.flops_per_token(run.prompt_tokens + completion // 2) * sequences * completion,
+        "teacher": (teacher.flops_per_token(length) * seqs * length if run.kd else 0.0) * trainers,
+        "student": s_fwd * student_passes * trainers,
+        "update": s_fwd * update_passes * trainers,
+    }
+
+
+def _gather_and_copy_seconds(student: ModelShape, run: Run, hw: Hardware) -> tuple[float, float]:
+    """(seconds of one FSDP2 gather of the whole student on a trainer, 0 unsharded; seconds of one
+    copy of its --offload shards to the GPU, 0 without)."""
+    trainers = run.trainers(hw.gpus)
+    link, host_link = hw.link_gbs * 1e9, hw.host_link_gbs * 1e9
+    sharded = run.parallel == "fsdp" and trainers > 1
+    gather = 4 * student.total * (trainers - 1) / trainers / link if sharded else 0.0
+    copy = 4 * student.total / trainers / host_link if run.offloaded(hw.gpus) else 0.0
+    return gather, copy
+
+
+def _overlapped_transfers(
+    teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware, gather: float, copy: float
+) -> dict[str, float]:
+    """Seconds per rollout batch of what moves on a trainer while the student, update and teacher
+    phases compute, by phase: FSDP2's gathers of every layer for each forward and again for each
+    backward, and the gradients' reduce-scatter (the teacher's weights gathered for its forwards);
+    with --offload each rank's shards copied to the GPU for each forward and backward and its
+    gradients back; DDP's all-reduce once per optimizer step."""
+    trainers = run.trainers(hw.gpus)
+    forwards = run.forwards(hw.gpus)
+    link = hw.link_gbs * 1e9
+    moved = {
+        "student": (forwards["old"] + forwards["gamma"] + forwards["train"]) * (gather + copy),
+        # each backward's gathers and reduce-scatter, its shards' copy in, the first micro-batch's
+        # gradients' copy out (the others' are synchronous: _with_optimizer_step)
+        "update": forwards["train"] * (2 * gather + copy) + run.updates_per_batch * copy,
+        "teacher": 0.0,
+    }
+    if run.parallel == "fsdp" and trainers > 1 and run.kd:
+        teacher_gather = dtype_bytes(run.precision) * teacher.total * (trainers - 1) / trainers / link
+        moved["teacher"] = forwards["teacher"] * teacher_gather
+    if run.parallel == "ddp" and trainers > 1:
+        moved["update"] += run.updates_per_batch * 2 * 4 * student.total * (trainers - 1) / trainers / link
+    return moved
+
+
+def _transfer_bound_note(run: Run, hw: Hardware, phase: str, transfer: float, compute: float) -> str:
+    """The note that a Phase B phase's transfers (`transfer` seconds per batch) outlast its compute."""
+    what = "FSDP2's gathers" if run.parallel == "fsdp" and run.trainers(hw.gpus) > 1 else "DDP's all-reduce"
+    what += " and --offload's copies" if run.offloaded(hw.gpus) else ""
+    return f"{what} ({transfer:.1f} s per batch) outlast the {phase} phase's compute ({compute:.1f} s): transfer-bound"
+
+
+def _with_optimizer_step(update: float, student: ModelShape, run: Run, hw: Hardware, copy: float, bandwidth) -> float:
+    """The update phase's seconds per rollout batch, `update`, with the AdamW steps added: on the CPU
+    when offloaded, where FSDP2 also adds each later micro-batch's gradients to the earlier ones',
+    after a copy out it waits for; else at the memory bandwidth."""
+    shards = run.trainers(hw.gpus) if run.parallel == "fsdp" else 1
+    if run.offloaded(hw.gpus):
+        host = hw.host_gbs * 1e9
+        accumulated = run.forwards(hw.gpus)["train"] - run.updates_per_batch  # micro-batches adding to others'
+        update += run.updates_per_batch * OPTIMIZER_BYTES * student.total / shards / host
+        update += accumulated * (copy + ACCUMULATE_BYTES * student.total / shards / host)
+    elif bandwidth:
+        update += run.updates_per_batch * OPTIMIZER_BYTES * student.total / shards / bandwidth
+    return update
 
 
 def _warmup_seconds(teacher: ModelShape, student: ModelShape, run: Run, hw: Hardware, at_mfu, bandwidth) -> float:
