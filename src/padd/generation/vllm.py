@@ -181,6 +181,35 @@ def check_vllm_device(device: str) -> None:
         )
 
 
+def _engine_args(
+    model_dir: str,
+    device: str,
+    dtype: str,
+    context: int,
+    seed: int,
+    sleep: bool,
+    enforce_eager: bool,
+    gpu_memory_utilization: float | None,
+) -> dict:
+    """vLLM's LLM(...) arguments of a rollout engine beside the trainer."""
+    engine_args = dict(
+        model=model_dir,
+        enable_sleep_mode=sleep,
+        dtype=dtype,
+        max_model_len=context,
+        seed=seed,
+        enable_prefix_caching=True,
+        enforce_eager=enforce_eager,
+        # the sampled token's log-probability after temperature, as the trainer's π_old uses it
+        logprobs_mode="processed_logprobs",
+    )
+    if device == "cuda":
+        engine_args["gpu_memory_utilization"] = GPU_SHARE if gpu_memory_utilization is None else gpu_memory_utilization
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        engine_args["distributed_executor_backend"] = "external_launcher"
+    return engine_args
+
+
 class VLLMRollout:
     """Sampling with a vLLM engine on this rank's device; weights pushed from the trainer by `sync_weights`.
 
@@ -235,29 +264,19 @@ class VLLMRollout:
         self.context = max_model_len or engine_length(context, PROMPT_ROOM)
         # what the engine has released while asleep: its weights and its KV cache, woken one by one
         self.sleep, self.weights_asleep, self.cache_asleep = sleep, False, False
-        engine_args = dict(
-            model=model_dir,
-            enable_sleep_mode=sleep,
-            dtype=dtype,
-            max_model_len=self.context,
-            seed=seed,
-            enable_prefix_caching=True,
-            enforce_eager=enforce_eager,
-            # the sampled token's log-probability after temperature, as the trainer's π_old uses it
-            logprobs_mode="processed_logprobs",
+        engine_args = _engine_args(
+            model_dir, device, dtype, self.context, seed, sleep, enforce_eager, gpu_memory_utilization
         )
-        if device == "cuda":
-            engine_args["gpu_memory_utilization"] = (
-                GPU_SHARE if gpu_memory_utilization is None else gpu_memory_utilization
-            )
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            engine_args["distributed_executor_backend"] = "external_launcher"
         self.routing, self.require_routing = record_routing and moe_layers is not None, require_routing
+        self.llm = self._start_engine(LLM, engine_args)
+
+    def _start_engine(self, LLM, engine_args: dict):  # noqa: N803 (vLLM's class, imported late)
+        """The engine, asked for its routed experts when the routing is wanted; a vLLM that cannot
+        return them is started without (a warning, or an error under `require_routing`)."""
         if not self.routing:
-            self.llm = LLM(**engine_args)
-            return
+            return LLM(**engine_args)
         try:
-            self.llm = LLM(**engine_args, enable_return_routed_experts=True)
+            return LLM(**engine_args, enable_return_routed_experts=True)
         except (TypeError, ValueError) as err:
             # TypeError: a vLLM without the option; ValueError (pydantic's validation error): a vLLM that
             # has it but not here, e.g. its CPU build, which lacks the Model Runner V2 it needs. Any
@@ -265,17 +284,17 @@ class VLLMRollout:
             said = [line.strip() for line in str(err).splitlines() if any(w in line for w in ROUTING_RETURN_ERRORS)]
             if not said:
                 raise
-            if require_routing:
+            if self.require_routing:
                 raise UserError(
                     f"--routing-replay needs vLLM's routed-expert return (enable_return_routed_experts), which "
                     f"this vLLM cannot give here: {said[0]}"
                 ) from err
             warnings.warn(
                 f"this vLLM cannot return routed experts ({said[0]}): routing_mismatch will not be logged",
-                stacklevel=2,
+                stacklevel=3,
             )
             self.routing = False
-            self.llm = LLM(**engine_args)
+            return LLM(**engine_args)
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
