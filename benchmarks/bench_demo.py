@@ -62,16 +62,18 @@ def main() -> None:
     total = sum(stages.values())
     teacher = stages.get("teacher")
     table = Table(title=f"padd demo: wall time per stage ({args.run})")
-    for col in ("stage", "seconds", "share", "× teacher training"):
+    # the ratio to the teacher's training only where the run trained one (--train-teacher)
+    for col in ("stage", "seconds", "share", *(("× teacher training",) if teacher else ())):
         table.add_column(col, justify="right")
+    pad = ("",) if teacher else ()
     for stage, sec in stages.items():
-        table.add_row(stage, f"{sec:.0f}", f"{100 * sec / total:.0f}%", f"{sec / teacher:.2f}" if teacher else "")
-    table.add_row("cells total", f"{total:.0f}", "100%", "")
+        table.add_row(stage, f"{sec:.0f}", f"{100 * sec / total:.0f}%", *((f"{sec / teacher:.2f}",) if teacher else ()))
+    table.add_row("cells total", f"{total:.0f}", "100%", *pad)
     span = cells_span(args.run)
     if span is not None:
-        table.add_row("first cell start → last cell end", f"{span:.0f}", "", "")
+        table.add_row("first cell start → last cell end", f"{span:.0f}", "", *pad)
     if wall is not None:
-        table.add_row("wall (incl. loading, report)", f"{wall:.0f}", "", "")
+        table.add_row("wall (incl. loading, report)", f"{wall:.0f}", "", *pad)
     console.print(table)
     spent = wall if wall is not None else (span if span is not None else total)
     verdict = "within" if spent <= BUDGET_S else "OVER"

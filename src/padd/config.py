@@ -349,7 +349,7 @@ class DemoConfig:
     """`padd demo`: `padd reproduce --preset tiny` with one seed and the main rows, into one folder."""
 
     out: str = opt("runs/demo", "run directory (running again continues an interrupted demo)")
-    steps: int = opt(40, "Phase B rollout batches per run (the tiny study's 60 would pass 15 minutes on 2 cores)")
+    steps: int = opt(40, "Phase B rollout batches per run (the tiny study's 60 would take the demo past 5 minutes)")
     warmup_tokens: int = opt(262144, "tokens of the expert warm-up (half the tiny study's, for the same reason)")
     eval_per_skill: int | None = opt(None, "test problems per world skill in each evaluation (default: the preset's)")
     train_teacher: bool = opt(
