@@ -230,6 +230,21 @@ def test_a_colocated_engine_still_gathers_the_whole_student_on_every_rank():
     assert "push" not in plan.host_peaks or not plan.host["push"]
 
 
+def test_a_sleeping_colocated_engine_holds_its_memory_only_while_it_samples():
+    """--vllm-sleep: the engine's share is in the generate phase alone; the trainer's forwards,
+    backward and step run without it, and the weight sync adds the engine's woken weights."""
+    awake = plan_of(study=DEEPSEEK, rollout="vllm", server_gpus=None)
+    asleep = plan_of(study=DEEPSEEK, rollout="vllm", server_gpus=None, vllm_sleep=True)
+    engine = awake.memory["generation"]["vLLM engine"]
+    assert asleep.memory["generation"]["vLLM engine"] == engine > 0
+    for phase in ("student", "teacher", "backward"):
+        assert "vLLM engine" in awake.memory[phase] and "vLLM engine" not in asleep.memory[phase]
+        assert asleep.peaks[phase] == pytest.approx(awake.peaks[phase] - engine)
+    woken = asleep.memory["step"]["vLLM weights (awake)"]
+    assert woken == 2 * asleep.student.total  # bf16, without the KV cache
+    assert asleep.peaks["step"] == pytest.approx(awake.peaks["step"] - engine + woken)
+
+
 def test_the_router_start_after_an_fsdp2_warmup_runs_on_rank_0s_cpu():
     """After the whole student is gathered into rank 0's CPU memory (over the interconnect, then rank
     0's GPU-to-CPU link), the kept start's fit report is a forward over router_tokens tokens there, at
@@ -432,6 +447,7 @@ def test_bad_memory_options_give_padd_trains_own_error(flags, padd_train, capsys
         (dict(teacher="tiny", experts=8, top_k=4, gpu_memory="eighty"), "--gpu-memory 'eighty'"),
         (dict(teacher="tiny", experts=8, top_k=4, vllm_gpu_memory=0.3), "only acts with --rollout vllm"),
         (dict(teacher="tiny", experts=8, top_k=4, server_gpus=2), "only acts with --rollout vllm-server"),
+        (dict(teacher="tiny", experts=8, top_k=4, vllm_sleep=True), "--vllm-sleep only acts with --rollout vllm"),
         (dict(teacher="tiny", experts=8, top_k=4, gpus=2, rollout="vllm-server"), "give --server-gpus N"),
         (dict(teacher="tiny", experts=8, top_k=4, gpus=2, rollout="vllm-server", server_gpus=2), "--server-gpus 2"),
         (dict(teacher="tiny", experts=8, top_k=4, micro_batch_size=2, updates_per_batch=3), "of equal size"),

@@ -668,6 +668,9 @@ class PlanConfig:
     vllm_gpu_memory: float | None = opt(
         None, "the vLLM engine's share of a GPU (default: the study's, else 0.3 beside the trainer, 0.9 on a server)"
     )
+    vllm_sleep: bool | None = opt(
+        None, "--rollout vllm on a GPU: the engine asleep while the trainer steps (default: the study's train:)"
+    )
     prompt_tokens: int = opt(256, "tokens of a batch's longest prompt")
     completion_tokens: int | None = opt(
         None, "tokens of a batch's longest completion, the padded length of every forward (default: the budget)"

@@ -218,7 +218,7 @@ def _resident_memory(teacher: ModelShape, student: ModelShape, run: Run, hw: Har
     trainers = run.trainers(hw.gpus)
     resident = training_state(student, student.total, run.parallel, trainers, run.offloaded(hw.gpus), hw.device)
     resident["teacher"] = _teacher_bytes(teacher, run.precision, run.parallel, trainers)
-    if run.rollout == "vllm":
+    if run.rollout == "vllm" and not run.vllm_sleep:
         resident |= vllm_memory(student, run, hw)
     return resident
 
@@ -227,6 +227,8 @@ def _generation_memory(student: ModelShape, run: Run, hw: Hardware, resident: di
     """Bytes per trainer while the rollout batch is generated, by component: `resident`, and under
     transformers' generate its KV cache, activations and logits."""
     generation = dict(resident)
+    if run.vllm_sleep:  # the engine wakes whole (weights and KV cache) to sample, and sleeps after
+        generation |= vllm_memory(student, run, hw)
     if run.rollout == "transformers":
         b, vocab = dtype_bytes(run.precision), student.config.vocab_size
         seqs, _ = run.sequences_per_forward(hw.gpus)
@@ -298,6 +300,8 @@ def _step_memory(student: ModelShape, run: Run, hw: Hardware, resident: dict[str
         # the sync to a colocated engine takes checkpoint_weights gathered whole on every rank's device
         # (FSDP2); unsharded, the grouped experts split (a server's push copies them to rank 0's host)
         step["weights for vLLM"] = 4 * (student.total if sharded else student.routed)
+        if run.vllm_sleep:  # the sync wakes the engine's weights (level 2 kept none) to load the trainer's
+            step["vLLM weights (awake)"] = dtype_bytes(run.precision) * student.total
     return step
 
 

@@ -105,10 +105,11 @@ GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128)
 
 def changes(plan: Plan) -> list[str]:
     """What makes a plan that does not fit fit (empty when it fits): the first of padd's settings
-    that does, in the order that changes the run least: --parallel fsdp; another vLLM share; the
-    memory options of padd warmup and padd train (the same update in less memory: of the sets of
-    --micro-batch-size, --activation-checkpointing and --offload that fit, the fastest); smaller
-    mini-batches (--updates-per-batch, another schedule); more GPUs."""
+    that does, in the order that changes the run least: --parallel fsdp; another vLLM share; a
+    colocated engine asleep while the trainer steps (--vllm-sleep); the memory options of padd
+    warmup and padd train (the same update in less memory: of the sets of --micro-batch-size,
+    --activation-checkpointing and --offload that fit, the fastest); smaller mini-batches
+    (--updates-per-batch, another schedule); more GPUs."""
     if plan.fits:
         return []
     change = _first_change(plan)
@@ -136,6 +137,8 @@ def _first_change(plan: Plan) -> str | None:
                 plan, replace(run, vllm_share=share), hw
             ):
                 return f"--vllm-gpu-memory {share}: a {'larger' if plan.blocked else 'smaller'} engine share"
+        if run.rollout == "vllm" and not run.vllm_sleep and _fits(plan, replace(run, vllm_sleep=True), hw):
+            return "--vllm-sleep: the engine releases its memory while the trainer steps"
         if run.rollout == "vllm" and _fits(plan, replace(run, rollout="transformers", vllm_share=None), hw):
             return "--rollout transformers: no engine beside the trainer (generate is slower)"
     for trial in (run, sharded) if ddp and hw.gpus > 1 else (run,):

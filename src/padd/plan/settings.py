@@ -109,6 +109,9 @@ class Run:
     warmup_checkpointing: bool = False
     warmup_offload: bool = False
     server_gpus: int = 0  # --rollout vllm-server: the server's GPUs, of the run's
+    # --rollout vllm --vllm-sleep: the colocated engine holds its memory only while it samples, and
+    # its weights (not its KV cache) while the trainer's are loaded into it
+    vllm_sleep: bool = False
     # the warm-up's router start (padd warmup --router-init) and the tokens of its fit and fit report
     warmup_router_init: str = "keep"
     router_tokens: int = 4096
@@ -374,6 +377,9 @@ def _rollout_settings(cfg: PlanConfig, train: dict, student: ModelShape, budget:
     if cfg.vllm_gpu_memory is not None and not rollout.startswith("vllm"):
         raise PlanError("--vllm-gpu-memory only acts with --rollout vllm or vllm-server")
     server_gpus = _server_gpus(cfg, rollout)
+    sleep = bool(_pick(cfg.vllm_sleep, train, "vllm_sleep", False))
+    if sleep and (rollout != "vllm" or cfg.device != "cuda"):
+        raise PlanError("--vllm-sleep only acts with --rollout vllm on a GPU (--device cuda): vLLM's sleep mode")
     vllm_length = None
     if not rollout.startswith("vllm"):
         share = None  # a study's engine settings, for a plan of its transformers rollouts
@@ -384,7 +390,7 @@ def _rollout_settings(cfg: PlanConfig, train: dict, student: ModelShape, budget:
             share = SERVER_SHARE if rollout == "vllm-server" else GPU_SHARE
         context = getattr(student.config, "max_position_embeddings", None)
         vllm_length = train.get("vllm_max_model_len") or engine_length(context, budget)
-    return dict(rollout=rollout, vllm_share=share, vllm_length=vllm_length, server_gpus=server_gpus)
+    return dict(rollout=rollout, vllm_share=share, vllm_length=vllm_length, server_gpus=server_gpus, vllm_sleep=sleep)
 
 
 def _server_gpus(cfg: PlanConfig, rollout: str) -> int:
