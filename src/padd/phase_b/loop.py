@@ -7,6 +7,7 @@
               it sampled: this forward is skipped)
     update:   for each of its M mini-batches: student forward (+ per-token Γ on this forward's
               router inputs) -> teacher forward -> loss -> AdamW step -> routing-bias step (IV)
+              (padd.phase_b.update.MiniBatchUpdate)
     sync:     the rollout backend samples the next batch from the updated student
 
 Every method is a setting of `Objective` on this same loop (padd.methods).
@@ -14,7 +15,6 @@ Every method is a setting of `Objective` on this same loop (padd.methods).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 from padd.config import TrainConfig, to_dict
 from padd.data import batch_problems, build_prompt, load_problems
 from padd.determinism import deterministic_kernels
-from padd.distributed import full_tensor, is_sharded, setup, wrap_for_training
+from padd.distributed import setup
 from padd.errors import UserError
 from padd.generation import rollout_backend
 from padd.generation.vllm import check_engine_length, check_vllm_device
@@ -35,26 +35,16 @@ from padd.generation.vllm_server import ServerError, check_server
 from padd.grading import grade
 from padd.io import atomic_write_json, check_out_dir
 from padd.losses import group_advantages, token_logps
-from padd.memory import check_activation_checkpointing, enable_activation_checkpointing, micro_slices, no_gradient_sync
-from padd.metrics import gamma_step, token_gamma_stats
+from padd.memory import check_activation_checkpointing, micro_slices
 from padd.models import load_causal_lm
-from padd.phase_b.balance import BiasBalancer
 from padd.phase_b.checkpoint import CHECKPOINT, checkpoint_dir, load_trainer_state, save_checkpoint, save_student
 from padd.phase_b.metrics_log import MetricsLog, stage_summary
-from padd.phase_b.objective import (
-    BatchTokens,
-    ShiftScale,
-    check_finite,
-    combine_stats,
-    objective_loss,
-    objective_of,
-    resolve,
-    term_shares,
-)
+from padd.phase_b.objective import objective_of, resolve
 from padd.phase_b.phases import PhaseClock
 from padd.phase_b.trajectory import Trajectory, completion_positions, forward_completion
-from padd.precision import autocast, experts_in_autocast_dtype, routers_in_fp32, teacher_dtype
-from padd.routing import RouterRecorder, TokenGammaMeter, bias_action, engine_routing, router_weights
+from padd.phase_b.update import MiniBatchUpdate, StudentTraining
+from padd.precision import autocast, teacher_dtype
+from padd.routing import RouterRecorder, engine_routing, router_weights
 from padd.vocab import shared_vocab
 
 # config fields whose non-zero value makes a training-mode forward random
@@ -66,16 +56,56 @@ def noisy_in_training(config) -> bool:
     return any(float(getattr(config, name, 0) or 0) > 0 for name in NOISE_FIELDS)
 
 
+def check_rollout_backend(cfg: TrainConfig) -> None:
+    """Refuse a --rollout backend that cannot sample for this run (the device, the engine's context,
+    the model a server serves); before any model loads, so that it fails fast."""
+    if cfg.rollout == "vllm":
+        check_vllm_device(cfg.device)
+        check_engine_length(cfg.student, cfg.vllm_max_model_len)
+    if cfg.rollout == "vllm-server":
+        check_server(cfg.vllm_server_url, cfg.student, cfg.max_new_tokens)
+
+
+def check_batch_split(cfg: TrainConfig, world: int) -> None:
+    """Refuse a rollout batch that the `world` processes or the mini-batches of equal size cannot
+    split, and the memory options that each rank's mini-batch cannot take."""
+    if cfg.prompts_per_step % world:
+        raise UserError(
+            f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {world} processes, "
+            "so that every rank holds whole groups"
+        )
+    per_rank = cfg.prompts_per_step // world * cfg.group_size
+    if cfg.micro_batch_size is not None and per_rank % cfg.updates_per_batch:
+        raise UserError(
+            f"--micro-batch-size cuts mini-batches of equal size: each rank's {per_rank} completions "
+            f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
+            f"{cfg.updates_per_batch}; change one of them"
+        )
+    cfg.check_memory_options(per_rank // cfg.updates_per_batch, "each rank's mini-batch of completions", world)
+    if cfg.activation_checkpointing:
+        check_activation_checkpointing(cfg.student)
+
+
+def load_models(cfg: TrainConfig, device: torch.device, sharded: bool):
+    """(the student's tokenizer, the student in training mode, the teacher at its --precision dtype,
+    their padd.vocab.SharedVocab). `sharded`: both models are built sharded and load only this rank's
+    shards, so no process ever holds a whole one (the forward-only teacher is as large as the student)."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+    student = load_causal_lm(cfg.student, device=device, train=True, sharded=sharded, offload=cfg.offload)
+    teacher = load_causal_lm(cfg.teacher, dtype=teacher_dtype(cfg.precision), device=device, sharded=sharded)
+    # Before step 1: distillation over logits needs one vocabulary (docs/method.md §4 II).
+    vocab = shared_vocab(
+        AutoTokenizer.from_pretrained(cfg.teacher), tokenizer, teacher.config.vocab_size, student.config.vocab_size
+    )
+    return tokenizer, student, teacher, vocab
+
+
 class Trainer:
-    """Holds the models, optimizer, balancer and data of one `padd train` run."""
+    """Holds the models, the update, the rollout backend and the data of one `padd train` run."""
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None):
         cfg = resolve(cfg)  # the method's defaults filled in; options it would ignore refused
-        if cfg.rollout == "vllm":  # before any model loads
-            check_vllm_device(cfg.device)
-            check_engine_length(cfg.student, cfg.vllm_max_model_len)
-        if cfg.rollout == "vllm-server":
-            check_server(cfg.vllm_server_url, cfg.student, cfg.max_new_tokens)
+        check_rollout_backend(cfg)
         self.cfg, self.console = cfg, console or Console()
         self.objective = objective_of(cfg)
         # π_old and π_θ are the sampler's distribution: logits / T, as the rollouts drew the tokens
@@ -83,69 +113,20 @@ class Trainer:
         self.out = Path(cfg.out)
         self.dist = setup(cfg.device)
         deterministic_kernels(cfg.device)
-        if cfg.prompts_per_step % self.dist.world:
-            raise UserError(
-                f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {self.dist.world} processes, "
-                "so that every rank holds whole groups"
-            )
-        per_rank = cfg.prompts_per_step // self.dist.world * cfg.group_size
-        if cfg.micro_batch_size is not None and per_rank % cfg.updates_per_batch:
-            raise UserError(
-                f"--micro-batch-size cuts mini-batches of equal size: each rank's {per_rank} completions "
-                f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
-                f"{cfg.updates_per_batch}; change one of them"
-            )
-        cfg.check_memory_options(
-            per_rank // cfg.updates_per_batch, "each rank's mini-batch of completions", self.dist.world
-        )
-        if cfg.activation_checkpointing:
-            check_activation_checkpointing(cfg.student)
+        check_batch_split(cfg, self.dist.world)
         self.device = self.dist.device(cfg.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-        # Under FSDP2 both models are built sharded and load only this rank's shards: no process
-        # ever holds a whole one (the forward-only teacher is as large as the student).
         self.fsdp = cfg.parallel == "fsdp" and self.dist.world > 1
-        self.student = load_causal_lm(
-            cfg.student, device=self.device, train=True, sharded=self.fsdp, offload=cfg.offload
-        )
-        self.teacher = load_causal_lm(
-            cfg.teacher, dtype=teacher_dtype(cfg.precision), device=self.device, sharded=self.fsdp
-        )
-        # Before step 1: distillation over logits needs one vocabulary (docs/method.md §4 II).
-        self.vocab = shared_vocab(
-            AutoTokenizer.from_pretrained(cfg.teacher),
-            self.tokenizer,
-            self.teacher.config.vocab_size,
-            self.student.config.vocab_size,
-        )
+        self.tokenizer, self.student, self.teacher, self.vocab = load_models(cfg, self.device, self.fsdp)
         self.problems = load_problems(cfg.data, split="train", world_per_skill=cfg.world_per_skill, seed=cfg.seed)
-        self._attach_training_state()
-        self.rollout = rollout_backend(cfg, self.student, self.tokenizer, dist=self.dist, sharded=self.sharded)
+        self.training = StudentTraining(self.student, self.objective, cfg, self.dist)
+        self.rollout = rollout_backend(cfg, self.student, self.tokenizer, dist=self.dist, sharded=self.training.sharded)
         self.batch = 0  # rollout batches done
-        self.opt_step = 0
-        self.router_before_last_step = router_weights(self.student)  # Γ's anchor under --gamma-anchor previous
-        self.shift_scale = ShiftScale(self.objective.shift_norm)
+        self.update = MiniBatchUpdate(self.training, self.teacher, self.vocab, self.device, self.sample_temperature)
         # One update per rollout batch: the student that sampled is the one that updates, so π_old and
         # the rollout-time top-K are the update forward's own (detached); a second forward would only
         # recompute them. Not where the training forward is noisy (dropout, router jitter): π_old and
         # the top-K then come from a no-grad forward in eval mode, as with M > 1.
         self.old_policy_forward = cfg.updates_per_batch > 1 or noisy_in_training(self.student.config)
-
-    def _attach_training_state(self) -> None:
-        """Data-parallel wrapping, then optimizer, warm-up scheduler and bias balancer bound to the
-        current student (FSDP2 replaces the parameters, so the optimizer must come after it)."""
-        cfg = self.cfg
-        routers_in_fp32(self.student)
-        experts_in_autocast_dtype(self.student)  # a no-op outside autocast (--precision fp32)
-        if cfg.activation_checkpointing:  # acts in training-mode forwards only: not in generation
-            enable_activation_checkpointing(self.student)
-        # Gradients are averaged over ranks by DDP or FSDP2; generation and no-grad forwards use the
-        # bare model (under FSDP2 it is the sharded model itself).
-        self.trained = wrap_for_training(self.student, self.dist, cfg.parallel, offload=cfg.offload)
-        self.sharded = is_sharded(self.student)
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
-        self.balancer = BiasBalancer.of(self.student, self.objective, cfg, reduce=self.dist.all_reduce_sum)
 
     def step(self) -> list[dict]:
         """Run one rollout batch; returns one metrics row per optimizer step."""
@@ -155,7 +136,7 @@ class Trainer:
         clock = PhaseClock(self.device, ("generation", "teacher", "student", "update"))
         trajectory, batch_metrics = self.collect(clock)
         rows = [
-            {**self._update(minibatch, clock), "minibatch": index}
+            {**self.update.step(minibatch, clock, self.batch), "minibatch": index}
             for index, minibatch in enumerate(trajectory.minibatches(cfg.updates_per_batch))
         ]
         with clock("update"):
@@ -214,159 +195,16 @@ class Trainer:
             differ, counted = differ + getattr(engine, "differ", 0), counted + getattr(engine, "counted", 0)
         return torch.cat(logps), torch.cat(topks, dim=1), (differ, counted)
 
-    def _update(self, mb: Trajectory, clock: PhaseClock) -> dict:
-        """One optimizer step on one mini-batch, its gradient accumulated over micro-batches of
-        --micro-batch-size completions; returns its metrics row. Everything the loss reads across
-        completions (the group advantages, Γ's running mean) and IV's loads are the whole mini-batch's,
-        so the step is the one the whole mini-batch would take."""
-        cfg, obj, dev = self.cfg, self.objective, self.device
-        mask = mb.completion_mask.to(dev)  # [n, C]
-        router_before = router_weights(self.student)
-        anchor = mb.rollout_router if mb.rollout_router is not None else self.router_before_last_step
-        parts = [mb.select(torch.arange(p.start, p.stop)) for p in micro_slices(len(mb), cfg.micro_batch_size)]
-        tokens = BatchTokens.of(mask, self.dist)
-
-        self.student.train()
-        damped = bool(obj.policy and obj.lam)
-        observed = False
-        if damped and len(parts) > 1 and self.shift_scale.reads_batch_mean:
-            # Γ's running mean takes the whole mini-batch's Γ before the first micro-batch's loss:
-            # one no-grad forward per micro-batch measures it first
-            with clock("student"), torch.no_grad():
-                gamma = torch.cat([self._micro_forward(part, anchor)[1] for part in parts])
-            self.shift_scale.observe(gamma, mask, self.dist.sum_dict)
-            observed = True
-        self.optimizer.zero_grad(set_to_none=True)
-        done = [self._micro_step(p, i == len(parts) - 1, anchor, tokens, observed, clock) for i, p in enumerate(parts)]
-
-        terms = {k: sum(d["terms"][k] for d in done) for k in done[0]["terms"]}
-        at = f"rollout batch {self.batch + 1}, optimizer step {self.opt_step + 1}"
-        check_finite(terms, self.dist, f"{at}; the last good checkpoint is in {self.out / CHECKPOINT}")
-        token_gamma = torch.cat([d["token_gamma"] for d in done])  # [n, C]
-        topk_now = torch.cat([d["topk"] for d in done], dim=1)  # [L, n, C, K]
-        with clock("update"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.opt_step += 1
-            self.router_before_last_step = router_before
-            balance = self.balancer.step(topk_now, mb.advantages.to(dev), mask)
-        rollout, valid = mb.rollout, mask.bool()
-        router_logits = [torch.cat(layer) for layer in zip(*(d["router_logits"] for d in done), strict=True)]
-        where = completion_positions(rollout)
-        routing = bias_action(self.student, router_logits, tuple(rollout.input_ids.shape), where, valid)
-        stats = combine_stats([(d["stats"], d["share"], d["completion_share"]) for d in done])
-        if damped and self.shift_scale.value is not None:
-            stats["shift_scale"] = self.shift_scale.value
-        total = sum(terms.values())
-        logged = {"loss": float(total), **{f"loss_{k}": float(v) for k, v in terms.items()}}
-        scalars = {**logged, **stats, **token_gamma_stats(token_gamma[valid]), **routing}
-        # Logged values are token-weighted means over all ranks (the same on every rank); for a
-        # quantile that is the weighted mean of each rank's own (and of each micro-batch's).
-        weighted = self.dist.sum_dict({k: v * float(tokens.local_tokens) for k, v in scalars.items()})
-        checks = {}
-        if mb.old_logps is None:  # the checks of π_old that the π_old forward would have given (all ranks)
-            old_logps = torch.cat([d["old_logps"] for d in done])
-            differ, counted = (sum(d["engine"][i] for d in done) for i in (0, 1))
-            checks = mb.policy_checks(self.dist, differ, counted, old_logps)
-        return {
-            **checks,
-            "step": self.opt_step,
-            **{k: v / float(tokens.global_tokens) for k, v in weighted.items()},
-            "grad_norm": float(full_tensor(grad_norm)),
-            "gamma_step": gamma_step(router_before, router_weights(self.student)),
-            **balance,
-            "lr": self.scheduler.get_last_lr()[0],
-        }
-
-    def _micro_forward(self, part: Trajectory, anchor, own_replay: bool = True):
-        """The training-mode student forward on one micro-batch: (logits [n, C, V], Γ [n, C] (zero
-        off the completion), the recorder of its routing). `own_replay`: replay the engine's routing
-        (R3) for this forward alone; False where the caller holds the replay open itself."""
-        rollout, dev = part.rollout, self.device
-        meter = TokenGammaMeter(
-            self.student, anchor, part.old_topk, rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-        )
-        recorder = RouterRecorder(self.student)
-        replay = engine_routing(self.student, rollout, replay=self.cfg.routing_replay) if own_replay else None
-        with self.amp(), replay or contextlib.nullcontext(), meter, recorder:
-            logits = forward_completion(self.trained, rollout, dev)  # [n, C, V]
-            token_gamma = meter.token_gamma() * part.completion_mask.to(dev)
-        return logits, token_gamma, recorder
-
-    def _micro_step(self, part: Trajectory, last: bool, anchor, tokens: BatchTokens, observed: bool, clock) -> dict:
-        """Forward, loss and backward of one micro-batch (gradients accumulate); what the step and the
-        metrics need of it."""
-        cfg, obj, dev = self.cfg, self.objective, self.device
-        rollout, mask, adv = part.rollout, part.completion_mask.to(dev), part.advantages.to(dev)
-        # the engine-vs-trainer routing mismatch is counted here when no π_old forward did it; the
-        # replay stays on through the backward, whose activation-checkpointing recompute must route
-        # as the forward did (the recorder and Γ meter are off by then)
-        engine = engine_routing(self.student, rollout, replay=cfg.routing_replay, count=part.old_logps is None)
-        # DDP decides in the forward whether the backward all-reduces: no_sync covers both
-        with no_gradient_sync(self.trained, last), engine:
-            with clock("student"):
-                logits, token_gamma, recorder = self._micro_forward(part, anchor, own_replay=False)
-                logp = token_logps(logits, rollout.completion_ids.to(dev), self.sample_temperature)  # [n, C]
-            counts = (getattr(engine, "differ", 0), getattr(engine, "counted", 0))
-            old_logps = logp.detach() if part.old_logps is None else part.old_logps.to(dev)
-            where = completion_positions(rollout)
-            topk_now = recorder.selections(tuple(rollout.input_ids.shape))[:, :, where]  # [L, n, C, K]
-
-            teacher_logits = None
-            if obj.kd:
-                with clock("teacher"), torch.no_grad(), self.amp():
-                    teacher_logits = self.vocab.kd_view(forward_completion(self.teacher, rollout, dev))
-            damping_gamma = None
-            if obj.policy and obj.lam:
-                if not observed:  # the whole mini-batch is this one part
-                    self.shift_scale.observe(token_gamma, mask, self.dist.sum_dict)
-                damping_gamma = self.shift_scale.apply(token_gamma)
-            loss = objective_loss(
-                obj,
-                self.vocab.kd_view(logits),
-                logp,
-                old_logps,
-                teacher_logits,
-                adv,
-                mask,
-                token_gamma,
-                damping_gamma,
-                self.dist,
-                tokens,
-            )
-            del logits, teacher_logits
-            with clock("update"):
-                loss.backward.backward()
-        shares = term_shares(loss.per_sequence, mask, tokens)
-        return {
-            "terms": {k: v.detach() * shares["pg" if k == "pg" else "token"] for k, v in loss.terms.items()},
-            "stats": loss.stats,
-            "share": float(shares["token"]),
-            "completion_share": float(shares["completions"]),
-            "token_gamma": token_gamma,
-            "topk": topk_now,
-            "router_logits": recorder.logits,
-            "old_logps": old_logps,
-            "engine": counts,
-        }
-
     def amp(self):
         """Autocast for a forward under --precision bf16 (a no-op for fp32)."""
         return autocast(self.device, self.cfg.precision)
 
     def save_checkpoint(self) -> dict | None:
         """Write the checkpoint; returns the whole student state dict when sharded, else None."""
-        counters = {
-            "batch": self.batch,
-            "opt_step": self.opt_step,
-            "scheduler": self.scheduler.state_dict(),
-            "balancer": self.balancer.state_dict(),
-            "router_before_last_step": self.router_before_last_step,
-            "shift_scale": self.shift_scale.value,
-        }
+        counters = {"batch": self.batch, **self.update.state_dict()}
+        optimizer, sharded = self.training.optimizer, self.training.sharded
         return save_checkpoint(
-            self.out, self.student, self.tokenizer, self.optimizer, counters, sharded=self.sharded, dist=self.dist
+            self.out, self.student, self.tokenizer, optimizer, counters, sharded=sharded, dist=self.dist
         )
 
     def resume(self) -> None:
@@ -375,14 +213,11 @@ class Trainer:
         self.student = load_causal_lm(
             ckpt / "student", device=self.device, train=True, sharded=self.fsdp, offload=self.cfg.offload
         )
-        self._attach_training_state()
+        self.training.attach(self.student)
         self.rollout.sync_weights(self.student)
-        state = load_trainer_state(ckpt, self.student, self.optimizer, sharded=self.sharded)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.balancer.load_state_dict(state["balancer"])
-        self.batch, self.opt_step = state["batch"], state["opt_step"]
-        self.router_before_last_step = [w.to(self.device) for w in state["router_before_last_step"]]
-        self.shift_scale.value = state["shift_scale"]
+        state = load_trainer_state(ckpt, self.student, self.training.optimizer, sharded=self.training.sharded)
+        self.batch = state["batch"]
+        self.update.load_state_dict(state)
 
 
 def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
@@ -431,7 +266,7 @@ def run_train(cfg: TrainConfig, console: Console | None = None) -> Path:
     if main:
         bias_file = save_student(out / "student", trainer.student, trainer.tokenizer, model_state)
         console.print(
-            f"train {cfg.method}: {trainer.batch} rollout batches, {trainer.opt_step} optimizer steps; "
+            f"train {cfg.method}: {trainer.batch} rollout batches, {trainer.update.opt_step} optimizer steps; "
             f"student in {out / 'student'}, metrics in {log.path}"
         )
         for line in stage_summary(logged, trainer.objective, bias_file=bias_file):

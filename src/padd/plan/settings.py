@@ -484,7 +484,7 @@ def check_memory_options(run: Run, gpus: int) -> None:
     trainers = run.trainers(gpus)
     per_rank = run.prompts_per_step // trainers * run.group_size
     if run.micro_batch is not None and per_rank % run.updates_per_batch:
-        # padd.phase_b.loop.Trainer's own words
+        # padd.phase_b.loop.check_batch_split's own words
         raise PlanError(
             f"--micro-batch-size cuts mini-batches of equal size: each rank's {per_rank} completions "
             f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
