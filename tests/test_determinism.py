@@ -68,3 +68,19 @@ def test_warmup_and_phase_b_are_bit_reproducible_at_two_threads(tmp_path, world_
 def _logged(metrics) -> list[dict]:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(("time_", "mem_", "tokens_per_s"))} for r in rows]
+
+
+def test_deterministic_kernels_leave_new_tensors_unfilled():
+    """PyTorch's deterministic mode would write NaN into every torch.empty: each parameter that
+    accelerate's init_empty_weights creates before moving it to the meta device, so `padd plan` on
+    the paper's students after any training in the same process took minutes instead of a second."""
+    from padd.determinism import deterministic_kernels
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        deterministic_kernels("cpu")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]

@@ -355,7 +355,9 @@ class DemoConfig:
     train_teacher: bool = opt(
         False, "train the tiny teacher afresh (about 9 minutes on 2 cores) instead of using the shipped one"
     )
-    teacher_seed: int = opt(0, "--train-teacher: seed of the teacher's data, initialisation and batches")
+    teacher_seed: int | None = opt(
+        None, "--train-teacher: seed of the teacher's data, initialisation and batches (default: the shipped one's)"
+    )
     jobs: int = opt(3, "processes the trained rows are spread over (its three Phase B runs side by side)")
     overwrite: bool = opt(False, "delete an existing run directory and start anew")
     progress: bool = opt(True, "show progress bars")

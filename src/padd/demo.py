@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from padd.config import ConfigError, DemoConfig, ReproduceConfig
-from padd.shipped import shipped_model
+from padd.shipped import SHIPPED, shipped_model
 from padd.study import run_reproduce
 
 DEMO_METHODS = "base,grpo,online-kd,padd"
@@ -25,9 +25,11 @@ DEMO_METHODS = "base,grpo,online-kd,padd"
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     """Run (or continue) the demo study into cfg.out; returns the report's path."""
-    if cfg.teacher_seed and not cfg.train_teacher:
+    if cfg.teacher_seed is not None and not cfg.train_teacher:
         raise ConfigError("--teacher-seed seeds a teacher trained here: add --train-teacher")
     teacher = None if cfg.train_teacher else str(shipped_model("tiny"))
+    # trained afresh, by default the shipped teacher's own run
+    teacher_seed = SHIPPED["tiny"].seed if cfg.teacher_seed is None else cfg.teacher_seed
     return run_reproduce(
         ReproduceConfig(
             preset="tiny",
@@ -39,7 +41,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             ablations="none",
             eval_per_skill=cfg.eval_per_skill,
             teacher=teacher,
-            teacher_seed=cfg.teacher_seed,
+            teacher_seed=teacher_seed if cfg.train_teacher else 0,
             compare_inits=False,  # the demo's rows all start from Stage I's student at the preset's start
             jobs=cfg.jobs,
             overwrite=cfg.overwrite,
