@@ -72,8 +72,8 @@ def _logged(metrics) -> list[dict]:
 
 def test_deterministic_kernels_leave_new_tensors_unfilled():
     """PyTorch's deterministic mode would write NaN into every torch.empty: each parameter that
-    accelerate's init_empty_weights creates before moving it to the meta device, so `padd plan` on
-    the paper's students after any training in the same process took minutes instead of a second."""
+    accelerate's init_empty_weights creates before moving it to the meta device, so counting a 7B
+    model's parameters after any training in the same process took 4.6 s instead of 0.15 s."""
     from padd.determinism import deterministic_kernels
 
     before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory

@@ -23,6 +23,6 @@ def deterministic_kernels(device: str | torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         # The mode would also fill every torch.empty with NaN, which costs a write of each new
         # tensor (accelerate's init_empty_weights creates each parameter on the CPU before moving
-        # it to the meta device: minutes for the paper's 30B student); padd reads no memory it
-        # has not written, so the fill is off.
+        # it to the meta device: counting Qwen2.5-Math-7B's parameters took 4.6 s instead of
+        # 0.15 s); padd reads no memory it has not written, so the fill is off.
         torch.utils.deterministic.fill_uninitialized_memory = False
