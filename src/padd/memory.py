@@ -25,6 +25,19 @@ def micro_slices(batch: int, micro_batch_size: int | None) -> list[slice]:
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
+def check_equal_mini_batches(
+    per_rank: int, updates_per_batch: int, micro_batch_size: int | None, error: type[UserError] = UserError
+) -> None:
+    """Refuse micro-batches of a rank's `per_rank` completions that --updates-per-batch does not cut
+    into mini-batches of equal size (padd train, and padd plan in its own error type)."""
+    if micro_batch_size is not None and per_rank % updates_per_batch:
+        raise error(
+            f"--micro-batch-size cuts mini-batches of equal size: each rank's {per_rank} completions "
+            f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
+            f"{updates_per_batch}; change one of them"
+        )
+
+
 def check_activation_checkpointing(model_dir) -> None:
     """Fail, before the model loads, when its transformers class cannot checkpoint its layers."""
     from transformers import AutoConfig, AutoModelForCausalLM

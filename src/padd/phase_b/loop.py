@@ -35,7 +35,7 @@ from padd.generation.vllm_server import ServerError, check_server
 from padd.grading import grade
 from padd.io import atomic_write_json, check_out_dir
 from padd.losses import group_advantages, token_logps
-from padd.memory import check_activation_checkpointing, micro_slices
+from padd.memory import check_activation_checkpointing, check_equal_mini_batches, micro_slices
 from padd.models import load_causal_lm
 from padd.phase_b.checkpoint import CHECKPOINT, checkpoint_dir, load_trainer_state, save_checkpoint, save_student
 from padd.phase_b.metrics_log import MetricsLog, stage_summary
@@ -75,12 +75,7 @@ def check_batch_split(cfg: TrainConfig, world: int) -> None:
             "so that every rank holds whole groups"
         )
     per_rank = cfg.prompts_per_step // world * cfg.group_size
-    if cfg.micro_batch_size is not None and per_rank % cfg.updates_per_batch:
-        raise UserError(
-            f"--micro-batch-size cuts mini-batches of equal size: each rank's {per_rank} completions "
-            f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
-            f"{cfg.updates_per_batch}; change one of them"
-        )
+    check_equal_mini_batches(per_rank, cfg.updates_per_batch, cfg.micro_batch_size)
     cfg.check_memory_options(per_rank // cfg.updates_per_batch, "each rank's mini-batch of completions", world)
     if cfg.activation_checkpointing:
         check_activation_checkpointing(cfg.student)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from padd.config import CKA_TOKENS, DecomposeConfig, MemoryOptions, PlanConfig, SeedConfig, TrainConfig, WarmupConfig
+from padd.memory import check_equal_mini_batches
 from padd.plan.models import ModelShape, PlanError, decomposed_student, is_moe, load_model_config, measure_model
 
 GIB = 2**30
@@ -483,13 +484,7 @@ def check_memory_options(run: Run, gpus: int) -> None:
     processes, and Phase B's mini-batches of equal size."""
     trainers = run.trainers(gpus)
     per_rank = run.prompts_per_step // trainers * run.group_size
-    if run.micro_batch is not None and per_rank % run.updates_per_batch:
-        # padd.phase_b.loop.check_batch_split's own words
-        raise PlanError(
-            f"--micro-batch-size cuts mini-batches of equal size: each rank's {per_rank} completions "
-            f"(--prompts-per-step × --group-size / processes) must divide into --updates-per-batch "
-            f"{run.updates_per_batch}; change one of them"
-        )
+    check_equal_mini_batches(per_rank, run.updates_per_batch, run.micro_batch, error=PlanError)
     mini = per_rank // run.updates_per_batch
     commands = (
         (run.micro_batch, run.offload, run.parallel, mini, "each rank's mini-batch of completions", trainers),
