@@ -73,7 +73,7 @@ class StudyRun:
             raise ConfigError(f"--jobs {cfg.jobs}: give the number of processes to spread the rows over (1 or more)")
         if cfg.teacher and cfg.teacher_seed:
             raise ConfigError("--teacher-seed seeds a teacher trained here; it has no effect with --teacher")
-        if cfg.student and load_study(cfg.preset).decompose:
+        if cfg.student and self.study.decompose:  # the command line sets no decompose: settings
             raise ConfigError(f"--student: the {cfg.preset} study decomposes its teacher; it has no pretrained student")
 
     def _open_folder(self, manifest: dict) -> None:
