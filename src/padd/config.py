@@ -454,14 +454,14 @@ class ReproduceConfig:
 @dataclass
 class TeacherConfig(RunOptions):
     """`padd teacher`: train a small model from scratch on the miniature world (a dense teacher, or
-    with tiny-moe a pretrained MoE student)."""
+    with an MoE preset a pretrained MoE student)."""
 
     out: str = req("output directory of the checkpoint and tokenizer")
     preset: str = opt(
         "tiny",
         "model and training budget: the dense tiny / mini teachers, tiny-lm (tiny, with the loss on every "
-        "token), or tiny-moe (a pretrained MoE student for them)",
-        choices=("tiny", "mini", "tiny-lm", "tiny-moe"),
+        "token), or the pretrained MoE students tiny-moe (of tiny-lm) and tiny-paper-moe (of tiny)",
+        choices=("tiny", "mini", "tiny-lm", "tiny-moe", "tiny-paper-moe"),
     )
     tokenizer: str | None = opt(
         None, "take this checkpoint's tokenizer (the teacher's, for a student) instead of training one"

@@ -89,6 +89,26 @@ PRESETS = {
         math_per_skill=1500,
         loss_on_prompt=True,
     ),
+    # the pretrained MoE student of the tiny-paper study: the tiny teacher's width and depth, top-2 of
+    # 32 experts of 64 neurons (3.3x the teacher's parameters, 0.53x its FLOPs per token), trained like
+    # the teacher on prompt + solution but on fewer math problems, so that its math starts below the
+    # teacher's while it keeps `reverse`, which it saw in full (docs/study.md, "The tiny-paper study")
+    "tiny-paper-moe": TeacherPreset(
+        128,
+        512,
+        4,
+        4,
+        2,
+        steps=1500,
+        batch_size=32,
+        lr=3e-3,
+        train_per_skill=8000,
+        experts=32,
+        top_k=2,
+        moe_intermediate_size=64,
+        head_dim=32,
+        math_per_skill=2250,
+    ),
 }
 
 
