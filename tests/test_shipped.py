@@ -1,5 +1,6 @@
-"""The tiny teacher padd ships for the demo: its weights match their record, it loads like any
-checkpoint, and a fresh `padd eval` of it gives the scores its record holds."""
+"""The models padd ships (the demo's teacher, the tiny-paper study's student): their weights match
+their records, each loads like any checkpoint, and a fresh `padd eval` of each gives the scores its
+record holds."""
 
 from __future__ import annotations
 
@@ -16,14 +17,21 @@ from padd.teacher import PRESETS
 from padd.world.tasks import SKILLS
 
 
-def test_shipped_teacher_matches_its_record_and_evaluates_to_its_scores(tmp_path):
-    folder = shipped.shipped_model("tiny")  # raises if the weights' hash differs from the record's
+@pytest.mark.parametrize("name", list(shipped.SHIPPED))
+def test_shipped_model_matches_its_record_and_evaluates_to_its_scores(tmp_path, name):
+    folder = shipped.shipped_model(name)  # raises if the weights' hash differs from the record's
     record = json.loads((folder / shipped.RECORD).read_text())
-    assert record["command"].startswith("padd teacher --preset tiny") and len(record["commit"]) == 40
+    assert record["command"] == shipped.SHIPPED[name].command and len(record["commit"]) == 40
     model = AutoModelForCausalLM.from_pretrained(folder)
-    preset = PRESETS["tiny"]
-    assert (model.config.model_type, model.config.hidden_size) == ("qwen2", preset.hidden_size)
+    preset = PRESETS[shipped.SHIPPED[name].preset]
+    assert model.config.hidden_size == preset.hidden_size
+    assert getattr(model.config, "num_experts", 0) == preset.experts
     assert len(AutoTokenizer.from_pretrained(folder)) == model.config.vocab_size
+    if teacher := shipped.SHIPPED[name].tokenizer_of:  # a student shares its teacher's tokenizer
+        ours, theirs = (
+            json.loads((f / "tokenizer.json").read_text())["model"] for f in (folder, shipped.model_dir(teacher))
+        )
+        assert (ours["vocab"], ours["merges"]) == (theirs["vocab"], theirs["merges"])
     scores = shipped.recorded_eval(folder, scratch=tmp_path / "eval.json")
     assert set(scores) == set(SKILLS)
     # greedy decoding in float32 at this thread count: the same completions, so the same scores

@@ -7,6 +7,8 @@ weights file. `shipped_model` refuses a folder whose weights no longer match the
 
     python -m padd.shipped tiny --commit SHA   # the record of a freshly trained presets/models/teacher-tiny,
                                                # trained by SHIPPED's command at commit SHA
+
+A study or a plan names one as `shipped:NAME` (`teacher: shipped:tiny`).
 """
 
 from __future__ import annotations
@@ -30,14 +32,26 @@ class Shipped:
 
     folder: str
     preset: str
-    seed: int  # of seeds 0 and 1, the one whose teacher scored higher on the val split's math skills
+    seed: int
+    # the shipped model whose tokenizer it trained with (a student shares its teacher's), if any
+    tokenizer_of: str | None = None
 
     @property
     def command(self) -> str:
-        return f"padd teacher --preset {self.preset} --seed {self.seed} --eval-per-skill 0 --out TEACHER"
+        # a student trains with its teacher's tokenizer: `--tokenizer TEACHER`, the shipped teacher's folder
+        uses = " --tokenizer TEACHER" if self.tokenizer_of else ""
+        out = "STUDENT" if self.tokenizer_of else "TEACHER"
+        return f"padd teacher --preset {self.preset}{uses} --seed {self.seed} --eval-per-skill 0 --out {out}"
 
 
-SHIPPED = {"tiny": Shipped("teacher-tiny", "tiny", seed=1)}
+SHIPPED = {
+    # the demo's teacher: of seeds 0 and 1, the one that scored higher on the val split's math skills
+    "tiny": Shipped("teacher-tiny", "tiny", seed=1),
+    # the tiny-paper study's pretrained MoE student of that teacher (its recipe was chosen on val)
+    "tiny-paper-moe": Shipped("student-tiny-paper-moe", "tiny-paper-moe", seed=0, tokenizer_of="tiny"),
+}
+# how a study or a plan names a shipped model instead of a folder: `shipped:tiny`
+PREFIX = "shipped:"
 # the `padd eval` settings of each record's scores: the tiny study's (padd/presets/study-tiny.yaml)
 EVAL_SETTINGS = {"world_per_skill": 50, "max_new_tokens": 96, "batch_size": 64, "split": "test"}
 
@@ -47,6 +61,13 @@ def model_dir(name: str) -> Path:
     if name not in SHIPPED:
         raise UserError(f"no shipped model {name!r}; padd ships {', '.join(SHIPPED)}")
     return Path(str(resources.files("padd.presets").joinpath("models", SHIPPED[name].folder)))
+
+
+def resolve(spec: str) -> str:
+    """`spec` itself, or for `shipped:NAME` the checked folder of shipped model NAME."""
+    if not spec.startswith(PREFIX):
+        return spec
+    return str(shipped_model(spec.removeprefix(PREFIX)))
 
 
 def weights_sha256(folder: Path) -> str:
