@@ -78,6 +78,11 @@ def forward_flops_per_token(cfg, context_len: int) -> float:
     return 2.0 * (layers + cfg.hidden_size * cfg.vocab_size)
 
 
+def ffn_flops_per_token(cfg) -> float:
+    """The part of `forward_flops_per_token` in the FFNs: dense MLPs, or routers + active experts."""
+    return 2.0 * sum(_mlp_macs(cfg, i, active=True) for i in range(cfg.num_hidden_layers))
+
+
 def routed_expert_flops_per_token(cfg) -> float:
     """The part of `forward_flops_per_token` in the K routed experts of the MoE layers."""
     h = cfg.hidden_size

@@ -32,13 +32,14 @@ def world_config(preset: str, vocab_size: int = 512):
 
 def load_model_config(spec: str) -> tuple[Any, str]:
     """(transformers config, where it came from) of a checkpoint folder, a config JSON, a world preset
-    (tiny, mini, tiny-lm, tiny-moe) or a bundled config named by a path's last part (so a study's
+    (padd.teacher.PRESETS), a shipped model (shipped:NAME) or a bundled config named by a path's last part (so a study's
     `/models/Qwen3-30B-A3B` plans without the weights being there)."""
     from transformers import AutoConfig
 
+    from padd.shipped import resolve as resolve_shipped
     from padd.teacher import PRESETS
 
-    path = Path(spec)
+    path = Path(resolve_shipped(spec))
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(path), f"{path}/config.json"
     if path.is_file() and path.suffix == ".json":
@@ -96,6 +97,17 @@ class ModelShape:
 
     def flops_per_token(self, context: int) -> float:
         return flops.forward_flops_per_token(self.config, context)
+
+
+def student_to_teacher(student: ModelShape, teacher: ModelShape, context: int) -> dict[str, float]:
+    """The student's size over the teacher's: total and active parameters, forward FLOPs per token
+    at `context` tokens, and those of the FFNs alone (the part Stage I decompresses)."""
+    return {
+        "total": student.total / teacher.total,
+        "active": student.active / teacher.active,
+        "flops_per_token": student.flops_per_token(context) / teacher.flops_per_token(context),
+        "ffn_flops_per_token": flops.ffn_flops_per_token(student.config) / flops.ffn_flops_per_token(teacher.config),
+    }
 
 
 def measure_model(config, name: str, source: str) -> ModelShape:

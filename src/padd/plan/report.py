@@ -12,7 +12,7 @@ from rich.table import Table
 
 from padd.config import PlanConfig
 from padd.plan.memory import MEMORY_PHASES, dtype_bytes, host_memory, offloaded_bytes, phase_memory, server_memory
-from padd.plan.models import ModelShape
+from padd.plan.models import ModelShape, student_to_teacher
 from padd.plan.settings import GIB, Hardware, Run, resolve_plan
 from padd.plan.timing import phase_seconds, vllm_kv_tokens
 
@@ -312,6 +312,14 @@ def _models_table(plan: Plan) -> Table:
         models.add_row(
             role, m.source, _count(m.total), _count(m.active), f"{m.flops_per_token(plan.run.sequence) / 1e9:.3g}"
         )
+    ratio = student_to_teacher(plan.student, plan.teacher, plan.run.sequence)
+    models.add_row(
+        "student / teacher",
+        f"at {plan.run.sequence} tokens of context",
+        f"{ratio['total']:.2f}×",
+        f"{ratio['active']:.2f}×",
+        f"{ratio['flops_per_token']:.2f}× (FFN only {ratio['ffn_flops_per_token']:.2f}×)",
+    )
     return models
 
 
@@ -453,6 +461,7 @@ def plan_json(plan: Plan, suggested: list[str]) -> dict:
     return {
         "teacher": {"source": plan.teacher.source, "total": plan.teacher.total, "active": plan.teacher.active},
         "student": {"source": plan.student.source, "total": plan.student.total, "active": plan.student.active},
+        "student_to_teacher": student_to_teacher(plan.student, plan.teacher, plan.run.sequence),
         "run": asdict(plan.run),
         "hardware": asdict(plan.hardware),
         "memory_gib": {p: {k: v / GIB for k, v in parts.items()} for p, parts in plan.memory.items()},
