@@ -222,6 +222,7 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
                 f"- *{run.label(abl)} loses accuracy against full PADD:* {_verdict(*d)}: "
                 f"{avg(abl)} vs {avg('padd')}; PADD − ablation {_interval(d)}."
             )
+    out += _ablation_order_claims(run, benches)
     out += _alignment_claims(run)
     g_padd, g_grpo = _per_seed_means(run, "padd", "gamma_step"), _per_seed_means(run, "grpo", "gamma_step")
     if g_padd and g_grpo and statistics.fmean(g_grpo) > 0:
@@ -246,6 +247,42 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
         out.append(
             f"- *Math-only Phase B does not erode broad skills:* {word}: PADD − Base on {', '.join(broad)} "
             f"{_interval(d)}."
+        )
+    if broad and (d := compare(run, "grpo", "base", broad)):
+        word = "**supported**" if d[2] < 0 else "**refuted** (no drop)" if d[1] > 0 else "**not separated**"
+        out.append(
+            f"- *Vanilla GRPO erodes them where PADD does not (paper: −2.9 on the Qwen pair's non-math "
+            f"average):* {word}: vanilla GRPO − Base on {', '.join(broad)} {_interval(d)}."
+        )
+    return out
+
+
+def _ablation_order_claims(run: RunFiles, benches: list[str]) -> list[str]:
+    """The paper's reading of its ablations: removing Stage I costs the most, about as much as removing
+    II–IV together."""
+    costs = {a: d for a in ABLATIONS if a != "other-start" and (d := compare(run, "padd", a, benches))}
+    if "no-stage1" not in costs or len(costs) < 2:
+        return []
+    largest = max(costs, key=lambda a: costs[a][0])
+    # refuted when some other ablation scores significantly below −I; supported when −I costs the most
+    # and its cost is significant
+    below = [a for a in costs if a != "no-stage1" and compare(run, "no-stage1", a, benches)[1] > 0]
+    if below:
+        word = f"**refuted** ({', '.join(run.label(a) for a in below)} significantly lower)"
+    elif largest == "no-stage1" and costs["no-stage1"][1] > 0:
+        word = "**supported**"
+    else:
+        word = "**not separated**"
+    listed = ", ".join(f"{run.label(a)} {costs[a][0]:+.1f}" for a in sorted(costs, key=lambda a: -costs[a][0]))
+    out = [
+        f"- *Stage I is the largest contributor (paper: −10.4 points without it):* {word}: "
+        f"PADD − ablation, largest first: {listed}."
+    ]
+    if d := compare(run, "no-stage1", "no-kd-pr-balance", benches):
+        word = "**refuted**" if d[1] > 0 or d[2] < 0 else "**not separated** (consistent with ≈)"
+        out.append(
+            f"- *Removing II–IV together costs about what removing Stage I does (paper: both 10.4 points):* {word}: "
+            f"{run.label('no-stage1')} − {run.label('no-kd-pr-balance')} {_interval(d)}."
         )
     return out
 
