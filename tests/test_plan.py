@@ -385,7 +385,7 @@ def test_bf16_times_every_matmul_at_the_bf16_rate():
     assert not any("float32" in note for note in plan.notes)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mini", "tiny-pretrained"])
+@pytest.mark.parametrize("preset", ["tiny", "mini", "tiny-pretrained", "tiny-paper"])
 def test_padd_plan_prints_the_tables_for_the_world_presets(tmp_path, preset, capsys):
     out = tmp_path / "plan.json"
     assert padd("plan", config=preset, reserve=0.4, out=out) == 0
@@ -396,7 +396,21 @@ def test_padd_plan_prints_the_tables_for_the_world_presets(tmp_path, preset, cap
     assert plan["hardware"]["device"] == "cpu"
     phases = {"load", "stage1", "warmup", "warmup_end", "generation", "teacher", "student", "backward", "step"}
     assert set(plan["peak_gib"]) == phases
-    assert plan["run"]["stage1"] == ("seed" if preset == "tiny-pretrained" else "decompose")
+    assert plan["run"]["stage1"] == ("seed" if preset.startswith("tiny-p") else "decompose")
+    assert "student / teacher" in printed
+
+
+def test_the_tiny_paper_pair_is_in_the_papers_regime(tmp_path, capsys):
+    """Its two shipped models, built from their configs on the meta device: at least 2x the teacher's
+    parameters and 0.40-0.55x its FLOPs per token (the paper's student: 0.47x), as padd plan prints."""
+    out = tmp_path / "plan.json"
+    assert padd("plan", config="tiny-paper", out=out) == 0
+    printed = capsys.readouterr().out
+    ratio = json.loads(out.read_text())["student_to_teacher"]
+    assert ratio["total"] >= 2 and ratio["active"] < 1
+    assert 0.40 <= ratio["flops_per_token"] <= 0.55
+    assert ratio["ffn_flops_per_token"] < ratio["flops_per_token"]  # attention is not decompressed
+    assert f"{ratio['flops_per_token']:.2f}× (FFN only {ratio['ffn_flops_per_token']:.2f}×)" in printed
 
 
 @pytest.mark.parametrize("study", [QWEN, DEEPSEEK])

@@ -74,7 +74,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         type=Path,
         default=argparse.SUPPRESS,
         help="YAML file of defaults for these flags, or a study (a study YAML, or a built-in preset's name: tiny, "
-        "mini, tiny-pretrained): this command's section of it",
+        "mini, tiny-pretrained, tiny-paper): this command's section of it",
     )
     hints = typing.get_type_hints(cls)
     shared = {f.name for f in dataclasses.fields(RunOptions)}
@@ -102,7 +102,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 # padd/presets/study-{name}.yaml: the one home of their settings
-BUILTIN_PRESETS = ("tiny", "mini", "tiny-pretrained")
+BUILTIN_PRESETS = ("tiny", "mini", "tiny-pretrained", "tiny-paper")
 
 
 STUDY_SECTIONS = ("decompose", "seed", "warmup", "train", "eval")
@@ -416,7 +416,9 @@ class EvalConfig:
 class ReproduceConfig:
     """`padd reproduce`: teacher, Stage I, warm-up, every method and ablation, evaluation and report."""
 
-    preset: str = req("study preset: tiny, mini, tiny-pretrained, or a study YAML file (see configs/study-*.yaml)")
+    preset: str = req(
+        "study preset: tiny, mini, tiny-pretrained, tiny-paper, or a study YAML file (see configs/study-*.yaml)"
+    )
     out: str = req("run directory; running again into it continues and skips finished cells")
     seeds: int = opt(3, "Phase B seeds per method (the teacher, Stage I and warm-up are shared)")
     methods: str = opt("all", "Table 1 rows: comma-separated of base,grpo,gspo,rspo,online-kd,padd, or all")
@@ -618,7 +620,9 @@ class PlanConfig:
     configs alone (no weights). `--config STUDY` reads the whole study (teacher, student, every
     stage's settings, and its `plan:` section); the flags below override it."""
 
-    study: str | None = opt(None, "study preset (tiny, mini, tiny-pretrained) or study YAML to plan (as --config)")
+    study: str | None = opt(
+        None, "study preset (tiny, mini, tiny-pretrained, tiny-paper) or study YAML to plan (as --config)"
+    )
     teacher: str | None = opt(
         None,
         "teacher: a checkpoint folder, a config.json, a bundled config's name (Qwen2.5-Math-7B, "

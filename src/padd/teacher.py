@@ -90,7 +90,7 @@ PRESETS = {
         loss_on_prompt=True,
     ),
     # the pretrained MoE student of the tiny-paper study: the tiny teacher's width and depth, top-2 of
-    # 32 experts of 64 neurons (3.3x the teacher's parameters, 0.53x its FLOPs per token), trained like
+    # 32 experts of 64 neurons (3.1x the teacher's parameters, 0.53x its FLOPs per token), trained like
     # the teacher on prompt + solution but on fewer math problems, so that its math starts below the
     # teacher's while it keeps `reverse`, which it saw in full (docs/study.md, "The tiny-paper study")
     "tiny-paper-moe": TeacherPreset(

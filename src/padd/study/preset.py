@@ -73,7 +73,7 @@ class Study:
 
 
 def load_study(spec: str) -> Study:
-    """The study of a built-in preset name (tiny, mini, tiny-pretrained) or a YAML file; unknown keys are errors."""
+    """The study of a built-in preset name (padd.config.BUILTIN_PRESETS) or a YAML file; unknown keys are errors."""
     if spec in BUILTIN_PRESETS:
         text = resources.files("padd.presets").joinpath(f"study-{spec}.yaml").read_text()
     elif Path(spec).is_file():

@@ -15,6 +15,7 @@ from padd.errors import UserError
 from padd.io import atomic_write_json
 from padd.methods import ABLATIONS, TABLE_ROWS
 from padd.report import write_report
+from padd.shipped import resolve as resolve_shipped
 from padd.study.cells import CellLedger
 from padd.study.grid import StudyGrid
 from padd.study.preset import load_study
@@ -89,11 +90,13 @@ class StudyRun:
                 )
 
     def _find_models(self) -> None:
-        """The teacher: a given checkpoint, else the study's checkpoint, else trained here from a
-        preset; the pretrained student (if any) the same way."""
+        """The teacher: a given checkpoint, else the study's checkpoint or shipped model (shipped:NAME),
+        else trained here from a preset; the pretrained student (if any) the same way."""
         cfg = self.cfg
         self.train_teacher = not cfg.teacher and self.study.teacher in TEACHER_PRESETS
-        self.teacher = self.out / "teacher" if self.train_teacher else Path(cfg.teacher or self.study.teacher)
+        self.teacher = (
+            self.out / "teacher" if self.train_teacher else Path(resolve_shipped(cfg.teacher or self.study.teacher))
+        )
         if not self.train_teacher and not self.teacher.exists():
             raise UserError(f"--teacher {self.teacher} does not exist; give a checkpoint folder or a preset name")
         self.train_student = self.pretrained and self.study.student in TEACHER_PRESETS
@@ -101,7 +104,7 @@ class StudyRun:
             raise ConfigError(f"student: {self.study.student} is a dense preset; name an MoE one (tiny-moe)")
         self.student = None
         if self.pretrained:
-            self.student = self.out / "student" if self.train_student else Path(self.study.student)
+            self.student = self.out / "student" if self.train_student else Path(resolve_shipped(self.study.student))
             if not self.train_student and not self.student.exists():
                 raise UserError(f"--student {self.student} does not exist; give a checkpoint folder or an MoE preset")
 
