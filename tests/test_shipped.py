@@ -54,3 +54,12 @@ def test_a_changed_weights_file_is_refused(tmp_path, monkeypatch):
 def test_demo_teacher_seed_needs_train_teacher(tmp_path, capsys):
     assert main(["demo", "--teacher-seed", "1", "--out", str(tmp_path / "demo")]) != 0
     assert "--train-teacher" in capsys.readouterr().err
+
+
+def test_a_study_or_plan_names_a_shipped_model(tmp_path, capsys):
+    assert shipped.resolve("shipped:tiny") == str(shipped.shipped_model("tiny"))
+    assert shipped.resolve("runs/teacher") == "runs/teacher"  # a folder is left as it is
+    out = tmp_path / "study"
+    assert main(["reproduce", "--preset", "tiny-paper", "--student", "shipped:nope", "--out", str(out)]) != 0
+    assert "no shipped model 'nope'" in capsys.readouterr().err
+    assert main(["plan", "--config", "tiny", "--student", "shipped:tiny-paper-moe"]) == 0

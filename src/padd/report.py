@@ -115,7 +115,7 @@ def score_table(run: RunFiles, rows: list[str], benches: list[str], *, average: 
     header = ["Model", *(name for name, _ in columns)]
     teacher_flops = run.evals["teacher"]["flops_per_token@1024"] if "teacher" in run.evals else None
     if flops and teacher_flops:
-        header.append("FLOPs (× teacher)")
+        header.append("FLOPs @1024 (× teacher)")
     out = [header, ["---"] * len(header)]
     for r in rows:
         cells = [run.label(r)]
@@ -241,7 +241,10 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
         )
     if "teacher" in run.evals and run.names("padd"):
         ratio = run.evals[run.names("padd")[0]]["flops_per_token@1024"] / run.evals["teacher"]["flops_per_token@1024"]
-        out.append(f"- *The student runs at a fraction of the teacher's compute (paper: 0.47×):* {ratio:.2f}× here.")
+        out.append(
+            f"- *The student runs at a fraction of the teacher's compute (paper: 0.47×):* {ratio:.2f}× here, in "
+            "forward FLOPs per token at 1024 tokens of context (`padd plan` gives it at a run's own length)."
+        )
     if broad and (d := compare(run, "padd", "base", broad)):
         word = "**refuted** (a significant drop)" if d[2] < 0 else "**supported** (no significant drop)"
         out.append(
@@ -249,7 +252,8 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
             f"{_interval(d)}."
         )
     if broad and (d := compare(run, "grpo", "base", broad)):
-        word = "**supported**" if d[2] < 0 else "**refuted** (no drop)" if d[1] > 0 else "**not separated**"
+        # [0, 0] when both sides solve the same problems: no drop in any resample
+        word = "**supported**" if d[2] < 0 else "**refuted** (no drop)" if d[1] >= 0 else "**not separated**"
         out.append(
             f"- *Vanilla GRPO erodes them where PADD does not (paper: −2.9 on the Qwen pair's non-math "
             f"average):* {word}: vanilla GRPO − Base on {', '.join(broad)} {_interval(d)}."
