@@ -32,8 +32,8 @@ def world_config(preset: str, vocab_size: int = 512):
 
 def load_model_config(spec: str) -> tuple[Any, str]:
     """(transformers config, where it came from) of a checkpoint folder, a config JSON, a world preset
-    (padd.teacher.PRESETS), a shipped model (shipped:NAME) or a bundled config named by a path's last part (so a study's
-    `/models/Qwen3-30B-A3B` plans without the weights being there)."""
+    (padd.teacher.PRESETS), a shipped model (shipped:NAME) or a bundled config named by a path's last
+    part (so a study's `/models/Qwen3-30B-A3B` plans without the weights being there)."""
     from transformers import AutoConfig
 
     from padd.shipped import resolve as resolve_shipped

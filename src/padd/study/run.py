@@ -98,7 +98,9 @@ class StudyRun:
             self.out / "teacher" if self.train_teacher else Path(resolve_shipped(cfg.teacher or self.study.teacher))
         )
         if not self.train_teacher and not self.teacher.exists():
-            raise UserError(f"--teacher {self.teacher} does not exist; give a checkpoint folder or a preset name")
+            raise UserError(
+                f"--teacher {self.teacher} does not exist; give a checkpoint folder, a preset name or shipped:NAME"
+            )
         self.train_student = self.pretrained and self.study.student in TEACHER_PRESETS
         if self.train_student and not TEACHER_PRESETS[self.study.student].experts:
             raise ConfigError(f"student: {self.study.student} is a dense preset; name an MoE one (tiny-moe)")
@@ -106,7 +108,9 @@ class StudyRun:
         if self.pretrained:
             self.student = self.out / "student" if self.train_student else Path(resolve_shipped(self.study.student))
             if not self.train_student and not self.student.exists():
-                raise UserError(f"--student {self.student} does not exist; give a checkpoint folder or an MoE preset")
+                raise UserError(
+                    f"--student {self.student} does not exist; give a checkpoint folder, an MoE preset or shipped:NAME"
+                )
 
     def _merged_manifest(self, manifest: dict) -> dict:
         """The manifest the report reads: the rows of every invocation on this folder (another process
