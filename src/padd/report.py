@@ -209,6 +209,7 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
     if d := compare(run, "padd", "base", benches):
         what = "the pretrained student" if _pretrained(run) else "the Stage I student"
         out.append(f"- *PADD improves on {what} (Base):* {_verdict(*d)}: difference {_interval(d)}.")
+    costs = {}  # ablation -> PADD − ablation, for the paper's reading of their order
     for abl in ABLATIONS:
         if abl == "other-start":
             if d := compare(run, "padd", abl, benches):
@@ -218,11 +219,12 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
                     f"{_verdict(*d)}: {avg('padd')} vs {avg(abl)}; difference {_interval(d)}."
                 )
         elif d := compare(run, "padd", abl, benches):
+            costs[abl] = d
             out.append(
                 f"- *{run.label(abl)} loses accuracy against full PADD:* {_verdict(*d)}: "
                 f"{avg(abl)} vs {avg('padd')}; PADD − ablation {_interval(d)}."
             )
-    out += _ablation_order_claims(run, benches)
+    out += _ablation_order_claims(run, benches, costs)
     out += _alignment_claims(run)
     g_padd, g_grpo = _per_seed_means(run, "padd", "gamma_step"), _per_seed_means(run, "grpo", "gamma_step")
     if g_padd and g_grpo and statistics.fmean(g_grpo) > 0:
@@ -261,10 +263,9 @@ def claims(run: RunFiles, benches: list[str], broad: list[str]) -> list[str]:
     return out
 
 
-def _ablation_order_claims(run: RunFiles, benches: list[str]) -> list[str]:
+def _ablation_order_claims(run: RunFiles, benches: list[str], costs: dict[str, tuple]) -> list[str]:
     """The paper's reading of its ablations: removing Stage I costs the most, about as much as removing
-    II–IV together."""
-    costs = {a: d for a in ABLATIONS if a != "other-start" and (d := compare(run, "padd", a, benches))}
+    II–IV together. `costs`: ablation -> PADD − ablation (`compare`), for every ablation the run has."""
     if "no-stage1" not in costs or len(costs) < 2:
         return []
     largest = max(costs, key=lambda a: costs[a][0])
